@@ -1,0 +1,8 @@
+"""Fused ops with a torch reference, a C++ CPU path and a Triton GPU path (see _dispatch)."""
+from ._dispatch import available_backends, use_backend
+from .elbo import weighted_ce
+from .masking import MaskedBatch, mask_order, mask_tspace
+from .rloo import rloo_grad
+
+__all__ = ["available_backends", "use_backend", "weighted_ce", "MaskedBatch", "mask_order",
+           "mask_tspace", "rloo_grad"]
