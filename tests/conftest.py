@@ -1,0 +1,26 @@
+"""Test-wide setup. Without a GPU, Triton kernels run through its CPU interpreter, which
+must be switched on before triton is first imported."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+def ragged_problem(rows: int, sizes: list[int], *, seed: int = 0, dtype=torch.float32):
+    """Random targets [rows, L], logits [rows, V] and offsets [L+1] for columns of `sizes` values."""
+    generator = torch.Generator().manual_seed(seed)
+    sizes_t = torch.tensor(sizes, dtype=torch.int64)
+    offsets = torch.zeros(len(sizes) + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(sizes_t, 0)
+    targets = torch.stack([torch.randint(0, k, (rows,), generator=generator) for k in sizes], 1)
+    logits = (3 * torch.randn(rows, int(offsets[-1]), generator=generator)).to(dtype)
+    return targets, logits, offsets
+
+
+@pytest.fixture
+def device():
+    return torch.device("cpu")
