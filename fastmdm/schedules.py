@@ -24,8 +24,8 @@ def clamp_time(t: torch.Tensor, eps: float = TIME_EPS) -> torch.Tensor:
 
 
 def mask_probability(w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """P(column l masked at time t) = t^{w_l}, shape [B, L] for t of shape [B]."""
-    return torch.exp(w[None, :] * torch.log(clamp_time(t))[:, None])
+    """P(column l masked at time t) = t^{w_l}, shape [B, L] for t of shape [B] (exact at t=0)."""
+    return torch.pow(t[:, None].to(w.dtype), w[None, :])
 
 
 def expm1_ratio(a: torch.Tensor) -> torch.Tensor:

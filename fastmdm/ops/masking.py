@@ -24,16 +24,22 @@ class MaskedBatch(NamedTuple):
     score: Tensor    # d/dw_l log q(this mask), detached
 
 
+# The custom ops return (weight, score, x_t, mask): float outputs first, because
+# torch.library.opcheck's AOT test sums all outputs into the dtype of the first one.
+def _float_first(x_t, mask, weight, score):
+    return weight, score, x_t, mask
+
+
 def _empty_outputs(x: Tensor, w: Tensor):
-    return (torch.empty_like(x), torch.empty(x.shape, dtype=torch.bool, device=x.device),
-            torch.empty(x.shape, dtype=w.dtype, device=x.device),
-            torch.empty(x.shape, dtype=w.dtype, device=x.device))
+    return _float_first(torch.empty_like(x), torch.empty(x.shape, dtype=torch.bool, device=x.device),
+                        torch.empty(x.shape, dtype=w.dtype, device=x.device),
+                        torch.empty(x.shape, dtype=w.dtype, device=x.device))
 
 
 @torch.library.custom_op("fastmdm::mask_tspace", mutates_args=())
 def _mask_tspace(x: Tensor, t: Tensor, w: Tensor, mask_id: Tensor, u: Optional[Tensor],
                  seed: int, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return tuple(select("mask_tspace", x, t, w, u).mask_tspace(x, t, w, mask_id, u, seed, eps))
+    return _float_first(*select("mask_tspace", x, t, w, u).mask_tspace(x, t, w, mask_id, u, seed, eps))
 
 
 @_mask_tspace.register_fake
@@ -42,14 +48,15 @@ def _(x, t, w, mask_id, u, seed, eps):
 
 
 def _mask_tspace_setup(ctx, inputs, output):
-    _, t, w, _, _, _, eps = inputs
-    ctx.save_for_backward(clamp_time(t.to(w.dtype), eps), output[1])
+    ctx.eps = inputs[6]
+    ctx.save_for_backward(inputs[1], output[3])
 
 
-def _mask_tspace_backward(ctx, grad_x_t, grad_mask, grad_weight, grad_score):
+def _mask_tspace_backward(ctx, grad_weight, grad_score, grad_x_t, grad_mask):
     t, mask = ctx.saved_tensors
     grad_w = None
     if grad_weight is not None:   # weight = mask * w / t
+        t = clamp_time(t, ctx.eps).to(grad_weight.dtype)
         grad_w = torch.where(mask, grad_weight / t[:, None], torch.zeros_like(grad_weight)).sum(0)
     return None, None, grad_w, None, None, None, None
 
@@ -60,7 +67,7 @@ _mask_tspace.register_autograd(_mask_tspace_backward, setup_context=_mask_tspace
 @torch.library.custom_op("fastmdm::mask_order", mutates_args=())
 def _mask_order(x: Tensor, w: Tensor, mask_id: Tensor, u: Optional[Tensor], n_revealed: Tensor,
                 seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return tuple(select("mask_order", x, w, u, n_revealed).mask_order(x, w, mask_id, u, n_revealed, seed))
+    return _float_first(*select("mask_order", x, w, u, n_revealed).mask_order(x, w, mask_id, u, n_revealed, seed))
 
 
 @_mask_order.register_fake
@@ -69,10 +76,10 @@ def _(x, w, mask_id, u, n_revealed, seed):
 
 
 def _mask_order_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[1], output[1], output[2])
+    ctx.save_for_backward(inputs[1], output[3], output[0])
 
 
-def _mask_order_backward(ctx, grad_x_t, grad_mask, grad_weight, grad_score):
+def _mask_order_backward(ctx, grad_weight, grad_score, grad_x_t, grad_mask):
     w, mask, weight = ctx.saved_tensors
     grad_w = None
     if grad_weight is not None:
@@ -131,7 +138,8 @@ def mask_tspace(x: Tensor, t: Tensor, w: Tensor, mask_id: Tensor, *, u: Tensor |
     if not 0 < eps < 1:
         raise ValueError(f"eps must lie in (0, 1), got {eps}")
     check_same_device(x=x, t=t)
-    return MaskedBatch(*_mask_tspace(x, t, w, mask_id, u, _default_seed(seed), float(eps)))
+    weight, score, x_t, mask = _mask_tspace(x, t, w, mask_id, u, _default_seed(seed), float(eps))
+    return MaskedBatch(x_t, mask, weight, score)
 
 
 def mask_order(x: Tensor, w: Tensor, mask_id: Tensor, n_revealed: Tensor, *,
@@ -148,4 +156,5 @@ def mask_order(x: Tensor, w: Tensor, mask_id: Tensor, n_revealed: Tensor, *,
     if bool(((n_revealed < 0) | (n_revealed >= x.shape[1])).any()):
         raise ValueError(f"n_revealed must lie in [0, {x.shape[1] - 1}] (at least one column hidden)")
     check_same_device(x=x, n_revealed=n_revealed)
-    return MaskedBatch(*_mask_order(x, w, mask_id, u, n_revealed.long(), _default_seed(seed)))
+    weight, score, x_t, mask = _mask_order(x, w, mask_id, u, n_revealed.long(), _default_seed(seed))
+    return MaskedBatch(x_t, mask, weight, score)
