@@ -1,0 +1,94 @@
+"""C++ CPU backend: the four kernels of `fastmdm.ops.reference` running in fastmdm._C.
+
+The extension takes numpy views of contiguous CPU tensors (zero copy) and writes into
+outputs allocated here with torch, so nothing depends on the torch C++ ABI. It computes in
+float32 (floats) and int64 (ints); `supports` declines anything else (float64, bfloat16,
+int32, CUDA tensors) and dispatch then falls back to the reference. Importing this module
+raises ImportError when the extension is not built, which dispatch also treats as "absent".
+
+Seeded masking (u=None) draws uniforms from a counter-based hash of (seed, row * L + col):
+deterministic for a seed, independent of the thread count, but a different stream from the
+reference's torch generator.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _C  # noqa: F401  (ImportError propagates: dispatch falls back to the reference)
+
+_FLOATS = (torch.float32,)
+_INTS = (torch.int64, torch.bool)
+_SEED_MASK = (1 << 64) - 1
+
+
+def supports(op_name: str, *tensors: torch.Tensor | None) -> bool:
+    """True when every given tensor is a CPU float32, int64 or bool tensor."""
+    for tensor in tensors:
+        if tensor is None:
+            continue
+        if tensor.device.type != "cpu":
+            return False
+        if tensor.dtype.is_floating_point:
+            if tensor.dtype not in _FLOATS:
+                return False
+        elif tensor.dtype not in _INTS:
+            return False
+    return True
+
+
+def _np(tensor: torch.Tensor, dtype: torch.dtype | None = None):
+    """A C-contiguous numpy view (a copy only when the dtype or layout requires one)."""
+    tensor = tensor.detach()
+    if dtype is not None and tensor.dtype != dtype:
+        tensor = tensor.to(dtype)
+    return tensor.contiguous().resolve_conj().resolve_neg().numpy()
+
+
+def _seed(seed: int) -> int:
+    return int(seed) & _SEED_MASK
+
+
+def _mask_outputs(x: torch.Tensor):
+    return (torch.empty(x.shape, dtype=torch.int64), torch.empty(x.shape, dtype=torch.bool),
+            torch.empty(x.shape, dtype=torch.float32), torch.empty(x.shape, dtype=torch.float32))
+
+
+def uniforms(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """The uniforms that the seeded masking ops draw for an input of this shape."""
+    out = torch.empty(shape, dtype=torch.float32)
+    _C.uniforms(_seed(seed), out.numpy())
+    return out
+
+
+def mask_tspace(x, t, w, mask_id, u, seed, eps):
+    outputs = _mask_outputs(x)
+    _C.mask_tspace(_np(x, torch.int64), _np(t, torch.float32), _np(w, torch.float32),
+                   _np(mask_id, torch.int64), None if u is None else _np(u, torch.float32),
+                   _seed(seed), float(eps), *(o.numpy() for o in outputs))
+    return outputs
+
+
+def mask_order(x, w, mask_id, u, n_revealed, seed):
+    outputs = _mask_outputs(x)
+    _C.mask_order(_np(x, torch.int64), _np(w, torch.float32), _np(mask_id, torch.int64),
+                  None if u is None else _np(u, torch.float32), _np(n_revealed, torch.int64),
+                  _seed(seed), *(o.numpy() for o in outputs))
+    return outputs
+
+
+def weighted_ce(logits, targets, weight, mask, offsets, compute_grad):
+    rows, vocab = logits.shape
+    loss = torch.empty(rows, dtype=torch.float32)
+    ce = torch.empty(targets.shape, dtype=torch.float32)
+    # Uninitialized: the kernel writes every element (zeros outside masked segments).
+    dlogits = torch.empty((rows, vocab) if compute_grad else (0,), dtype=torch.float32)
+    _C.weighted_ce(_np(logits, torch.float32), _np(targets, torch.int64), _np(weight, torch.float32),
+                   _np(mask, torch.bool), _np(offsets, torch.int64), bool(compute_grad),
+                   loss.numpy(), ce.numpy(), dlogits.numpy())
+    return loss, ce, dlogits
+
+
+def rloo_grad(f, score):
+    g = torch.empty(score.shape[2], dtype=torch.float32)
+    _C.rloo_grad(_np(f, torch.float32), _np(score, torch.float32), g.numpy())
+    return g
