@@ -1,0 +1,309 @@
+"""Fidelity and utility metrics for synthetic tables, computed the way TabSyn / TabDiff report them.
+
+* ``shape`` / ``trend``: sdmetrics QualityReport "Column Shapes" / "Column Pair Trends".
+* ``alpha`` / ``beta``: the "naive" alpha-precision / beta-recall of Alaa et al. (2022) as
+  synthcity's ``AlphaPrecision`` computes them on TabDiff's one-hot + min-max embedding.
+* ``c2st``: sdmetrics ``LogisticDetection`` (1 = a logistic regression cannot tell real from synthetic).
+* ``mle``: machine-learning efficiency, train XGBoost on synthetic rows and test on real held-out rows
+  (ROC AUC for classification, RMSE for regression).
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+
+import numpy as np
+import pandas as pd
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.impute import SimpleImputer
+from sklearn.metrics import mean_squared_error, roc_auc_score
+from sklearn.model_selection import train_test_split
+from sklearn.neighbors import NearestNeighbors
+from sklearn.preprocessing import MinMaxScaler, OneHotEncoder
+
+__all__ = [
+    "ALL_METRICS",
+    "shape_and_trend",
+    "alpha_precision_beta_recall",
+    "c2st",
+    "mle",
+    "evaluate",
+    "format_report",
+]
+
+ALL_METRICS = ("shape", "trend", "alpha", "beta", "c2st", "mle")
+_TASKS = ("classification", "regression")
+# Number of alpha levels on synthcity's precision / recall curves.
+_N_ALPHAS = 30
+# TabSyn-style grid for the MLE booster, kept small so Adult-size data trains in well under a minute
+# on two cores.
+_MLE_GRID = {"max_depth": (4, 8), "n_estimators": (50, 150), "min_child_weight": (1, 10)}
+
+
+def _is_numerical(column: pd.Series) -> bool:
+    """Numbers are numerical, everything else (strings, booleans, categories) categorical."""
+    return pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column)
+
+
+def _sdmetrics_metadata(real: pd.DataFrame) -> dict:
+    """Single-table sdmetrics metadata inferred from the real frame's dtypes."""
+    return {
+        "columns": {
+            name: {"sdtype": "numerical" if _is_numerical(real[name]) else "categorical"}
+            for name in real.columns
+        }
+    }
+
+
+@contextlib.contextmanager
+def _global_numpy_seed(seed: int) -> Iterator[None]:
+    """sdmetrics draws from NumPy's global RNG (unseeded CV folds); pin it, then restore it."""
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
+
+
+def shape_and_trend(real: pd.DataFrame, synth: pd.DataFrame, metadata: dict | None = None) -> dict:
+    """Column Shapes and Column Pair Trends scores (both in [0, 1], 1 = identical).
+
+    sdmetrics >= 0.18 averages Column Pair Trends only over pairs whose real correlation /
+    association exceeds a threshold; the thresholds are set to 0 so every pair counts, as in the
+    sdmetrics versions TabSyn and TabDiff were evaluated with.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the single-table report is deprecated
+        from sdmetrics.reports.single_table import QualityReport
+
+    report = QualityReport()
+    report.real_correlation_threshold = 0
+    report.real_association_threshold = 0
+    report.generate(real, synth, metadata or _sdmetrics_metadata(real), verbose=False)
+    scores = report.get_properties().set_index("Property")["Score"]
+    return {"shape": float(scores["Column Shapes"]), "trend": float(scores["Column Pair Trends"])}
+
+
+def _embed(real: pd.DataFrame, synth: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """TabDiff's embedding: [numerical | one-hot(categorical)] min-max scaled, all fit on real.
+
+    Categorical values are compared as strings (missing becomes its own "nan" category); missing
+    numbers are mean-imputed (synthcity would fail on them). synthcity's ``GenericDataLoader``
+    takes the last column as the target and the naive variant drops it, so TabDiff's numbers are
+    computed without the last one-hot column; it is dropped here too so results match theirs.
+    """
+    numerical = [c for c in real.columns if _is_numerical(real[c])]
+    categorical = [c for c in real.columns if c not in numerical]
+    blocks_real, blocks_synth = [], []
+    if numerical:
+        imputer = SimpleImputer(strategy="mean", keep_empty_features=True)
+        blocks_real.append(imputer.fit_transform(real[numerical].to_numpy(float)))
+        blocks_synth.append(imputer.transform(synth[numerical].to_numpy(float)))
+    if categorical:
+        encoder = OneHotEncoder(handle_unknown="ignore", sparse_output=False)
+        blocks_real.append(encoder.fit_transform(real[categorical].astype(str)))
+        blocks_synth.append(encoder.transform(synth[categorical].astype(str)))
+    x_real, x_synth = np.hstack(blocks_real)[:, :-1], np.hstack(blocks_synth)[:, :-1]
+    scaler = MinMaxScaler().fit(x_real)
+    return scaler.transform(x_real), scaler.transform(x_synth)
+
+
+def _curve_score(alphas: np.ndarray, curve: np.ndarray) -> float:
+    """1 - normalised area between a calibration curve and the diagonal (1 = perfectly calibrated)."""
+    return float(1 - np.abs(alphas - curve).sum() / alphas.sum())
+
+
+def alpha_precision_beta_recall(
+    real: pd.DataFrame, synth: pd.DataFrame, *, max_rows: int = 20_000, seed: int = 0
+) -> dict:
+    """Naive alpha-precision and beta-recall (Alaa et al. 2022, synthcity's ``*_naive`` keys).
+
+    alpha: for each level a, the fraction of synthetic rows inside the ball around the real mean
+    that holds a fraction a of the real rows, compared with a.
+    beta: for each level b, the fraction of real rows whose nearest synthetic row is closer than
+    their nearest other real row and lies inside the b-quantile ball around the synthetic mean.
+    synthcity needs equally many real and synthetic rows, so both are subsampled (seeded) to
+    ``min(len(real), len(synth), max_rows)``; the cost is quadratic in that number.
+    """
+    n = min(len(real), len(synth), max_rows)
+    real = real.sample(n=n, random_state=seed) if len(real) > n else real
+    synth = synth.sample(n=n, random_state=seed) if len(synth) > n else synth
+    x_real, x_synth = _embed(real, synth)
+    alphas = np.linspace(0, 1, _N_ALPHAS)
+
+    center = x_real.mean(axis=0)
+    radii = np.quantile(np.linalg.norm(x_real - center, axis=1), alphas)
+    synth_to_center = np.linalg.norm(x_synth - center, axis=1)
+    precision_curve = (synth_to_center[None, :] <= radii[:, None]).mean(axis=1)
+
+    real_to_real = NearestNeighbors(n_neighbors=2).fit(x_real).kneighbors(x_real)[0][:, 1]
+    real_to_synth, nearest = NearestNeighbors(n_neighbors=1).fit(x_synth).kneighbors(x_real)
+    real_to_synth, nearest = real_to_synth[:, 0], nearest[:, 0]
+    nearest_to_synth_center = np.linalg.norm(x_synth[nearest] - x_synth.mean(axis=0), axis=1)
+    synth_radii = np.quantile(nearest_to_synth_center, alphas)
+    covered = real_to_synth <= real_to_real
+    recall_curve = (covered[None, :] & (nearest_to_synth_center[None, :] <= synth_radii[:, None])).mean(axis=1)
+
+    return {"alpha": _curve_score(alphas, precision_curve), "beta": _curve_score(alphas, recall_curve)}
+
+
+def c2st(real: pd.DataFrame, synth: pd.DataFrame, metadata: dict | None = None, *, seed: int = 0) -> float:
+    """sdmetrics LogisticDetection: 1 - (2 * AUC - 1) of a 3-fold logistic real-vs-synthetic classifier."""
+    from sdmetrics.single_table import LogisticDetection
+
+    with _global_numpy_seed(seed), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # sdmetrics' lbfgs stops at 100 iterations
+        return float(LogisticDetection.compute(real, synth, metadata or _sdmetrics_metadata(real)))
+
+
+def _features(frame: pd.DataFrame, encoder: OneHotEncoder, numerical: list[str], categorical: list[str]) -> np.ndarray:
+    """Numbers as they are (XGBoost routes NaN itself) next to one-hot categoricals."""
+    blocks = [frame[numerical].to_numpy(float)]
+    if categorical:
+        blocks.append(encoder.transform(frame[categorical].astype(str)))
+    return np.hstack(blocks)
+
+
+def _ovr_auc(labels: np.ndarray, probabilities: np.ndarray, classes: np.ndarray) -> float:
+    """Macro one-vs-rest ROC AUC over the classes present in ``labels`` (sklearn's ``ovr`` average,
+    equal to the plain AUC when binary); a class the model never saw gets a constant score."""
+    column = {label: i for i, label in enumerate(classes)}
+    no_score = np.zeros(len(labels))
+    return float(np.mean([
+        roc_auc_score(labels == label, probabilities[:, column[label]] if label in column else no_score)
+        for label in np.unique(labels)
+    ]))
+
+
+def mle(
+    synth: pd.DataFrame, test: pd.DataFrame, target: str, task: str = "classification", *, seed: int = 0
+) -> float:
+    """Train XGBoost on synthetic rows, score on real test rows: ROC AUC (one-vs-rest when
+    multiclass) for classification, RMSE for regression.
+
+    Hyperparameters come from a small grid picked on a 20 % validation split of the synthetic
+    rows, as TabSyn does. Test labels the synthetic data never produced score as never predicted.
+    """
+    from xgboost import XGBClassifier, XGBRegressor
+
+    if task not in _TASKS:
+        raise ValueError(f"task must be one of {_TASKS}, got {task!r}")
+    for name, frame in (("synth", synth), ("test", test)):
+        if target not in frame.columns:
+            raise ValueError(f"target column {target!r} is missing from {name}")
+        if frame[target].isna().any():
+            raise ValueError(f"target column {target!r} of {name} has missing values")
+    features = [c for c in synth.columns if c != target]
+    numerical = [c for c in features if _is_numerical(synth[c])]
+    categorical = [c for c in features if c not in numerical]
+    encoder = OneHotEncoder(handle_unknown="ignore", sparse_output=False)
+    if categorical:
+        encoder.fit(synth[categorical].astype(str))
+    x, x_test = _features(synth, encoder, numerical, categorical), _features(test, encoder, numerical, categorical)
+
+    if task == "regression":
+        y, y_test = synth[target].to_numpy(float), test[target].to_numpy(float)
+        x_fit, x_val, y_fit, y_val = train_test_split(x, y, test_size=0.2, random_state=seed)
+        models = [XGBRegressor(**params) for params in _mle_grid(seed)]
+        for model in models:
+            model.fit(x_fit, y_fit)
+        best = min(models, key=lambda m: mean_squared_error(y_val, m.predict(x_val)))
+        return float(np.sqrt(mean_squared_error(y_test, best.predict(x_test))))
+
+    y = synth[target].astype(str).to_numpy()
+    y_test = test[target].astype(str).to_numpy()
+    if len(np.unique(y)) < 2:
+        raise ValueError(f"synthetic target {target!r} has a single class {y[0]!r}; cannot train a classifier")
+    if len(np.unique(y_test)) < 2:
+        raise ValueError(f"test target {target!r} has a single class {y_test[0]!r}; AUC is undefined")
+    counts = pd.Series(y).value_counts()
+    x_fit, x_val, y_fit, y_val = train_test_split(
+        x, y, test_size=0.2, random_state=seed, stratify=y if counts.min() >= 2 else None
+    )
+    classes, codes = np.unique(y_fit, return_inverse=True)  # XGBoost wants labels 0..k-1
+    models = [XGBClassifier(**params) for params in _mle_grid(seed)]
+    for model in models:
+        model.fit(x_fit, codes)
+    best = max(models, key=lambda m: _ovr_auc(y_val, m.predict_proba(x_val), classes))
+    return _ovr_auc(y_test, best.predict_proba(x_test), classes)
+
+
+def _mle_grid(seed: int) -> list[dict]:
+    """Every combination of ``_MLE_GRID`` as XGBoost keyword arguments."""
+    fixed = {"tree_method": "hist", "n_jobs": 2, "random_state": seed}
+    return [dict(zip(_MLE_GRID, values), **fixed) for values in itertools.product(*_MLE_GRID.values())]
+
+
+def _validate(real: pd.DataFrame, synth: pd.DataFrame) -> None:
+    """Fail early, naming the offending columns, instead of deep inside sdmetrics or sklearn."""
+    for name, frame in (("real", real), ("synth", synth)):
+        if not isinstance(frame, pd.DataFrame):
+            raise TypeError(f"{name} must be a pandas DataFrame, got {type(frame).__name__}")
+        if frame.empty:
+            raise ValueError(f"{name} is empty ({frame.shape[0]} rows x {frame.shape[1]} columns)")
+    missing = [c for c in real.columns if c not in synth.columns]
+    extra = [c for c in synth.columns if c not in real.columns]
+    if missing or extra:
+        raise ValueError(f"synth columns differ from real: missing {missing}, extra {extra}")
+    mismatched = [
+        f"{c} (real {real[c].dtype}, synth {synth[c].dtype})"
+        for c in real.columns
+        if _is_numerical(real[c]) != _is_numerical(synth[c]) and synth[c].notna().any()
+    ]
+    if mismatched:
+        raise ValueError(f"columns are numerical in one frame and categorical in the other: {mismatched}")
+
+
+def evaluate(
+    real: pd.DataFrame,
+    synth: pd.DataFrame,
+    *,
+    test: pd.DataFrame | None = None,
+    target: str | None = None,
+    task: str = "classification",
+    metrics: Iterable[str] = ALL_METRICS,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Run the requested metrics; ``mle`` is skipped unless both ``test`` and ``target`` are given.
+
+    ``real`` is the data the generator was trained on; ``test`` is real data it never saw.
+    """
+    metrics = tuple(metrics)
+    unknown = sorted(set(metrics) - set(ALL_METRICS))
+    if unknown:
+        raise ValueError(f"unknown metrics {unknown}; choose from {ALL_METRICS}")
+    _validate(real, synth)
+    synth = synth[list(real.columns)]
+    results: dict[str, float] = {}
+    metadata = _sdmetrics_metadata(real)
+    if {"shape", "trend"} & set(metrics):
+        results.update(shape_and_trend(real, synth, metadata))
+    if {"alpha", "beta"} & set(metrics):
+        results.update(alpha_precision_beta_recall(real, synth, seed=seed))
+    if "c2st" in metrics:
+        results["c2st"] = c2st(real, synth, metadata, seed=seed)
+    if "mle" in metrics and test is not None and target is not None:
+        _validate(real, test)
+        results["mle"] = mle(synth, test[list(real.columns)], target, task, seed=seed)
+    return {name: results[name] for name in metrics if name in results}
+
+
+_DESCRIPTIONS = {
+    "shape": "column shapes (sdmetrics), higher is better",
+    "trend": "column pair trends (sdmetrics), higher is better",
+    "alpha": "alpha-precision (naive), higher is better",
+    "beta": "beta-recall (naive), higher is better",
+    "c2st": "logistic detection, 1 = indistinguishable",
+    "mle": "XGBoost on synthetic -> real test: AUC higher / RMSE lower is better",
+}
+
+
+def format_report(results: Mapping[str, float]) -> str:
+    """Aligned ``metric  value  meaning`` lines for logs and the CLI."""
+    width = max((len(name) for name in results), default=0)
+    return "\n".join(
+        f"{name:<{width}}  {value:8.4f}  {_DESCRIPTIONS.get(name, '')}".rstrip() for name, value in results.items()
+    )
