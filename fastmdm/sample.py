@@ -1,0 +1,207 @@
+"""Learned-order parallel decoding (Algorithm 1 of DESIGN.md, made parallel), conditioning, imputation.
+
+Each row draws its reveal order pi ~ Plackett-Luce(w) from exponential keys (the smallest key is
+revealed first; the same as revealing by decreasing transition time t* = U^{1/w}). The ranks of
+the unknown columns are split into `steps` chunks of near-equal size and each chunk is revealed
+in parallel, every column drawn from the denoiser's conditional given the values visible so far.
+steps = L is exact learned-order autoregressive sampling; fewer steps trade fidelity for speed.
+
+Why chunks of ranks and not a uniform grid over time: with a time grid, a step reveals the
+columns whose t* falls in its interval, and many intervals hold none (t* clusters, more so for
+unequal w), so denoiser calls are wasted while other steps reveal many columns at once. Rank
+chunks spend every call and reveal as few columns together as the budget allows. The order
+itself, which is what the schedule learns, is the same.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from ._checks import INT_DTYPES, check_positive_weights, check_same_device, check_tensor, check_tokens
+from .ops.reference import segment_layout
+from .schedules import PowerSchedule, exponential_keys, order_from_keys
+
+
+def _uniform(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """Uniforms drawn on the generator's device (a CPU generator may drive a GPU sampler)."""
+    source = generator.device if generator is not None else device
+    return torch.rand(shape, generator=generator, device=source).to(device)
+
+
+def reveal_steps(w: Tensor, num_rows: int, steps: int, known_mask: Tensor | None = None,
+                 generator: torch.Generator | None = None) -> Tensor:
+    """Step at which each column is revealed, [num_rows, L] int64; -1 for known columns.
+
+    A row with m unknown columns uses min(steps, m) steps; its unknown column of PL rank r
+    (0-based, among unknown columns only) goes to step floor(r * min(steps, m) / m), so the
+    chunk sizes differ by at most one. Restricting the keys to the unknown columns is
+    Plackett-Luce over them, i.e. PL(w) conditioned on the known columns coming first.
+    """
+    check_positive_weights(w)
+    num_columns = w.numel()
+    if not 1 <= steps <= num_columns:
+        raise ValueError(f"steps must lie in 1..L={num_columns}, got {steps}")
+    keys = exponential_keys(w, _uniform((num_rows, num_columns), generator, w.device))
+    if known_mask is None:
+        known_mask = torch.zeros(num_rows, num_columns, dtype=torch.bool, device=w.device)
+    keys = keys.masked_fill(known_mask, float("inf"))        # known columns rank last
+    _, rank = order_from_keys(keys)
+    unknown = num_columns - known_mask.sum(1, keepdim=True)  # m per row
+    used = unknown.clamp(max=steps)
+    step = rank * used // unknown.clamp(min=1)
+    return step.masked_fill(known_mask, -1)
+
+
+def _validate(w, mask_id, offsets, num_rows, steps, temperature, batch_size):
+    if isinstance(w, PowerSchedule):
+        w = w.w.detach()
+    check_positive_weights(w)
+    check_tensor("mask_id", mask_id, ndim=1, dtypes=INT_DTYPES)
+    check_tensor("offsets", offsets, ndim=1, dtypes=INT_DTYPES)
+    num_columns = w.numel()
+    if mask_id.numel() != num_columns or offsets.numel() != num_columns + 1:
+        raise ValueError(f"w has {num_columns} columns but mask_id has {mask_id.numel()} and "
+                         f"offsets {offsets.numel()} entries (need L and L + 1)")
+    if int(offsets[0]) != 0 or bool((offsets[1:] <= offsets[:-1]).any()):
+        raise ValueError("offsets must start at 0 and increase strictly (every K_l >= 1)")
+    check_same_device(w=w, mask_id=mask_id, offsets=offsets)
+    steps = num_columns if steps is None else steps
+    if not (isinstance(steps, int) and 1 <= steps <= num_columns):
+        raise ValueError(f"steps must be an int in 1..L={num_columns}, got {steps!r}")
+    if not (isinstance(num_rows, int) and num_rows >= 1):
+        raise ValueError(f"num_rows must be an int >= 1, got {num_rows!r}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    return w, steps
+
+
+def _validate_known(known, known_mask, mask_id, offsets, num_rows):
+    num_columns = mask_id.numel()
+    check_tokens("known", known, num_columns)
+    if known.shape[0] != num_rows:
+        raise ValueError(f"known has {known.shape[0]} rows, expected num_rows={num_rows}")
+    check_same_device(known=known, mask_id=mask_id)
+    if known_mask is None:
+        known_mask = known != mask_id
+    check_tensor("known_mask", known_mask, dtypes=(torch.bool,))
+    if known_mask.shape not in ((num_columns,), (num_rows, num_columns)):
+        raise ValueError(f"known_mask must have shape ({num_columns},) or ({num_rows}, {num_columns}), "
+                         f"got {tuple(known_mask.shape)}")
+    known_mask = known_mask.to(known.device).expand(num_rows, num_columns)
+    sizes = offsets[1:] - offsets[:-1]
+    if bool((known_mask & ((known < 0) | (known >= sizes))).any()):
+        raise ValueError("known holds values outside 0..K_l-1 at known positions")
+    return known.to(torch.int64), known_mask
+
+
+@contextlib.contextmanager
+def _eval_mode(denoiser):
+    """Eval mode and no autograd for the duration; a module's training flag is restored after.
+
+    no_grad rather than inference_mode, so the returned tokens are ordinary tensors that the
+    caller may modify in place.
+    """
+    was_training = isinstance(denoiser, nn.Module) and denoiser.training
+    if was_training:
+        denoiser.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        if was_training:
+            denoiser.train()
+
+
+def _sample_batch(denoiser, w, mask_id, pad_index, pad_invalid, vocab, steps, temperature,
+                  num_rows, known, known_mask, generator, bar):
+    step = reveal_steps(w, num_rows, steps, known_mask, generator)
+    x = mask_id.expand(num_rows, w.numel()).clone()
+    if known is not None:
+        x = torch.where(known_mask, known, x)
+    num_steps = int(step.max()) + 1
+    for s in range(num_steps):
+        reveal = step == s
+        active = reveal.any(1)
+        rows, cols = reveal.nonzero(as_tuple=True)
+        if bool(active.all()):
+            x_in, logit_rows = x, rows
+        else:  # rows with nothing left to reveal skip the denoiser
+            x_in, logit_rows = x[active], (active.cumsum(0) - 1)[rows]
+        logits = denoiser(x_in)
+        if tuple(logits.shape) != (x_in.shape[0], vocab):
+            raise ValueError(f"denoiser returned logits of shape {tuple(logits.shape)} for "
+                             f"{x_in.shape[0]} rows, expected ({x_in.shape[0]}, {vocab})")
+        # Gumbel-max over the segments revealed now only: [M, Kmax], padding at -inf.
+        segment = logits[logit_rows[:, None], pad_index[cols]].float()
+        segment = segment.masked_fill(pad_invalid[cols], float("-inf"))
+        if temperature > 0:
+            u = _uniform(tuple(segment.shape), generator, segment.device)
+            gumbel = -torch.log(-torch.log(u.clamp(min=torch.finfo(u.dtype).tiny)))  # u < 1: finite
+            segment = segment + temperature * gumbel  # = T * (logits / T + gumbel): same argmax
+        x[rows, cols] = segment.argmax(1)
+    if bar is not None:
+        bar.update(num_rows)
+    return x
+
+
+def sample_tokens(denoiser: Callable[[Tensor], Tensor], w: Tensor | PowerSchedule, mask_id: Tensor,
+                  offsets: Tensor, num_rows: int, *, steps: int | None = None,
+                  temperature: float = 1.0, known: Tensor | None = None,
+                  known_mask: Tensor | None = None, batch_size: int = 4096,
+                  generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
+    """Generate num_rows rows of token ids [num_rows, L] (int64, every value in 0..K_l-1).
+
+    denoiser: any callable x_t [n, L] -> ragged logits [n, V]; a module is run in eval mode
+    without autograd. w: Plackett-Luce scores [L] (or the PowerSchedule holding them).
+    mask_id [L] and offsets [L+1] describe the columns, as in `diffusion_loss`.
+    steps: denoiser calls per row, 1..L (default L, exact learned-order AR).
+    temperature: logits are divided by it before sampling; 0 takes the argmax.
+    known [num_rows, L] with known_mask ([num_rows, L] or [L], default known != mask_id):
+    columns to condition on; they are visible from the start and returned unchanged.
+    """
+    w, steps = _validate(w, mask_id, offsets, num_rows, steps, temperature, batch_size)
+    if known is not None:
+        known, known_mask = _validate_known(known, known_mask, mask_id, offsets, num_rows)
+    elif known_mask is not None:
+        raise ValueError("known_mask was given without known values")
+    vocab = int(offsets[-1])
+    pad_index, valid = segment_layout(offsets, vocab)
+    pad_invalid = ~valid
+    mask_id = mask_id.to(torch.int64)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=num_rows, desc="sampling", unit="row")
+    out = []
+    try:
+        with _eval_mode(denoiser):
+            for start in range(0, num_rows, batch_size):
+                stop = min(start + batch_size, num_rows)
+                batch_known = None if known is None else known[start:stop]
+                batch_mask = None if known is None else known_mask[start:stop]
+                out.append(_sample_batch(denoiser, w, mask_id, pad_index, pad_invalid, vocab, steps,
+                                         temperature, stop - start, batch_known, batch_mask,
+                                         generator, bar))
+    finally:
+        if bar is not None:
+            bar.close()
+    return torch.cat(out)
+
+
+def impute_tokens(denoiser: Callable[[Tensor], Tensor], w: Tensor | PowerSchedule, mask_id: Tensor,
+                  offsets: Tensor, tokens: Tensor, known_mask: Tensor | None = None,
+                  **kwargs) -> Tensor:
+    """Fill the unknown entries of tokens [N, L] by sampling them given the known ones.
+
+    known_mask ([N, L] or [L]) defaults to tokens != mask_id, so rows with MASK ids in their
+    missing cells can be passed as they are. Other keyword arguments go to `sample_tokens`.
+    """
+    check_tokens("tokens", tokens, mask_id.numel())
+    return sample_tokens(denoiser, w, mask_id, offsets, tokens.shape[0], known=tokens,
+                         known_mask=known_mask, **kwargs)
