@@ -88,9 +88,7 @@ class _Categorical:
         return codes
 
     def decode(self, codes: np.ndarray, missing: np.ndarray, generator) -> pd.Series:
-        values = np.empty(len(codes), dtype=object)
-        lookup = np.array(self.categories + [None], dtype=object)
-        values[:] = lookup[np.where(missing, 0, codes)]
+        values = np.array(self.categories, dtype=object)[np.where(missing, 0, codes)]
         values[missing] = np.nan
         if self.dtype == "category":
             return pd.Series(pd.Categorical(values, categories=self.categories))
@@ -205,6 +203,8 @@ class TableCodec:
             raise ValueError(f"num_bins must be an integer >= 2, got {num_bins!r}")
         if isinstance(max_categories, bool) or not isinstance(max_categories, int) or max_categories < 0:
             raise ValueError(f"max_categories must be an integer >= 0, got {max_categories!r}")
+        if isinstance(categorical, str):
+            raise TypeError("categorical must be a list of column names, not a single string")
         if categorical is not None:
             categorical = list(categorical)
             unknown = [c for c in categorical if c not in df.columns]
