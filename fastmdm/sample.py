@@ -7,10 +7,11 @@ in parallel, every column drawn from the denoiser's conditional given the values
 steps = L is exact learned-order autoregressive sampling; fewer steps trade fidelity for speed.
 
 Why chunks of ranks and not a uniform grid over time: with a time grid, a step reveals the
-columns whose t* falls in its interval, and many intervals hold none (t* clusters, more so for
-unequal w), so denoiser calls are wasted while other steps reveal many columns at once. Rank
-chunks spend every call and reveal as few columns together as the budget allows. The order
-itself, which is what the schedule learns, is the same.
+columns whose t* falls in its interval. The counts per interval are random and t* clusters
+(near 1 for large w, near 0 for small w), so some steps reveal nothing, wasting a denoiser
+call, while others reveal many columns at once, which is where parallel decoding loses
+fidelity. Rank chunks use every call and reveal at most ceil(L / steps) columns together.
+The order, which is what the schedule learns, is the same either way.
 """
 from __future__ import annotations
 
