@@ -1,0 +1,217 @@
+"""TabularMDM: fit a DataFrame, sample rows, condition, impute, score, save and load."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Mapping
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .data import DEFAULT_NUM_BINS, TableCodec
+from .model import ColumnTransformer
+from .sample import sample_tokens
+from .schedules import PowerSchedule
+from .train import EpochRecord, TrainConfig, Trainer
+
+_FORMAT = "fastmdm-tabular-1"
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class TabularMDM:
+    """Masked diffusion model of a table with a learned (or fixed linear) per-column schedule.
+
+    >>> model = TabularMDM(epochs=30).fit(train_df)
+    >>> synth = model.sample(10_000)
+    >>> filled = model.impute(df_with_nans)
+
+    Arguments: `num_bins` quantile bins per numeric column; `learn_schedule` learns w
+    (False keeps w = 1, the linear MDM); `estimator` "order" (order-space, low variance) or
+    "tspace" (the paper's); `model` keyword arguments of ColumnTransformer (d_model,
+    num_layers, ...); the rest are TrainConfig fields (epochs, batch_size, lr, seed, ...).
+    """
+
+    def __init__(self, *, num_bins: int = DEFAULT_NUM_BINS, learn_schedule: bool = True,
+                 device: str | torch.device = "auto", model: Mapping | None = None, **train_options):
+        self.num_bins = num_bins
+        self.learn_schedule = learn_schedule
+        self.device = _resolve_device(device)
+        self.model_options = dict(model or {})
+        self.config = TrainConfig(**train_options)
+        self.codec: TableCodec | None = None
+        self.denoiser: ColumnTransformer | None = None
+        self.schedule: PowerSchedule | None = None
+        self.history: list[EpochRecord] = []
+
+    # ------------------------------------------------------------------------- training
+    def fit(self, df: pd.DataFrame, *, validation: pd.DataFrame | float | None = 0.1,
+            categorical: list[str] | None = None, checkpoint: str | os.PathLike | None = None,
+            resume: bool = False) -> "TabularMDM":
+        """Train on `df`. `validation`: a held-out frame, a fraction of df to hold out, or None.
+
+        With `checkpoint`, the full training state is written there after every epoch; with
+        `resume=True` and an existing checkpoint, training continues from it and ends with
+        the same result as an uninterrupted run.
+        """
+        if not isinstance(df, pd.DataFrame):
+            raise TypeError(f"df must be a pandas DataFrame, got {type(df).__name__}")
+        train_df, val_df = self._split(df, validation)
+        state = None
+        if resume and checkpoint is not None and os.path.exists(checkpoint):
+            state = torch.load(checkpoint, weights_only=True, map_location="cpu")
+            self._check_format(state, checkpoint)
+            self.codec = TableCodec.from_state_dict(state["codec"])
+            self.model_options = dict(state["model_config"])
+            self.model_options.pop("cardinalities")
+            self.config = dataclasses.replace(TrainConfig(**state["train_config"]), epochs=self.config.epochs)
+            self.learn_schedule = state["learn_schedule"]
+        else:
+            # The vocabulary comes from every row given, so a category seen only in the
+            # validation rows is not an error; bins and parameters still learn from train only.
+            vocab_df = df if not isinstance(validation, pd.DataFrame) else pd.concat([df, validation])
+            self.codec = TableCodec.fit(vocab_df, num_bins=self.num_bins, categorical=categorical)
+        train_tokens = self.codec.encode(train_df)
+        val_tokens = self.codec.encode(val_df) if val_df is not None else None
+        torch.manual_seed(self.config.seed)
+        self.denoiser = ColumnTransformer(self.codec.cardinalities, **self.model_options)
+        self.schedule = PowerSchedule(self.codec.num_columns, learnable=self.learn_schedule)
+        trainer = Trainer(self.denoiser, self.schedule, self.codec.mask_ids, self.codec.offsets,
+                          self.config, self.device)
+        if state is not None:
+            trainer.load_state_dict(state)
+        self._trainer = trainer
+        self.history = trainer.fit(train_tokens, val_tokens, checkpoint, extra_state=self._metadata)
+        self._use_ema(trainer)
+        return self
+
+    def _split(self, df: pd.DataFrame, validation):
+        if validation is None:
+            return df, None
+        if isinstance(validation, pd.DataFrame):
+            return df, validation
+        if not 0 < float(validation) < 1:
+            raise ValueError(f"validation fraction must lie in (0, 1), got {validation}")
+        order = np.random.default_rng(self.config.seed).permutation(len(df))
+        n_val = int(round(len(df) * float(validation)))
+        if n_val == 0 or n_val == len(df):
+            return df, None
+        return df.iloc[order[n_val:]], df.iloc[order[:n_val]]
+
+    def _use_ema(self, trainer: Trainer) -> None:
+        """The averaged weights are the ones that generalize; sample and score with them."""
+        self.denoiser = trainer.ema
+        self.schedule = trainer.ema_schedule
+
+    def _metadata(self) -> dict:
+        return {"format": _FORMAT, "codec": self.codec.state_dict(),
+                "model_config": self.denoiser.config, "learn_schedule": self.learn_schedule}
+
+    # ------------------------------------------------------------------------- using it
+    def _require_fitted(self) -> None:
+        if self.denoiser is None:
+            raise RuntimeError("the model is not fitted: call fit(df) or TabularMDM.load(path) first")
+
+    @property
+    def weights(self) -> pd.Series:
+        """Learned schedule weights w per column (higher = revealed earlier in generation)."""
+        self._require_fitted()
+        return pd.Series(self.schedule.w.detach().cpu().numpy(), index=self.codec.columns, name="w")
+
+    def sample(self, num_rows: int, *, steps: int | None = None, temperature: float = 1.0,
+               conditions: Mapping[str, object] | pd.DataFrame | None = None,
+               seed: int | None = None, batch_size: int = 4096, progress: bool = False) -> pd.DataFrame:
+        """Generate rows. `steps` denoiser calls per row (default: number of columns, exact).
+
+        `conditions`: a {column: value} mapping applied to every row, or a DataFrame of
+        num_rows rows holding some columns (NaN = free); those values are kept as given.
+        """
+        self._require_fitted()
+        if not isinstance(num_rows, (int, np.integer)) or num_rows < 1:
+            raise ValueError(f"num_rows must be a positive integer, got {num_rows!r}")
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        known = known_mask = None
+        if conditions is not None:
+            known, known_mask = self._condition_tokens(conditions, num_rows)
+        tokens = sample_tokens(self.denoiser, self.schedule.w.detach(), self.codec.mask_ids.to(self.device),
+                               self.codec.offsets.to(self.device), num_rows, steps=steps,
+                               temperature=temperature, known=known, known_mask=known_mask,
+                               batch_size=batch_size, generator=generator, progress=progress)
+        return self.codec.decode(tokens.cpu(), generator=generator)
+
+    def _condition_tokens(self, conditions, num_rows: int):
+        if isinstance(conditions, Mapping):
+            unknown = [c for c in conditions if c not in self.codec.columns]
+            if unknown:
+                raise ValueError(f"conditions name columns the model does not have: {unknown}")
+            frame = pd.DataFrame({c: [conditions.get(c, np.nan)] * num_rows for c in self.codec.columns})
+        elif isinstance(conditions, pd.DataFrame):
+            if len(conditions) != num_rows:
+                raise ValueError(f"conditions has {len(conditions)} rows but num_rows is {num_rows}")
+            frame = conditions.reindex(columns=self.codec.columns)
+        else:
+            raise TypeError("conditions must be a mapping {column: value} or a DataFrame")
+        frame = frame.astype({c: object for c in frame.columns if frame[c].isna().all()})
+        tokens, known = self.codec.encode_partial(frame)
+        return tokens.to(self.device), known.to(self.device)
+
+    def impute(self, df: pd.DataFrame, *, steps: int | None = None, temperature: float = 1.0,
+               seed: int | None = None, batch_size: int = 4096) -> pd.DataFrame:
+        """Fill every NaN of `df` by sampling it given the row's known values."""
+        self._require_fitted()
+        tokens, known = self.codec.encode_partial(df)
+        filled = sample_tokens(self.denoiser, self.schedule.w.detach(), self.codec.mask_ids.to(self.device),
+                               self.codec.offsets.to(self.device), len(df), steps=steps,
+                               temperature=temperature, known=tokens.to(self.device),
+                               known_mask=known.to(self.device), batch_size=batch_size,
+                               generator=torch.Generator().manual_seed(seed) if seed is not None else None)
+        decoded = self.codec.decode(filled.cpu())
+        decoded.index = df.index
+        # Known cells keep their exact original values (decoding a bin would resample them).
+        return df[self.codec.columns].where(df[self.codec.columns].notna(), decoded)
+
+    def nelbo(self, df: pd.DataFrame) -> float:
+        """Mean per-row negative ELBO (nats) of df: an upper bound on -log p(row)."""
+        self._require_fitted()
+        trainer = Trainer(self.denoiser, self.schedule, self.codec.mask_ids, self.codec.offsets,
+                          dataclasses.replace(self.config, progress=False), self.device)
+        trainer.ema, trainer.ema_schedule = self.denoiser, self.schedule
+        return trainer.validation_nelbo(self.codec.encode(df))
+
+    # ------------------------------------------------------------------------- persistence
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the fitted model (codec, denoiser, schedule, history) atomically."""
+        self._require_fitted()
+        from .train import atomic_save
+        atomic_save({**self._metadata(), "denoiser": self.denoiser.state_dict(),
+                     "schedule": self.schedule.state_dict(), "train_config": dataclasses.asdict(self.config),
+                     "history": [dataclasses.asdict(r) for r in self.history]}, path)
+
+    @staticmethod
+    def _check_format(state, path) -> None:
+        if not isinstance(state, dict) or state.get("format") != _FORMAT:
+            raise ValueError(f"{os.fspath(path)!r} is not a fastmdm model file")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, device: str | torch.device = "auto") -> "TabularMDM":
+        """Load a model written by save() (or a training checkpoint); safe: weights_only."""
+        state = torch.load(path, weights_only=True, map_location="cpu")
+        cls._check_format(state, path)
+        model_config = dict(state["model_config"])
+        self = cls(learn_schedule=state["learn_schedule"], device=device, **state["train_config"])
+        self.codec = TableCodec.from_state_dict(state["codec"])
+        self.denoiser = ColumnTransformer(**model_config)
+        self.model_options = {k: v for k, v in model_config.items() if k != "cardinalities"}
+        self.schedule = PowerSchedule(self.codec.num_columns, learnable=False)
+        # A checkpoint holds the live and the EMA weights: prefer the EMA ones.
+        self.denoiser.load_state_dict(state.get("ema", state["denoiser"]))
+        self.schedule.load_state_dict(state.get("ema_schedule", state["schedule"]))
+        self.denoiser.to(self.device).eval()
+        self.schedule.to(self.device)
+        self.history = [EpochRecord(**r) for r in state.get("history", [])]
+        return self
