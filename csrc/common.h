@@ -75,6 +75,9 @@ inline float counter_uniform(uint64_t key, uint64_t index) {
 // polynomial (relative error ~2e-7, close to float32 rounding). x is clamped at -87.3
 // (result ~1e-38, negligible next to the max term 1). Rounding to the nearest integer uses
 // the 1.5 * 2^23 trick, which vectorizes on plain SSE2 (nearbyint would not).
+#if defined(__GNUC__)
+__attribute__((always_inline))
+#endif
 inline float exp_nonpos(float x) {
     const float kLog2e = 1.44269504088896341f;
     const float kLn2Hi = 0.693359375f;

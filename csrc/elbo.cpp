@@ -2,20 +2,43 @@
 // produced in the same pass (no softmax tensor). Contract: fastmdm/ops/reference.py
 // (weighted_ce). Only masked columns are touched; unmasked segments of dlogits are zeroed
 // once, here, so the wrapper can allocate dlogits uninitialized.
+// The softmax loops must vectorize: GCC only if-converts the clamp and max below when FP
+// ops may be assumed not to trap (we never enable FP exceptions), hence this pragma; the
+// row kernel is also cloned for AVX2/FMA and picked at load time (ifunc) where supported.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math", "fp-contract=fast")
+#endif
+
+#include <algorithm>
 #include <atomic>
+#include <limits>
 
 #include "common.h"
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define FASTMDM_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#else
+#define FASTMDM_CLONES
+#endif
 
 namespace fastmdm {
 namespace {
 
 // CE of one column's logits x[0..n) at `target`. When g is given it receives
 // wgt * (softmax(x) - onehot(target)); its memory doubles as the exp(x - max) scratch.
-inline float segment_ce(const float* __restrict x, int64_t n, int64_t target, float wgt,
+__attribute__((always_inline)) inline float segment_ce(const float* __restrict x, int64_t n, int64_t target, float wgt,
                         float* __restrict g) {
-    float mx = x[0];
-#pragma omp simd reduction(max : mx)
-    for (int64_t i = 1; i < n; ++i) mx = x[i] > mx ? x[i] : mx;
+    // Max with 8 independent lanes (maps onto maxps; an omp simd max reduction does not).
+    float m8[8];
+    for (int j = 0; j < 8; ++j) m8[j] = x[0];
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        for (int j = 0; j < 8; ++j) m8[j] = x[i + j] > m8[j] ? x[i + j] : m8[j];
+    }
+    for (; i < n; ++i) m8[0] = x[i] > m8[0] ? x[i] : m8[0];
+    for (int j = 0; j < 4; ++j) m8[j] = m8[j + 4] > m8[j] ? m8[j + 4] : m8[j];
+    float mx = m8[0];
+    for (int j = 1; j < 4; ++j) mx = m8[j] > mx ? m8[j] : mx;
     float sum = 0.0f;
     if (g) {
 #pragma omp simd reduction(+ : sum)
@@ -33,6 +56,53 @@ inline float segment_ce(const float* __restrict x, int64_t n, int64_t target, fl
         for (int64_t i = 0; i < n; ++i) sum += exp_nonpos(x[i] - mx);
     }
     return (mx - x[target]) + std::log(sum);
+}
+
+struct CeArgs {
+    const float* logits;
+    const int64_t* targets;
+    const float* weight;
+    const bool* mask;
+    const int64_t* offsets;
+    int64_t L, V;
+    float* loss;
+    float* ce;
+    float* dlogits;  // nullptr when no gradient is wanted
+    std::atomic<int64_t>* bad_target;
+};
+
+// Rows [b0, b1): loss, ce and (optionally) dlogits, each element written exactly once.
+FASTMDM_CLONES void ce_rows(const CeArgs& a, int64_t b0, int64_t b1) {
+    const int64_t L = a.L, V = a.V;
+    for (int64_t b = b0; b < b1; ++b) {
+        const float* xrow = a.logits + b * V;
+        float* grow = a.dlogits ? a.dlogits + b * V : nullptr;
+        double row_loss = 0.0;
+        int64_t zero_from = 0;  // start of the pending run of unmasked segments in grow
+        for (int64_t l = 0; l < L; ++l) {
+            const int64_t i = b * L + l;
+            if (!a.mask[i]) {
+                a.ce[i] = 0.0f;
+                continue;
+            }
+            const int64_t lo = a.offsets[l], n = a.offsets[l + 1] - lo;
+            const int64_t target = a.targets[i];
+            if (target < 0 || target >= n) {
+                a.bad_target->store(i, std::memory_order_relaxed);
+                a.ce[i] = std::numeric_limits<float>::quiet_NaN();
+                continue;  // its dlogits segment is zeroed with the next run
+            }
+            if (grow && lo > zero_from) {
+                std::memset(grow + zero_from, 0, sizeof(float) * (lo - zero_from));
+            }
+            const float c = segment_ce(xrow + lo, n, target, a.weight[i], grow ? grow + lo : nullptr);
+            zero_from = lo + n;
+            a.ce[i] = c;
+            row_loss += static_cast<double>(a.weight[i] * c);
+        }
+        if (grow && V > zero_from) std::memset(grow + zero_from, 0, sizeof(float) * (V - zero_from));
+        a.loss[b] = static_cast<float>(row_loss);
+    }
 }
 
 void weighted_ce(py::array logits, py::array targets, py::array weight, py::array mask,
@@ -72,39 +142,14 @@ void weighted_ce(py::array logits, py::array targets, py::array weight, py::arra
         check_size(dlogits, "dlogits", B * V);
     }
     std::atomic<int64_t> bad_target{-1};
-
+    const CeArgs args{xp, tp, wp, mp, op, L, V, lossp, cep, gp, &bad_target};
     {
         py::gil_scoped_release release;
         // Rows differ in work (number of masked columns): dynamic chunks balance it.
-#pragma omp parallel for schedule(dynamic, 16) num_threads(num_threads_for(B))
-        for (int64_t b = 0; b < B; ++b) {
-            const float* xrow = xp + b * V;
-            float* grow = gp ? gp + b * V : nullptr;
-            double row_loss = 0.0;
-            int64_t zero_from = 0;  // start of the pending run of unmasked segments in grow
-            for (int64_t l = 0; l < L; ++l) {
-                const int64_t i = b * L + l;
-                if (!mp[i]) {
-                    cep[i] = 0.0f;
-                    continue;
-                }
-                const int64_t lo = op[l], n = op[l + 1] - lo;
-                const int64_t target = tp[i];
-                if (target < 0 || target >= n) {
-                    bad_target.store(i, std::memory_order_relaxed);
-                    cep[i] = std::numeric_limits<float>::quiet_NaN();
-                    continue;
-                }
-                if (grow && lo > zero_from) {
-                    std::memset(grow + zero_from, 0, sizeof(float) * (lo - zero_from));
-                }
-                const float c = segment_ce(xrow + lo, n, target, wp[i], grow ? grow + lo : nullptr);
-                zero_from = lo + n;
-                cep[i] = c;
-                row_loss += static_cast<double>(wp[i] * c);
-            }
-            if (grow && V > zero_from) std::memset(grow + zero_from, 0, sizeof(float) * (V - zero_from));
-            lossp[b] = static_cast<float>(row_loss);
+        const int64_t chunk = 16, num_chunks = (B + chunk - 1) / chunk;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads_for(num_chunks))
+        for (int64_t c = 0; c < num_chunks; ++c) {
+            ce_rows(args, c * chunk, std::min(B, (c + 1) * chunk));
         }
     }
     const int64_t bad = bad_target.load();
