@@ -179,13 +179,21 @@ def _ovr_auc(labels: np.ndarray, probabilities: np.ndarray, classes: np.ndarray)
 
 
 def mle(
-    synth: pd.DataFrame, test: pd.DataFrame, target: str, task: str = "classification", *, seed: int = 0
+    synth: pd.DataFrame,
+    test: pd.DataFrame,
+    target: str,
+    task: str = "classification",
+    *,
+    seed: int = 0,
+    n_jobs: int = 2,
 ) -> float:
     """Train XGBoost on synthetic rows, score on real test rows: ROC AUC (one-vs-rest when
     multiclass) for classification, RMSE for regression.
 
     Hyperparameters come from a small grid picked on a 20 % validation split of the synthetic
     rows, as TabSyn does. Test labels the synthetic data never produced score as never predicted.
+    On a machine busy with other work use ``n_jobs=1``: XGBoost's OpenMP threads spin-wait and an
+    oversubscribed two-thread fit can run ten times slower than a single-thread one.
     """
     from xgboost import XGBClassifier, XGBRegressor
 
@@ -207,7 +215,7 @@ def mle(
     if task == "regression":
         y, y_test = synth[target].to_numpy(float), test[target].to_numpy(float)
         x_fit, x_val, y_fit, y_val = train_test_split(x, y, test_size=0.2, random_state=seed)
-        models = [XGBRegressor(**params) for params in _mle_grid(seed)]
+        models = [XGBRegressor(**params) for params in _mle_grid(seed, n_jobs)]
         for model in models:
             model.fit(x_fit, y_fit)
         best = min(models, key=lambda m: mean_squared_error(y_val, m.predict(x_val)))
@@ -224,16 +232,16 @@ def mle(
         x, y, test_size=0.2, random_state=seed, stratify=y if counts.min() >= 2 else None
     )
     classes, codes = np.unique(y_fit, return_inverse=True)  # XGBoost wants labels 0..k-1
-    models = [XGBClassifier(**params) for params in _mle_grid(seed)]
+    models = [XGBClassifier(**params) for params in _mle_grid(seed, n_jobs)]
     for model in models:
         model.fit(x_fit, codes)
     best = max(models, key=lambda m: _ovr_auc(y_val, m.predict_proba(x_val), classes))
     return _ovr_auc(y_test, best.predict_proba(x_test), classes)
 
 
-def _mle_grid(seed: int) -> list[dict]:
+def _mle_grid(seed: int, n_jobs: int) -> list[dict]:
     """Every combination of ``_MLE_GRID`` as XGBoost keyword arguments."""
-    fixed = {"tree_method": "hist", "n_jobs": 2, "random_state": seed}
+    fixed = {"tree_method": "hist", "n_jobs": n_jobs, "random_state": seed}
     return [dict(zip(_MLE_GRID, values), **fixed) for values in itertools.product(*_MLE_GRID.values())]
 
 
@@ -266,10 +274,12 @@ def evaluate(
     task: str = "classification",
     metrics: Iterable[str] = ALL_METRICS,
     seed: int = 0,
+    n_jobs: int = 2,
 ) -> dict[str, float]:
     """Run the requested metrics; ``mle`` is skipped unless both ``test`` and ``target`` are given.
 
     ``real`` is the data the generator was trained on; ``test`` is real data it never saw.
+    ``n_jobs`` is passed to the MLE booster (see ``mle``).
     """
     metrics = tuple(metrics)
     unknown = sorted(set(metrics) - set(ALL_METRICS))
@@ -287,7 +297,7 @@ def evaluate(
         results["c2st"] = c2st(real, synth, metadata, seed=seed)
     if "mle" in metrics and test is not None and target is not None:
         _validate(real, test)
-        results["mle"] = mle(synth, test[list(real.columns)], target, task, seed=seed)
+        results["mle"] = mle(synth, test[list(real.columns)], target, task, seed=seed, n_jobs=n_jobs)
     return {name: results[name] for name in metrics if name in results}
 
 
