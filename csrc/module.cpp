@@ -17,4 +17,11 @@ PYBIND11_MODULE(_C, m) {
     fastmdm::register_rloo(m);
     m.def("num_threads", []() { return fastmdm::num_threads_for(2); },
           "OpenMP threads the kernels use (1 without OpenMP)");
+    m.def("set_num_threads", [](int n) {
+        if (n < 1) throw std::invalid_argument("fastmdm._C.set_num_threads: n must be >= 1");
+#ifdef _OPENMP
+        omp_set_num_threads(n);
+#endif
+    }, "set the OpenMP threads of the kernels (for tests: results do not depend on it)",
+          py::arg("n"));
 }
