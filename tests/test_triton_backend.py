@@ -183,6 +183,16 @@ def test_mask_order_single_column_and_wide_rows():
     assert_close_scaled(got[3], want[3], 2 * (~want[1]) / args[1][None, :] - want[3])
 
 
+def test_mask_order_ties_break_by_column_index():
+    """Equal keys (equal u and w) order by column index, as the reference's stable argsort."""
+    u = torch.tensor([[0.5, 0.5, 0.5, 0.0, 0.0], [0.3, 0.7, 0.3, 0.7, 0.3]])
+    args = to_device(torch.zeros(2, 5, dtype=torch.int64), torch.ones(5), torch.ones(5, dtype=torch.int64),
+                     u, torch.tensor([2, 3]))
+    got, want = tb.mask_order(*args, 0), reference.mask_order(*args, 0)
+    assert torch.equal(got[1], want[1])
+    assert_close_scaled(got[3], want[3], 2 * (~want[1]) / args[1][None, :] - want[3])
+
+
 # ---------------------------------------------------------------- seeded draws
 
 def test_seeded_masks_are_deterministic_and_seed_dependent():
