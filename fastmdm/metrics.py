@@ -57,6 +57,11 @@ def _sdmetrics_metadata(real: pd.DataFrame) -> dict:
     }
 
 
+def _as_float(frame: pd.DataFrame) -> np.ndarray:
+    """Float matrix with NaN for missing values, also for nullable dtypes (``Int64`` with ``pd.NA``)."""
+    return frame.to_numpy(dtype=float, na_value=np.nan)
+
+
 @contextlib.contextmanager
 def _global_numpy_seed(seed: int) -> Iterator[None]:
     """sdmetrics draws from NumPy's global RNG (unseeded CV folds); pin it, then restore it."""
@@ -100,8 +105,8 @@ def _embed(real: pd.DataFrame, synth: pd.DataFrame) -> tuple[np.ndarray, np.ndar
     blocks_real, blocks_synth = [], []
     if numerical:
         imputer = SimpleImputer(strategy="mean", keep_empty_features=True)
-        blocks_real.append(imputer.fit_transform(real[numerical].to_numpy(float)))
-        blocks_synth.append(imputer.transform(synth[numerical].to_numpy(float)))
+        blocks_real.append(imputer.fit_transform(_as_float(real[numerical])))
+        blocks_synth.append(imputer.transform(_as_float(synth[numerical])))
     if categorical:
         encoder = OneHotEncoder(handle_unknown="ignore", sparse_output=False)
         blocks_real.append(encoder.fit_transform(real[categorical].astype(str)))
@@ -145,7 +150,8 @@ def alpha_precision_beta_recall(
     nearest_to_synth_center = np.linalg.norm(x_synth[nearest] - x_synth.mean(axis=0), axis=1)
     synth_radii = np.quantile(nearest_to_synth_center, alphas)
     covered = real_to_synth <= real_to_real
-    recall_curve = (covered[None, :] & (nearest_to_synth_center[None, :] <= synth_radii[:, None])).mean(axis=1)
+    inside = nearest_to_synth_center[None, :] <= synth_radii[:, None]
+    recall_curve = (covered[None, :] & inside).mean(axis=1)
 
     return {"alpha": _curve_score(alphas, precision_curve), "beta": _curve_score(alphas, recall_curve)}
 
@@ -159,9 +165,11 @@ def c2st(real: pd.DataFrame, synth: pd.DataFrame, metadata: dict | None = None, 
         return float(LogisticDetection.compute(real, synth, metadata or _sdmetrics_metadata(real)))
 
 
-def _features(frame: pd.DataFrame, encoder: OneHotEncoder, numerical: list[str], categorical: list[str]) -> np.ndarray:
+def _features(
+    frame: pd.DataFrame, encoder: OneHotEncoder, numerical: list[str], categorical: list[str]
+) -> np.ndarray:
     """Numbers as they are (XGBoost routes NaN itself) next to one-hot categoricals."""
-    blocks = [frame[numerical].to_numpy(float)]
+    blocks = [_as_float(frame[numerical])]
     if categorical:
         blocks.append(encoder.transform(frame[categorical].astype(str)))
     return np.hstack(blocks)
@@ -210,7 +218,8 @@ def mle(
     encoder = OneHotEncoder(handle_unknown="ignore", sparse_output=False)
     if categorical:
         encoder.fit(synth[categorical].astype(str))
-    x, x_test = _features(synth, encoder, numerical, categorical), _features(test, encoder, numerical, categorical)
+    x = _features(synth, encoder, numerical, categorical)
+    x_test = _features(test, encoder, numerical, categorical)
 
     if task == "regression":
         y, y_test = synth[target].to_numpy(float), test[target].to_numpy(float)
@@ -224,7 +233,9 @@ def mle(
     y = synth[target].astype(str).to_numpy()
     y_test = test[target].astype(str).to_numpy()
     if len(np.unique(y)) < 2:
-        raise ValueError(f"synthetic target {target!r} has a single class {y[0]!r}; cannot train a classifier")
+        raise ValueError(
+            f"synthetic target {target!r} has a single class {y[0]!r}; cannot train a classifier"
+        )
     if len(np.unique(y_test)) < 2:
         raise ValueError(f"test target {target!r} has a single class {y_test[0]!r}; AUC is undefined")
     counts = pd.Series(y).value_counts()
@@ -314,6 +325,5 @@ _DESCRIPTIONS = {
 def format_report(results: Mapping[str, float]) -> str:
     """Aligned ``metric  value  meaning`` lines for logs and the CLI."""
     width = max((len(name) for name in results), default=0)
-    return "\n".join(
-        f"{name:<{width}}  {value:8.4f}  {_DESCRIPTIONS.get(name, '')}".rstrip() for name, value in results.items()
-    )
+    lines = (f"{name:<{width}}  {value:8.4f}  {_DESCRIPTIONS.get(name, '')}" for name, value in results.items())
+    return "\n".join(line.rstrip() for line in lines)
