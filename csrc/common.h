@@ -101,11 +101,16 @@ inline float exp_nonpos(float x) {
     return p * scale;
 }
 
-inline int num_threads_for(int64_t work_items) {
+// Threads for a kernel doing `work` element-operations: 1 below ~2^18 (a fraction of a
+// millisecond of work, less than what waking and joining the OpenMP team costs, and much
+// less than a join costs when the cores are shared with other processes), else the team.
+constexpr int64_t kParallelWork = int64_t{1} << 18;
+
+inline int num_threads_for(int64_t work) {
 #ifdef _OPENMP
-    return work_items > 1 ? omp_get_max_threads() : 1;
+    return work >= kParallelWork ? omp_get_max_threads() : 1;
 #else
-    (void)work_items;
+    (void)work;
     return 1;
 #endif
 }

@@ -15,7 +15,7 @@
 
 #include "common.h"
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
 #define FASTMDM_CLONES __attribute__((target_clones("arch=haswell", "default")))
 #else
 #define FASTMDM_CLONES
@@ -147,7 +147,7 @@ void weighted_ce(py::array logits, py::array targets, py::array weight, py::arra
         py::gil_scoped_release release;
         // Rows differ in work (number of masked columns): dynamic chunks balance it.
         const int64_t chunk = 16, num_chunks = (B + chunk - 1) / chunk;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads_for(num_chunks))
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads_for(B * V))
         for (int64_t c = 0; c < num_chunks; ++c) {
             ce_rows(args, c * chunk, std::min(B, (c + 1) * chunk));
         }

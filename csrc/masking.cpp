@@ -54,7 +54,7 @@ void mask_tspace(py::array x, py::array t, py::array w, py::array mask_id, py::o
     const uint64_t key = seed_key(seed);
 
     py::gil_scoped_release release;
-#pragma omp parallel for schedule(static) num_threads(num_threads_for(B))
+#pragma omp parallel for schedule(dynamic, 64) num_threads(num_threads_for(B * L))
     for (int64_t b = 0; b < B; ++b) {
         float tb = tp[b];
         tb = tb < eps_f ? eps_f : (tb > 1.0f ? 1.0f : tb);  // clamp_time
@@ -107,12 +107,12 @@ void mask_order(py::array x, py::array w, py::array mask_id, py::object u_obj,
     const float num_columns = static_cast<float>(L);
 
     py::gil_scoped_release release;
-#pragma omp parallel num_threads(num_threads_for(B))
+#pragma omp parallel num_threads(num_threads_for(B * L * 4))
     {
         std::vector<std::pair<float, int64_t>> keyed(L);  // (key, column), sorted = reveal order
         std::vector<int64_t> rank(L);
         std::vector<float> cum(L);  // C_r: sum over steps k <= r, k < n of 1 / D_k
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 64)
         for (int64_t b = 0; b < B; ++b) {
             const int64_t base = b * L;
             const int64_t n = np_[b];

@@ -15,7 +15,7 @@ PYBIND11_MODULE(_C, m) {
     fastmdm::register_masking(m);
     fastmdm::register_elbo(m);
     fastmdm::register_rloo(m);
-    m.def("num_threads", []() { return fastmdm::num_threads_for(2); },
+    m.def("num_threads", []() { return fastmdm::num_threads_for(fastmdm::kParallelWork); },
           "OpenMP threads the kernels use (1 without OpenMP)");
     m.def("set_num_threads", [](int n) {
         if (n < 1) throw std::invalid_argument("fastmdm._C.set_num_threads: n must be >= 1");

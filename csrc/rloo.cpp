@@ -29,10 +29,10 @@ void rloo_grad(py::array f, py::array score, py::array g) {
     std::vector<double> partial(static_cast<size_t>(num_chunks * L), 0.0);
     {
         py::gil_scoped_release release;
-#pragma omp parallel num_threads(num_threads_for(num_chunks))
+#pragma omp parallel num_threads(num_threads_for(B * K * L))
         {
             std::vector<float> acc(L);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
             for (int64_t c = 0; c < num_chunks; ++c) {
                 double* out = partial.data() + c * L;
                 const int64_t b_end = std::min(B, (c + 1) * chunk);

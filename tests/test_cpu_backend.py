@@ -233,7 +233,8 @@ def test_rloo_grad_matches_reference(rows, samples, columns, seed, noncontig, sc
 
 def test_rloo_grad_is_deterministic_across_thread_counts():
     gen = torch.Generator().manual_seed(0)
-    f, score = torch.randn(3000, 2, generator=gen), torch.randn(3000, 2, 17, generator=gen)
+    # Large enough (B K L >= 2^18) for the kernel to use its OpenMP team.
+    f, score = torch.randn(8000, 2, generator=gen), torch.randn(8000, 2, 17, generator=gen)
     threads = _C.num_threads()
     try:
         _C.set_num_threads(1)
@@ -248,9 +249,10 @@ def test_rloo_grad_is_deterministic_across_thread_counts():
 # -------------------------------------------------------------------- seeded (u = None) path
 def test_seeded_masking_is_deterministic_and_thread_independent():
     gen = torch.Generator().manual_seed(1)
-    x = torch.randint(0, 5, (257, 13), generator=gen)
-    w, t = log_uniform_w(gen, 13, 0.2, 5.0), torch.rand(257, generator=gen)
-    mask_id, n = torch.full((13,), 9), torch.randint(0, 13, (257,), generator=gen)
+    rows = 20200  # rows * L >= 2^18: the kernels use their OpenMP team when it has 2 threads
+    x = torch.randint(0, 5, (rows, 13), generator=gen)
+    w, t = log_uniform_w(gen, 13, 0.2, 5.0), torch.rand(rows, generator=gen)
+    mask_id, n = torch.full((13,), 9), torch.randint(0, 13, (rows,), generator=gen)
     threads = _C.num_threads()
     try:
         runs = []
@@ -268,7 +270,7 @@ def test_seeded_masking_is_deterministic_and_thread_independent():
     assert not torch.equal(other_t[1], runs[0][0][1])
     assert not torch.equal(other_o[1], runs[0][1][1])
     # The seeded path equals the explicit-u path on the uniforms it documents.
-    u = cpu.uniforms((257, 13), 123)
+    u = cpu.uniforms((rows, 13), 123)
     assert float(u.min()) >= 0 and float(u.max()) < 1
     for a, b in zip(cpu.mask_order(x, w, mask_id, u, n, 0), runs[0][1]):
         assert torch.equal(a, b)
