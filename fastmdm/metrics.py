@@ -87,7 +87,9 @@ def shape_and_trend(real: pd.DataFrame, synth: pd.DataFrame, metadata: dict | No
     report = QualityReport()
     report.real_correlation_threshold = 0
     report.real_association_threshold = 0
-    report.generate(real, synth, metadata or _sdmetrics_metadata(real), verbose=False)
+    with warnings.catch_warnings():  # scipy notes it switched KS to the asymptotic method on ties
+        warnings.filterwarnings("ignore", message="ks_2samp: Exact calculation unsuccessful")
+        report.generate(real, synth, metadata or _sdmetrics_metadata(real), verbose=False)
     scores = report.get_properties().set_index("Property")["Score"]
     return {"shape": float(scores["Column Shapes"]), "trend": float(scores["Column Pair Trends"])}
 
@@ -156,10 +158,28 @@ def alpha_precision_beta_recall(
     return {"alpha": _curve_score(alphas, precision_curve), "beta": _curve_score(alphas, recall_curve)}
 
 
+def _replace_unseen_categories(real: pd.DataFrame, synth: pd.DataFrame) -> pd.DataFrame:
+    """Synthetic categories absent from `real` become real's most frequent one.
+
+    sdmetrics' detection encoders are fit on the real rows and fail on any other category;
+    a generator can legitimately emit a rare training category that a real subsample lacks.
+    """
+    synth = synth.copy()
+    for name in real.columns:
+        if _is_numerical(real[name]):
+            continue
+        seen = set(real[name].dropna().unique())
+        unseen = synth[name].notna() & ~synth[name].isin(seen)
+        if unseen.any():
+            synth.loc[unseen, name] = real[name].mode().iloc[0]
+    return synth
+
+
 def c2st(real: pd.DataFrame, synth: pd.DataFrame, metadata: dict | None = None, *, seed: int = 0) -> float:
     """sdmetrics LogisticDetection: 1 - (2 * AUC - 1) of a 3-fold logistic real-vs-synthetic classifier."""
     from sdmetrics.single_table import LogisticDetection
 
+    synth = _replace_unseen_categories(real, synth)
     with _global_numpy_seed(seed), warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # sdmetrics' lbfgs stops at 100 iterations
         return float(LogisticDetection.compute(real, synth, metadata or _sdmetrics_metadata(real)))

@@ -178,7 +178,8 @@ def sample_tokens(denoiser: Callable[[Tensor], Tensor], w: Tensor | PowerSchedul
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=num_rows, desc="sampling", unit="row")
+        # disable=None: a bar on terminals, none in redirected logs.
+        bar = tqdm(total=num_rows, desc="sampling", unit="row", disable=None)
     out = []
     try:
         with _eval_mode(denoiser):

@@ -190,7 +190,7 @@ class Trainer:
         bar = None
         if config.progress and self.rank == 0:
             from tqdm.auto import tqdm
-            bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step")
+            bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step", disable=None)
         try:
             while self.epoch < config.epochs:
                 start = time.perf_counter()

@@ -172,3 +172,12 @@ def test_format_report_lists_every_metric():
     assert len(lines) == 2
     assert lines[0].startswith("shape") and "0.9123" in lines[0]
     assert "c2st" in lines[1] and "0.5000" in lines[1]
+
+
+def test_c2st_accepts_synthetic_category_absent_from_real():
+    """A rare training category can be generated although the real subsample lacks it."""
+    real = pd.DataFrame({"c": ["a", "b"] * 50, "x": np.arange(100.0)})
+    synth = real.copy()
+    synth.loc[0, "c"] = "only-in-synth"
+    score = metrics.c2st(real, synth, seed=0)
+    assert 0.0 <= score <= 1.0
