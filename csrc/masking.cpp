@@ -27,31 +27,50 @@ MaskOutputs mask_outputs(py::array& x_t, py::array& mask, py::array& weight, py:
             buffer<float>(weight, "weight", true), buffer<float>(score, "score", true)};
 }
 
+// The inputs both masking ops share: tokens [B, L], w [L], mask ids [L], optional uniforms.
+struct MaskInputs {
+    int64_t B, L;
+    const int64_t* x;
+    const float* w;
+    const int64_t* mask_id;
+    const float* u;  // nullptr: draw from the counter-based stream of `key`
+    uint64_t key;
+    py::array u_owner;  // keeps the uniforms' buffer alive
+
+    float uniform(int64_t i) const {
+        return u ? u[i] : counter_uniform(key, static_cast<uint64_t>(i));
+    }
+};
+
+MaskInputs mask_inputs(const char* op, py::array& x, py::array& w, py::array& mask_id,
+                       py::object& u_obj, uint64_t seed) {
+    if (x.ndim() != 2) throw std::invalid_argument(std::string("fastmdm._C.") + op + ": x must be [B, L]");
+    MaskInputs in{x.shape(0), x.shape(1), buffer<int64_t>(x, "x"), buffer<float>(w, "w"),
+                  buffer<int64_t>(mask_id, "mask_id"), nullptr, seed_key(seed), py::array()};
+    check_size(w, "w", in.L);
+    check_size(mask_id, "mask_id", in.L);
+    if (!u_obj.is_none()) {
+        in.u_owner = py::cast<py::array>(u_obj);
+        in.u = buffer<float>(in.u_owner, "u");
+        check_size(in.u_owner, "u", in.B * in.L);
+    }
+    return in;
+}
+
 // a / expm1(a), 1 at a = 0 (schedules.expm1_ratio).
 inline float expm1_ratio(float a) { return a == 0.0f ? 1.0f : a / std::expm1(a); }
 
 void mask_tspace(py::array x, py::array t, py::array w, py::array mask_id, py::object u_obj,
                  uint64_t seed, double eps, py::array x_t, py::array mask, py::array weight,
                  py::array score) {
-    if (x.ndim() != 2) throw std::invalid_argument("fastmdm._C.mask_tspace: x must be [B, L]");
-    const int64_t B = x.shape(0), L = x.shape(1);
-    const int64_t* xp = buffer<int64_t>(x, "x");
+    const MaskInputs in = mask_inputs("mask_tspace", x, w, mask_id, u_obj, seed);
+    const int64_t B = in.B, L = in.L;
+    const int64_t *xp = in.x, *idp = in.mask_id;
+    const float* wp = in.w;
     const float* tp = buffer<float>(t, "t");
-    const float* wp = buffer<float>(w, "w");
-    const int64_t* idp = buffer<int64_t>(mask_id, "mask_id");
     check_size(t, "t", B);
-    check_size(w, "w", L);
-    check_size(mask_id, "mask_id", L);
-    const float* up = nullptr;
-    py::array u;
-    if (!u_obj.is_none()) {
-        u = py::cast<py::array>(u_obj);
-        up = buffer<float>(u, "u");
-        check_size(u, "u", B * L);
-    }
     MaskOutputs out = mask_outputs(x_t, mask, weight, score, B * L);
     const float eps_f = static_cast<float>(eps);
-    const uint64_t key = seed_key(seed);
 
     py::gil_scoped_release release;
 #pragma omp parallel for schedule(dynamic, 64) num_threads(num_threads_for(B * L))
@@ -65,8 +84,7 @@ void mask_tspace(py::array x, py::array t, py::array w, py::array mask_id, py::o
             const float wl = wp[l];
             const float a = wl * log_t;
             const float prob = std::exp(a);  // t^w
-            const float ui = up ? up[i] : counter_uniform(key, static_cast<uint64_t>(i));
-            const bool m = ui < prob;
+            const bool m = in.uniform(i) < prob;
             out.mask[i] = m;
             out.x_t[i] = m ? idp[l] : xp[i];
             out.weight[i] = m ? wl / tb : 0.0f;
@@ -78,14 +96,11 @@ void mask_tspace(py::array x, py::array t, py::array w, py::array mask_id, py::o
 void mask_order(py::array x, py::array w, py::array mask_id, py::object u_obj,
                 py::array n_revealed, uint64_t seed, py::array x_t, py::array mask,
                 py::array weight, py::array score) {
-    if (x.ndim() != 2) throw std::invalid_argument("fastmdm._C.mask_order: x must be [B, L]");
-    const int64_t B = x.shape(0), L = x.shape(1);
-    const int64_t* xp = buffer<int64_t>(x, "x");
-    const float* wp = buffer<float>(w, "w");
-    const int64_t* idp = buffer<int64_t>(mask_id, "mask_id");
+    const MaskInputs in = mask_inputs("mask_order", x, w, mask_id, u_obj, seed);
+    const int64_t B = in.B, L = in.L;
+    const int64_t *xp = in.x, *idp = in.mask_id;
+    const float* wp = in.w;
     const int64_t* np_ = buffer<int64_t>(n_revealed, "n_revealed");
-    check_size(w, "w", L);
-    check_size(mask_id, "mask_id", L);
     check_size(n_revealed, "n_revealed", B);
     for (int64_t b = 0; b < B; ++b) {
         if (np_[b] < 0 || np_[b] >= L) {
@@ -94,15 +109,7 @@ void mask_order(py::array x, py::array w, py::array mask_id, py::object u_obj,
                                         std::to_string(L - 1) + "]");
         }
     }
-    const float* up = nullptr;
-    py::array u;
-    if (!u_obj.is_none()) {
-        u = py::cast<py::array>(u_obj);
-        up = buffer<float>(u, "u");
-        check_size(u, "u", B * L);
-    }
     MaskOutputs out = mask_outputs(x_t, mask, weight, score, B * L);
-    const uint64_t key = seed_key(seed);
     const float tiny = std::numeric_limits<float>::min();  // torch.finfo(float32).tiny
     const float num_columns = static_cast<float>(L);
 
@@ -117,7 +124,7 @@ void mask_order(py::array x, py::array w, py::array mask_id, py::object u_obj,
             const int64_t base = b * L;
             const int64_t n = np_[b];
             for (int64_t l = 0; l < L; ++l) {
-                float ui = up ? up[base + l] : counter_uniform(key, static_cast<uint64_t>(base + l));
+                float ui = in.uniform(base + l);
                 ui = ui < tiny ? tiny : ui;
                 keyed[l] = {-std::log(ui) / wp[l], l};  // exponential_keys
             }

@@ -23,6 +23,14 @@ def _add_training_options(parser: argparse.ArgumentParser, epochs: int) -> None:
     parser.add_argument("--device", default="auto")
 
 
+def _add_generation_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-o", "--output", required=True, help="CSV to write")
+    parser.add_argument("--steps", type=int, default=None, help="denoiser calls per row (default: columns)")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--device", default="auto")
+
+
 def _model_from_args(args):
     from .api import TabularMDM
     from .data import DEFAULT_NUM_BINS
@@ -63,7 +71,7 @@ def cmd_impute(args) -> None:
     from .datasets import load_csv
     model = TabularMDM.load(args.model, device=args.device)
     df = load_csv(args.data)
-    filled = model.impute(df, steps=args.steps, seed=args.seed)
+    filled = model.impute(df, steps=args.steps, temperature=args.temperature, seed=args.seed)
     filled.to_csv(args.output, index=False)
     print(f"filled {int(df.isna().sum().sum())} missing cells; wrote {args.output}")
 
@@ -131,20 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     sample = sub.add_parser("sample", help="generate rows from a trained model")
     sample.add_argument("model")
     sample.add_argument("-n", "--num-rows", type=int, required=True)
-    sample.add_argument("-o", "--output", required=True)
-    sample.add_argument("--steps", type=int, default=None, help="denoiser calls per row (default: columns)")
-    sample.add_argument("--temperature", type=float, default=1.0)
-    sample.add_argument("--seed", type=int, default=None)
-    sample.add_argument("--device", default="auto")
+    _add_generation_options(sample)
     sample.set_defaults(func=cmd_sample)
 
     impute = sub.add_parser("impute", help="fill the empty cells of a CSV")
     impute.add_argument("model")
     impute.add_argument("data")
-    impute.add_argument("-o", "--output", required=True)
-    impute.add_argument("--steps", type=int, default=None)
-    impute.add_argument("--seed", type=int, default=None)
-    impute.add_argument("--device", default="auto")
+    _add_generation_options(impute)
     impute.set_defaults(func=cmd_impute)
 
     evaluate = sub.add_parser("evaluate", help="fidelity of a synthetic CSV against a real one")
