@@ -13,7 +13,7 @@ from .data import DEFAULT_NUM_BINS, TableCodec
 from .model import ColumnTransformer
 from .sample import sample_tokens
 from .schedules import PowerSchedule
-from .train import EpochRecord, TrainConfig, Trainer
+from .train import EpochRecord, TrainConfig, Trainer, atomic_save, estimate_nelbo
 
 _FORMAT = "fastmdm-tabular-1"
 
@@ -178,16 +178,13 @@ class TabularMDM:
     def nelbo(self, df: pd.DataFrame) -> float:
         """Mean per-row negative ELBO (nats) of df: an upper bound on -log p(row)."""
         self._require_fitted()
-        trainer = Trainer(self.denoiser, self.schedule, self.codec.mask_ids, self.codec.offsets,
-                          dataclasses.replace(self.config, progress=False), self.device)
-        trainer.ema, trainer.ema_schedule = self.denoiser, self.schedule
-        return trainer.validation_nelbo(self.codec.encode(df))
+        return estimate_nelbo(self.denoiser, self.schedule, self.codec.encode(df), self.codec.mask_ids,
+                              self.codec.offsets, num_samples=self.config.val_samples, device=self.device)
 
     # ------------------------------------------------------------------------- persistence
     def save(self, path: str | os.PathLike) -> None:
         """Write the fitted model (codec, denoiser, schedule, history) atomically."""
         self._require_fitted()
-        from .train import atomic_save
         atomic_save({**self._metadata(), "denoiser": self.denoiser.state_dict(),
                      "schedule": self.schedule.state_dict(), "train_config": dataclasses.asdict(self.config),
                      "history": [dataclasses.asdict(r) for r in self.history]}, path)
