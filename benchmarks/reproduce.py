@@ -308,7 +308,7 @@ def report(args) -> str:
                           _fmt([r["sample_rows_per_s"] for r in g], 0)]
                 lines.append("| " + " | ".join(cells) + " |")
         for label, ref in PAPER.get(name, []):
-            cells = [label, "≤ L" if "TabDiff" not in label else "50", ""]
+            cells = [label, "50" if "TabDiff" in label else ("≤ L" if "MDM" in label else "—"), ""]
             cells += [f"{ref[m]:.4f}" if m in ref else "" for m in METRICS]
             cells += ["", f"{ref['val_nelbo']:.4f} (other tokenization)" if "val_nelbo" in ref else "", "", "", ""]
             lines.append("| " + " | ".join(cells) + " |")
