@@ -7,8 +7,6 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
-
 
 def ragged_problem(rows: int, sizes: list[int], *, seed: int = 0, dtype=torch.float32):
     """Random targets [rows, L], logits [rows, V] and offsets [L+1] for columns of `sizes` values."""
@@ -19,8 +17,3 @@ def ragged_problem(rows: int, sizes: list[int], *, seed: int = 0, dtype=torch.fl
     targets = torch.stack([torch.randint(0, k, (rows,), generator=generator) for k in sizes], 1)
     logits = (3 * torch.randn(rows, int(offsets[-1]), generator=generator)).to(dtype)
     return targets, logits, offsets
-
-
-@pytest.fixture
-def device():
-    return torch.device("cpu")
