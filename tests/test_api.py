@@ -1,12 +1,12 @@
 """End to end: TabularMDM fit / sample / condition / impute / save / load, resume, DDP, CLI."""
 import os
-import socket
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from fastmdm import TabularMDM
 from fastmdm.cli import main as cli_main
@@ -133,26 +133,14 @@ def test_other_training_modes_run(estimator, learn):
     assert (w == 1.0).all() if not learn else (w != 1.0).any()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank, world, port, df, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    model = tiny(epochs=2).fit(df, validation=None)
-    torch.save({"log_w": model.schedule.log_w.detach(),
-                "params": [p.detach() for p in model.denoiser.parameters()]}, f"{out_dir}/rank{rank}.pt")
-    torch.distributed.destroy_process_group()
-
-
-def test_ddp_two_processes_stay_in_sync(tmp_path):
-    """torch.distributed with gloo on CPU: both ranks end with identical weights."""
-    df = correlated_table(300)
-    mp.spawn(_ddp_worker, args=(2, _free_port(), df, str(tmp_path)), nprocs=2, join=True)
+def test_torchrun_ddp_two_processes_stay_in_sync(tmp_path):
+    """Launched by torchrun with gloo on CPU: both ranks end with identical, trained weights."""
+    worker = os.path.join(os.path.dirname(__file__), "_ddp_train.py")
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(__file__) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node=2", worker, str(tmp_path)],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
     a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert torch.equal(a["log_w"], b["log_w"])
     assert all(torch.equal(x, y) for x, y in zip(a["params"], b["params"]))
