@@ -6,7 +6,7 @@ import sys
 import time
 
 
-DEMO_EPOCHS = 8
+DEMO_EPOCHS = 20
 DEMO_SAMPLE_ROWS = 10_000
 
 
