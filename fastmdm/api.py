@@ -138,11 +138,15 @@ class TabularMDM:
         known = known_mask = None
         if conditions is not None:
             known, known_mask = self._condition_tokens(conditions, num_rows)
-        tokens = sample_tokens(self.denoiser, self.schedule.w.detach(), self.codec.mask_ids.to(self.device),
-                               self.codec.offsets.to(self.device), num_rows, steps=steps,
-                               temperature=temperature, known=known, known_mask=known_mask,
-                               batch_size=batch_size, generator=generator, progress=progress)
-        return self.codec.decode(tokens.cpu(), generator=generator)
+        tokens = self._sample_tokens(num_rows, known, known_mask, steps=steps, temperature=temperature,
+                                     batch_size=batch_size, generator=generator, progress=progress)
+        return self.codec.decode(tokens, generator=generator)
+
+    def _sample_tokens(self, num_rows: int, known, known_mask, **options) -> torch.Tensor:
+        """Token rows from the fitted denoiser and schedule, returned on the CPU."""
+        return sample_tokens(self.denoiser, self.schedule.w.detach(), self.codec.mask_ids.to(self.device),
+                             self.codec.offsets.to(self.device), num_rows, known=known,
+                             known_mask=known_mask, **options).cpu()
 
     def _condition_tokens(self, conditions, num_rows: int):
         if isinstance(conditions, Mapping):
@@ -165,12 +169,10 @@ class TabularMDM:
         """Fill every NaN of `df` by sampling it given the row's known values."""
         self._require_fitted()
         tokens, known = self.codec.encode_partial(df)
-        filled = sample_tokens(self.denoiser, self.schedule.w.detach(), self.codec.mask_ids.to(self.device),
-                               self.codec.offsets.to(self.device), len(df), steps=steps,
-                               temperature=temperature, known=tokens.to(self.device),
-                               known_mask=known.to(self.device), batch_size=batch_size,
-                               generator=torch.Generator().manual_seed(seed) if seed is not None else None)
-        decoded = self.codec.decode(filled.cpu())
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        filled = self._sample_tokens(len(df), tokens.to(self.device), known.to(self.device), steps=steps,
+                                     temperature=temperature, batch_size=batch_size, generator=generator)
+        decoded = self.codec.decode(filled, generator=generator)
         decoded.index = df.index
         # Known cells keep their exact original values (decoding a bin would resample them).
         return df[self.codec.columns].where(df[self.codec.columns].notna(), decoded)

@@ -60,6 +60,11 @@ def exponential_keys(w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return -torch.log(u.clamp(min=tiny)) / w[None, :]
 
 
+def _suffix_sums(w_perm: torch.Tensor) -> torch.Tensor:
+    """D_k = sum_{j >= k} w_perm[:, j]: the PL normalizer at step k of each order."""
+    return torch.flip(torch.cumsum(torch.flip(w_perm, [1]), 1), [1])
+
+
 def plackett_luce_log_prob(w: torch.Tensor, order: torch.Tensor,
                            prefix_len: torch.Tensor | None = None) -> torch.Tensor:
     """log P(pi_1..pi_n) under Plackett-Luce(w) for each row; n = L (whole order) by default.
@@ -69,8 +74,7 @@ def plackett_luce_log_prob(w: torch.Tensor, order: torch.Tensor,
     check_positive_weights(w)
     check_tensor("order", order, ndim=2, dtypes=INT_DTYPES)
     w_perm = w[order]                                         # [B, L]
-    suffix = torch.flip(torch.cumsum(torch.flip(w_perm, [1]), 1), [1])
-    terms = torch.log(w_perm) - torch.log(suffix)
+    terms = torch.log(w_perm) - torch.log(_suffix_sums(w_perm))
     if prefix_len is not None:
         steps = torch.arange(order.shape[1], device=order.device)
         terms = torch.where(steps[None, :] < prefix_len[:, None], terms, torch.zeros_like(terms))
@@ -85,8 +89,7 @@ def plackett_luce_prefix_score(w: torch.Tensor, rank: torch.Tensor,
     score_l = 1[rank_l < n] / w_l - C_{rank_l}. Only the revealed prefix matters.
     """
     order = torch.argsort(rank, dim=1)
-    w_perm = w[order]
-    suffix = torch.flip(torch.cumsum(torch.flip(w_perm, [1]), 1), [1])  # D_k
+    suffix = _suffix_sums(w[order])                          # D_k
     steps = torch.arange(rank.shape[1], device=rank.device)
     in_prefix = steps[None, :] < prefix_len[:, None]
     inv = torch.where(in_prefix, 1.0 / suffix, torch.zeros_like(suffix))
