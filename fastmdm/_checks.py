@@ -57,3 +57,14 @@ def check_tokens(name: str, x: torch.Tensor, num_columns: int) -> None:
         raise ValueError(f"{name} has {x.shape[1]} columns but the schedule has {num_columns}")
     if x.shape[0] == 0:
         raise ValueError(f"{name} has no rows")
+
+
+def check_offsets(offsets: torch.Tensor, num_columns: int, vocab: int) -> None:
+    """offsets [L+1]: 0 = offsets[0] < offsets[1] < ... < offsets[L] = V."""
+    check_tensor("offsets", offsets, ndim=1, dtypes=(torch.int64,))
+    if offsets.shape[0] != num_columns + 1:
+        raise ValueError(f"offsets must have L+1 = {num_columns + 1} entries, got {offsets.shape[0]}")
+    if int(offsets[0]) != 0 or int(offsets[-1]) != vocab:
+        raise ValueError(f"offsets must start at 0 and end at the logits width {vocab}")
+    if bool((offsets[1:] <= offsets[:-1]).any()):
+        raise ValueError("offsets must be strictly increasing (every column needs >= 1 value)")

@@ -22,7 +22,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from ._checks import INT_DTYPES, check_positive_weights, check_same_device, check_tensor, check_tokens
+from ._checks import (INT_DTYPES, check_offsets, check_positive_weights, check_same_device, check_tensor,
+                      check_tokens)
 from .ops.reference import segment_layout
 from .schedules import PowerSchedule, exponential_keys, order_from_keys
 
@@ -64,11 +65,9 @@ def _validate(w, mask_id, offsets, num_rows, steps, temperature, batch_size):
     check_tensor("mask_id", mask_id, ndim=1, dtypes=INT_DTYPES)
     check_tensor("offsets", offsets, ndim=1, dtypes=INT_DTYPES)
     num_columns = w.numel()
-    if mask_id.numel() != num_columns or offsets.numel() != num_columns + 1:
-        raise ValueError(f"w has {num_columns} columns but mask_id has {mask_id.numel()} and "
-                         f"offsets {offsets.numel()} entries (need L and L + 1)")
-    if int(offsets[0]) != 0 or bool((offsets[1:] <= offsets[:-1]).any()):
-        raise ValueError("offsets must start at 0 and increase strictly (every K_l >= 1)")
+    if mask_id.numel() != num_columns:
+        raise ValueError(f"w has {num_columns} columns but mask_id has {mask_id.numel()} entries")
+    check_offsets(offsets.long(), num_columns, int(offsets[-1]))  # int32 offsets are fine here
     check_same_device(w=w, mask_id=mask_id, offsets=offsets)
     steps = num_columns if steps is None else steps
     if not (isinstance(steps, int) and 1 <= steps <= num_columns):

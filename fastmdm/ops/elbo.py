@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._checks import FLOAT_DTYPES, INT_DTYPES, check_same_device, check_tensor
+from .._checks import FLOAT_DTYPES, INT_DTYPES, check_offsets, check_same_device, check_tensor
 from ._dispatch import select
 
 
@@ -46,17 +46,6 @@ def _backward(ctx, grad_loss, grad_ce, grad_dlogits):
 
 
 _weighted_ce.register_autograd(_backward, setup_context=_setup)
-
-
-def check_offsets(offsets: Tensor, num_columns: int, vocab: int) -> None:
-    """offsets [L+1]: 0 = offsets[0] < offsets[1] < ... < offsets[L] = V."""
-    check_tensor("offsets", offsets, ndim=1, dtypes=(torch.int64,))
-    if offsets.shape[0] != num_columns + 1:
-        raise ValueError(f"offsets must have L+1 = {num_columns + 1} entries, got {offsets.shape[0]}")
-    if int(offsets[0]) != 0 or int(offsets[-1]) != vocab:
-        raise ValueError(f"offsets must start at 0 and end at the logits width {vocab}")
-    if bool((offsets[1:] <= offsets[:-1]).any()):
-        raise ValueError("offsets must be strictly increasing (every column needs >= 1 value)")
 
 
 def weighted_ce(logits: Tensor, targets: Tensor, weight: Tensor, mask: Tensor, offsets: Tensor,
