@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 
 from .data import DEFAULT_NUM_BINS, TableCodec
-from .model import ColumnTransformer
+from .models import ColumnTransformer
 from .sample import sample_tokens
 from .schedules import PowerSchedule
 from .train import EpochRecord, TrainConfig, Trainer, atomic_save, estimate_nelbo

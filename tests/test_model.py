@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fastmdm.model import ColumnTransformer
+from fastmdm.models import ColumnTransformer
 
 # Adult after quantization: 15 columns, 9 categorical (2..42 values), 6 binned numerics.
 ADULT_LIKE = [50, 9, 100, 16, 16, 7, 15, 6, 5, 2, 50, 50, 50, 42, 2]
@@ -67,7 +67,7 @@ def test_padded_heads_match_per_column_linear():
     model.norm_out.register_forward_hook(lambda _m, _i, out: hidden.setdefault("h", out))
     logits = model(x)
     for l, (lo, hi) in enumerate(zip(model.offsets[:-1].tolist(), model.offsets[1:].tolist())):
-        expected = hidden["h"][:, l] @ model.out_weight[lo:hi].T + model.out_bias[lo:hi]
+        expected = hidden["h"][:, l] @ model.heads.weight[lo:hi].T + model.heads.bias[lo:hi]
         torch.testing.assert_close(logits[:, lo:hi], expected)
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastmdm.model import ColumnTransformer
+from fastmdm.models import ColumnTransformer
 from fastmdm.sample import impute_tokens, reveal_steps, sample_tokens
 from fastmdm.schedules import PowerSchedule, plackett_luce_log_prob
 

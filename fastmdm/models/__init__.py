@@ -1,0 +1,22 @@
+"""Denoisers: `bidirectional` (re-encodes the masked row every step) and `causal` (two-stream,
+one pass per order, KV-cached sampling). Both share embeddings, blocks and ragged heads (base)."""
+from .base import RaggedHeads, TableDenoiser
+from .bidirectional import ColumnTransformer
+from .causal import CausalTransformer
+
+ARCHITECTURES = {"bidirectional": ColumnTransformer, "causal": CausalTransformer}
+
+
+def build_denoiser(architecture: str, cardinalities: list[int], **options) -> TableDenoiser:
+    """The denoiser named `architecture` for columns of the given cardinalities."""
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"architecture must be one of {sorted(ARCHITECTURES)}, got {architecture!r}")
+    return ARCHITECTURES[architecture](cardinalities, **options)
+
+
+def architecture_of(denoiser: TableDenoiser) -> str:
+    return next(name for name, cls in ARCHITECTURES.items() if type(denoiser) is cls)
+
+
+__all__ = ["ARCHITECTURES", "CausalTransformer", "ColumnTransformer", "RaggedHeads", "TableDenoiser",
+           "architecture_of", "build_denoiser"]

@@ -1,0 +1,123 @@
+"""What every denoiser shares: the column layout, token and column embeddings, the blocks,
+and the ragged per-column output heads."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .._checks import INT_DTYPES, check_tensor
+from ..ops import weighted_ce
+from ..ops.reference import segment_layout
+from .layers import Block
+
+
+class RaggedHeads(nn.Module):
+    """One linear head per column, stored ragged: column l owns rows offsets[l]:offsets[l+1]
+    of a [V, d] weight. `logits` evaluates them as one batched product against a padded
+    [L, Kmax, d] view and gathers the valid entries back to [N, V]."""
+
+    def __init__(self, offsets: Tensor, d_model: int):
+        super().__init__()
+        vocab = int(offsets[-1])
+        pad_index, valid = segment_layout(offsets, vocab)          # [L, Kmax]
+        width = pad_index.shape[1]
+        flat = torch.arange(len(offsets) - 1)[:, None] * width + torch.arange(width)[None, :]
+        self.register_buffer("_pad_index", pad_index, persistent=False)
+        self.register_buffer("_flat_index", flat[valid], persistent=False)  # [V] into L*Kmax
+        self.weight = nn.Parameter(torch.empty(vocab, d_model))
+        self.bias = nn.Parameter(torch.zeros(vocab))
+        nn.init.normal_(self.weight, std=d_model ** -0.5)
+
+    def logits(self, h: Tensor) -> Tensor:
+        """h [N, L, d] (column l's state at position l) -> ragged logits [N, V]."""
+        # Padding slots duplicate a real row and are dropped by the gather: no gradient.
+        padded = torch.einsum("nld,lkd->nlk", h, self.weight[self._pad_index])
+        return padded.reshape(h.shape[0], -1).index_select(1, self._flat_index) + self.bias
+
+
+class TableDenoiser(nn.Module):
+    """Base of the denoisers: x [N, L] tokens -> ragged logits [N, V], V = sum_l K_l.
+
+    Column l holds a value in 0..K_l-1 or its MASK id K_l. Each (column, value) pair, mask
+    included, has its own embedding row, so "masked" means something different per column;
+    a learned column embedding plays the role of position.
+
+    Calling the model with `targets`, `weight` and `mask` returns the per-row weighted
+    cross entropy sum_l mask * weight * -log p(targets_l) instead of the logits, so that
+    training goes through one call (and so through DistributedDataParallel's forward).
+    """
+
+    #: True for models whose forward takes a generation order (see models.causal).
+    causal = False
+
+    def __init__(self, cardinalities: list[int], d_model: int = 48, num_layers: int = 3,
+                 num_heads: int = 4, dim_feedforward: int = 96, dropout: float = 0.0):
+        super().__init__()
+        cardinalities = [int(k) for k in cardinalities]
+        if not cardinalities or min(cardinalities) < 1:
+            raise ValueError(f"cardinalities must be a non-empty list of positive ints, got {cardinalities}")
+        if d_model < 1 or num_layers < 0 or dim_feedforward < 1 or num_heads < 1:
+            raise ValueError("d_model, num_heads, dim_feedforward must be >= 1 and num_layers >= 0")
+        if d_model % num_heads:
+            raise ValueError(f"d_model={d_model} must be divisible by num_heads={num_heads}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+        self._config = dict(cardinalities=cardinalities, d_model=d_model, num_layers=num_layers,
+                            num_heads=num_heads, dim_feedforward=dim_feedforward, dropout=dropout)
+        sizes = torch.tensor(cardinalities, dtype=torch.int64)
+        offsets = torch.zeros(len(cardinalities) + 1, dtype=torch.int64)
+        offsets[1:] = torch.cumsum(sizes, 0)
+        self.register_buffer("offsets", offsets)
+        self.register_buffer("mask_ids", sizes.clone())
+        # K_l + 1 embedding rows per column: its values, then its MASK id.
+        self.register_buffer("_embed_offsets", torch.cumsum(sizes + 1, 0) - (sizes + 1), persistent=False)
+        self.token_embedding = nn.Embedding(int((sizes + 1).sum()), d_model)
+        self.column_embedding = nn.Parameter(torch.zeros(len(cardinalities), d_model))
+        self.blocks = nn.ModuleList(Block(d_model, num_heads, dim_feedforward, dropout)
+                                    for _ in range(num_layers))
+        self.norm_out = nn.LayerNorm(d_model)
+        self.heads = RaggedHeads(offsets, d_model)
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.column_embedding, std=0.02)
+
+    @property
+    def cardinalities(self) -> list[int]:
+        return list(self._config["cardinalities"])
+
+    @property
+    def config(self) -> dict:
+        """Constructor arguments: `type(model)(**model.config)` rebuilds the architecture."""
+        return dict(self._config, cardinalities=self.cardinalities)
+
+    @property
+    def num_columns(self) -> int:
+        return len(self._config["cardinalities"])
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        """Model size. All parameters by default: a fitted model's EMA copy is frozen."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def check_tokens(self, name: str, x: Tensor, allow_mask: bool) -> None:
+        """Integer [N, L] tokens within 0..K_l (0..K_l-1 unless `allow_mask`)."""
+        check_tensor(name, x, ndim=2, dtypes=INT_DTYPES)
+        if x.shape[1] != self.num_columns:
+            raise ValueError(f"{name} has {x.shape[1]} columns, the model was built for {self.num_columns}")
+        top = self.mask_ids if allow_mask else self.mask_ids - 1
+        if bool(((x < 0) | (x > top)).any()):
+            bound = "K_l (K_l is column l's mask id)" if allow_mask else "K_l - 1"
+            raise ValueError(f"{name} holds token ids outside 0..{bound}")
+
+    def embed_values(self, x: Tensor, columns: Tensor) -> Tensor:
+        """Embedding of value x (or MASK) in column `columns`, same shapes, plus [..., d]."""
+        return self.token_embedding(x + self._embed_offsets[columns]) + self.column_embedding[columns]
+
+    def loss_or_logits(self, h: Tensor, targets: Tensor | None, weight: Tensor | None,
+                       mask: Tensor | None) -> Tensor:
+        """Logits [N, V] of column-ordered states h [N, L, d], or the per-row weighted CE."""
+        logits = self.heads.logits(h)
+        if targets is None:
+            return logits
+        return weighted_ce(logits, targets, weight, mask, self.offsets)
+
+    def extra_repr(self) -> str:
+        return f"columns={self.num_columns}, vocab={int(self.offsets[-1])}"
