@@ -10,12 +10,14 @@ import pandas as pd
 import torch
 
 from .data import DEFAULT_NUM_BINS, TableCodec
-from .models import ColumnTransformer
+from .models import ARCHITECTURES, TableDenoiser, architecture_of, build_denoiser
 from .sample import sample_tokens
 from .schedules import PowerSchedule
 from .train import EpochRecord, TrainConfig, Trainer, atomic_save, estimate_nelbo
 
-_FORMAT = "fastmdm-tabular-1"
+_FORMAT = "fastmdm-tabular-2"
+_OLD_FORMATS = ("fastmdm-tabular-1",)   # before the models package: bidirectional, out_weight/out_bias
+DEFAULT_ARCHITECTURE = "bidirectional"
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:
@@ -31,21 +33,26 @@ class TabularMDM:
     >>> synth = model.sample(10_000)
     >>> filled = model.impute(df_with_nans)
 
-    Arguments: `num_bins` quantile bins per numeric column; `learn_schedule` learns w
+    Arguments: `architecture` "bidirectional" or "causal" (see fastmdm.models);
+    `num_bins` quantile bins per numeric column; `learn_schedule` learns w
     (False keeps w = 1, the linear MDM); `estimator` "order" (order-space, low variance) or
     "tspace" (the paper's); `model` keyword arguments of ColumnTransformer (d_model,
     num_layers, ...); the rest are TrainConfig fields (epochs, batch_size, lr, seed, ...).
     """
 
-    def __init__(self, *, num_bins: int = DEFAULT_NUM_BINS, learn_schedule: bool = True,
-                 device: str | torch.device = "auto", model: Mapping | None = None, **train_options):
+    def __init__(self, *, architecture: str = DEFAULT_ARCHITECTURE, num_bins: int = DEFAULT_NUM_BINS,
+                 learn_schedule: bool = True, device: str | torch.device = "auto",
+                 model: Mapping | None = None, **train_options):
+        if architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {sorted(ARCHITECTURES)}, got {architecture!r}")
+        self.architecture = architecture
         self.num_bins = num_bins
         self.learn_schedule = learn_schedule
         self.device = _resolve_device(device)
         self.model_options = dict(model or {})
         self.config = TrainConfig(**train_options)
         self.codec: TableCodec | None = None
-        self.denoiser: ColumnTransformer | None = None
+        self.denoiser: TableDenoiser | None = None
         self.schedule: PowerSchedule | None = None
         self.history: list[EpochRecord] = []
 
@@ -71,6 +78,7 @@ class TabularMDM:
             self.model_options.pop("cardinalities")
             self.config = dataclasses.replace(TrainConfig(**state["train_config"]), epochs=self.config.epochs)
             self.learn_schedule = state["learn_schedule"]
+            self.architecture = state["architecture"]
         else:
             # The vocabulary comes from every row given, so a category seen only in the
             # validation rows is not an error; bins and parameters still learn from train only.
@@ -79,7 +87,7 @@ class TabularMDM:
         train_tokens = self.codec.encode(train_df)
         val_tokens = self.codec.encode(val_df) if val_df is not None else None
         torch.manual_seed(self.config.seed)
-        self.denoiser = ColumnTransformer(self.codec.cardinalities, **self.model_options)
+        self.denoiser = build_denoiser(self.architecture, self.codec.cardinalities, **self.model_options)
         self.schedule = PowerSchedule(self.codec.num_columns, learnable=self.learn_schedule)
         trainer = Trainer(self.denoiser, self.schedule, self.codec.mask_ids, self.codec.offsets,
                           self.config, self.device)
@@ -110,7 +118,8 @@ class TabularMDM:
 
     def _metadata(self) -> dict:
         return {"format": _FORMAT, "codec": self.codec.state_dict(),
-                "model_config": self.denoiser.config, "learn_schedule": self.learn_schedule}
+                "model_config": self.denoiser.config, "learn_schedule": self.learn_schedule,
+                "architecture": architecture_of(self.denoiser)}
 
     # ------------------------------------------------------------------------- using it
     def _require_fitted(self) -> None:
@@ -193,8 +202,15 @@ class TabularMDM:
 
     @staticmethod
     def _check_format(state, path) -> None:
-        if not isinstance(state, dict) or state.get("format") != _FORMAT:
+        if not isinstance(state, dict) or state.get("format") not in (_FORMAT, *_OLD_FORMATS):
             raise ValueError(f"{os.fspath(path)!r} is not a fastmdm model file")
+        if state["format"] in _OLD_FORMATS:   # upgrade in place: name the heads as today
+            state["architecture"] = DEFAULT_ARCHITECTURE
+            for key in ("denoiser", "ema"):
+                if key in state:
+                    weights = state[key]
+                    weights["heads.weight"] = weights.pop("out_weight")
+                    weights["heads.bias"] = weights.pop("out_bias")
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: str | torch.device = "auto") -> "TabularMDM":
@@ -202,9 +218,10 @@ class TabularMDM:
         state = torch.load(path, weights_only=True, map_location="cpu")
         cls._check_format(state, path)
         model_config = dict(state["model_config"])
-        self = cls(learn_schedule=state["learn_schedule"], device=device, **state["train_config"])
+        self = cls(architecture=state["architecture"], learn_schedule=state["learn_schedule"], device=device,
+                   **state["train_config"])
         self.codec = TableCodec.from_state_dict(state["codec"])
-        self.denoiser = ColumnTransformer(**model_config)
+        self.denoiser = build_denoiser(self.architecture, **model_config)
         self.model_options = {k: v for k, v in model_config.items() if k != "cardinalities"}
         self.schedule = PowerSchedule(self.codec.num_columns, learnable=False)
         # A checkpoint holds the live and the EMA weights: prefer the EMA ones.

@@ -4,6 +4,10 @@ Both estimators are unbiased for the same NELBO, which for a time-independent de
 E_{pi ~ PL(w)} sum_i -log p(x_{pi_i} | x_{pi_<i}). The t-space one is the paper's
 (weights w/t, unbounded); the order-space one samples a PL order and a prefix and scores
 every hidden column with bounded weights L w_l / sum_{hidden} w.
+
+A causal denoiser (fastmdm.models.causal) scores every prefix of an order in one pass, so
+for it the order-space estimator takes all L prefixes at once: -log p(x | pi) with
+pi ~ PL(w), no prefix noise (`causal_loss`). `model_loss` picks the right one.
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .schedules import TIME_EPS, PowerSchedule
+from .schedules import TIME_EPS, PowerSchedule, exponential_keys, order_from_keys, plackett_luce_prefix_score
 
 ESTIMATORS = ("order", "tspace")
 
@@ -56,10 +60,52 @@ def diffusion_loss(denoiser: Callable[[Tensor], Tensor], x: Tensor, schedule: Po
     masked = draw_masks(x_rep, schedule, mask_id, estimator, generator, eps)
     logits = denoiser(masked.x_t)
     per_sample = ops.weighted_ce(logits, x_rep, masked.weight, masked.mask, offsets)
+    return _with_rloo(per_sample, masked.score, schedule, rows, num_samples)
+
+
+def causal_loss(denoiser: Callable[..., Tensor], x: Tensor, schedule: PowerSchedule, *,
+                num_samples: int = 2, generator: torch.Generator | None = None) -> LossOutput:
+    """-log p(x | pi) for `num_samples` orders pi ~ PL(w) per row, from a causal denoiser.
+
+    An unbiased one-sample estimate of the same NELBO as the other estimators, with only
+    the order random. `denoiser(x, order, targets=, weight=, mask=)` returns the per-row
+    cross entropy summed over all L conditionals. With a learnable schedule and
+    num_samples >= 2, w gets the RLOO gradient with the full-order Plackett-Luce score.
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    rows, num_columns = x.shape
+    x_rep = x.repeat_interleave(num_samples, dim=0)
+    w = schedule.w.detach()
+    u = torch.rand(x_rep.shape, generator=generator).to(device=x.device, dtype=w.dtype)
+    order, rank = order_from_keys(exponential_keys(w, u))
+    everywhere = torch.ones(x_rep.shape, dtype=torch.bool, device=x.device)
+    per_sample = denoiser(x_rep, order, targets=x_rep, weight=everywhere.to(w.dtype), mask=everywhere)
+    score = plackett_luce_prefix_score(w, rank, torch.full((x_rep.shape[0],), num_columns, device=x.device))
+    return _with_rloo(per_sample, score, schedule, rows, num_samples)
+
+
+def model_loss(denoiser: Callable[..., Tensor], x: Tensor, schedule: PowerSchedule, mask_id: Tensor,
+               offsets: Tensor, *, estimator: str = "order", num_samples: int = 2,
+               generator: torch.Generator | None = None) -> LossOutput:
+    """The NELBO estimate for this kind of denoiser: `causal_loss` for causal models (which
+    accept only the order-space estimator), `diffusion_loss` otherwise."""
+    if getattr(getattr(denoiser, "module", denoiser), "causal", False):  # seen through DDP
+        if estimator != "order":
+            raise ValueError("the causal denoiser is trained with the order-space estimator "
+                             f"(whole orders), not {estimator!r}")
+        return causal_loss(denoiser, x, schedule, num_samples=num_samples, generator=generator)
+    return diffusion_loss(denoiser, x, schedule, mask_id, offsets, estimator=estimator,
+                          num_samples=num_samples, generator=generator)
+
+
+def _with_rloo(per_sample: Tensor, score: Tensor, schedule: PowerSchedule, rows: int,
+               num_samples: int) -> LossOutput:
+    """Mean loss plus, for a learnable schedule, the zero-valued RLOO surrogate for w."""
     loss = per_sample.mean()
     if schedule.learnable and num_samples >= 2:
         g = ops.rloo_grad(per_sample.detach().view(rows, num_samples),
-                          masked.score.view(rows, num_samples, num_columns))
+                          score.view(rows, num_samples, -1))
         surrogate = (g.detach().to(schedule.w.dtype) * schedule.w).sum()
         loss = loss + (surrogate - surrogate.detach())
     samples = per_sample.detach().view(rows, num_samples)

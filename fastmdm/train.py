@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .objective import ESTIMATORS, diffusion_loss
+from .objective import ESTIMATORS, model_loss
 from .schedules import PowerSchedule
 
 
@@ -158,7 +158,7 @@ class Trainer:
         self._set_lr()
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
         with autocast:
-            out = diffusion_loss(self.model, batch, self.schedule, self.mask_id, self.offsets,
+            out = model_loss(self.model, batch, self.schedule, self.mask_id, self.offsets,
                                  estimator=self.config.estimator, num_samples=self.config.num_samples,
                                  generator=self.generator)
         self.optimizer.zero_grad(set_to_none=True)
@@ -245,7 +245,7 @@ def estimate_nelbo(denoiser: nn.Module, schedule: PowerSchedule, tokens: Tensor,
     try:
         for start in range(0, tokens.shape[0], batch_size):
             batch = tokens[start:start + batch_size].to(device)
-            out = diffusion_loss(denoiser, batch, fixed, mask_id.to(device), offsets.to(device),
+            out = model_loss(denoiser, batch, fixed, mask_id.to(device), offsets.to(device),
                                  estimator="order", num_samples=num_samples, generator=generator)
             total += out.nelbo.sum().item()
     finally:

@@ -62,42 +62,52 @@ class CausalTransformer(TableDenoiser):
     def trash_slot(self) -> int:
         return self.num_columns + 1
 
-    def empty_cache(self, rows: int) -> KVCache:
-        """A cache holding only the start token, for `rows` rows (other slots are zero)."""
+    def _start_states(self) -> tuple[list[Tensor], list[Tensor]]:
+        """Keys and values [1, H, 1, d / H] of the start token in every layer (it sees only itself)."""
         keys, values = [], []
-        slots = self.num_columns + 2
         h = self.start.view(1, 1, -1)
-        for index, block in enumerate(self.blocks):
-            _, k, v = block.project(h)
-            keys.append(torch.zeros(rows, k.shape[1], slots, k.shape[3], dtype=k.dtype, device=k.device)
-                        .index_copy(2, torch.zeros(1, dtype=torch.long, device=k.device), k.expand(rows, -1, -1, -1)))
-            values.append(torch.zeros_like(keys[-1]).index_copy(
-                2, torch.zeros(1, dtype=torch.long, device=v.device), v.expand(rows, -1, -1, -1)))
-            if index + 1 < len(self.blocks):
-                h = block.mix(h, attend(*block.project(h)))
-        return KVCache(keys, values)
+        for block in self.blocks:
+            q, k, v = block.project(h)
+            keys.append(k)
+            values.append(v)
+            h = block.mix(h, attend(q, k, v))
+        return keys, values
 
-    def extend(self, cache: KVCache, values: Tensor, value_columns: Tensor, value_positions: Tensor,
+    def empty_cache(self, rows: int) -> KVCache:
+        """A cache of L + 2 slots per row holding only the start token (slot 0)."""
+        def slots(start: Tensor) -> Tensor:
+            shape = (rows, start.shape[1], self.num_columns + 2, start.shape[3])
+            return torch.cat([start.expand(rows, -1, -1, -1),
+                              start.new_zeros(shape[0], shape[1], shape[2] - 1, shape[3])], 2)
+        keys, values = self._start_states()
+        return KVCache([slots(k) for k in keys], [slots(v) for v in values])
+
+    def extend(self, cache: KVCache | None, values: Tensor, value_columns: Tensor, value_positions: Tensor,
                query_columns: Tensor, query_sees: Tensor) -> tuple[KVCache, Tensor]:
         """Append content tokens to the cache and answer query tokens; returns (cache, h).
 
-        values, value_columns, value_positions [N, Tc]: tokens x_{pi_p} of column pi_p at
-        order position p (position = L marks padding: written to the trash slot).
-        query_columns, query_sees [N, Tq]: a query for column c that sees the content at
-        order positions < query_sees (the start token always). h [N, Tq, d] are the final
-        query states, ready for the heads. The returned cache replaces the given one (it is
-        updated out of place, so autograd works through it in training).
+        values, value_columns [N, Tc] and value_positions ([N, Tc] or [Tc]): tokens
+        x_{pi_p} of column pi_p at order position p (position L marks padding, which is
+        written to the trash slot). query_columns [N, Tq] and query_sees ([N, Tq] or [Tq]):
+        a query for a column that sees the content at order positions < query_sees (and
+        the start token). h [N, Tq, d] are the final query states, ready for the heads.
+        cache=None is an empty cache whose content arrives at positions 0..Tc-1 in this
+        call (training): keys are then concatenated, not scattered. The returned cache
+        replaces the given one; it is built out of place, so autograd runs through it.
         """
-        slots = self.num_columns + 2
         content = self.embed_values(values, value_columns)
         query = self.query_embedding + self.column_embedding[query_columns]
-        write = (value_positions + 1).clamp(max=self.trash_slot)          # [N, Tc]
-        slot_ids = torch.arange(slots, device=values.device)
+        write = (value_positions + 1).clamp(max=self.trash_slot)
         # A content token at position p sees slots 0..p+1 (itself included); a query sees
-        # slots 0..query_sees. Padding content sees only the start token.
+        # slots 0..query_sees; padding content sees only the start token.
         content_sees = torch.where(value_positions < self.num_columns, write, torch.zeros_like(write))
-        allowed = slot_ids <= torch.cat([content_sees, query_sees], 1)[..., None]   # [N, T, S]
-        allowed = allowed[:, None]                                         # [N, 1, T, S]
+        sees = torch.cat([content_sees.expand(*query_sees.shape[:-1], -1),
+                          query_sees.expand(*content_sees.shape[:-1], -1)], -1)
+        num_slots = self.num_columns + 2 if cache is not None else content.shape[1] + 1
+        allowed = torch.arange(num_slots, device=values.device) <= sees[..., None]    # [(N,) T, S]
+        allowed = allowed.unsqueeze(-3)                                               # heads axis
+        if cache is None:
+            start_keys, start_values = self._start_states()
         split = content.shape[1]
         h = torch.cat([content, query.to(content.dtype)], 1)
         keys, vals = [], []
@@ -105,12 +115,16 @@ class CausalTransformer(TableDenoiser):
         for index, block in enumerate(self.blocks):
             q_content, k, v = block.project(h[:, :split])
             q = torch.cat([q_content, block.query(h[:, split:])], 2)
-            index_k = write[:, None, :, None].expand_as(k)
-            keys.append(cache.keys[index].to(k.dtype).scatter(2, index_k, k))
-            vals.append(cache.values[index].to(v.dtype).scatter(2, index_k, v))
+            if cache is None:
+                rows = k.shape[0]
+                keys.append(torch.cat([start_keys[index].expand(rows, -1, -1, -1).to(k.dtype), k], 2))
+                vals.append(torch.cat([start_values[index].expand(rows, -1, -1, -1).to(v.dtype), v], 2))
+            else:
+                slot = write.expand(k.shape[0], -1)[:, None, :, None].expand_as(k)
+                keys.append(cache.keys[index].to(k.dtype).scatter(2, slot, k))
+                vals.append(cache.values[index].to(v.dtype).scatter(2, slot, v))
             if index == last:   # the content stream's last outputs are never read
-                h = h[:, split:]
-                h = block.mix(h, attend(q[:, :, split:], keys[-1], vals[-1], allowed[:, :, split:]))
+                h = block.mix(h[:, split:], attend(q[:, :, split:], keys[-1], vals[-1], allowed[..., split:, :]))
             else:
                 h = block.mix(h, attend(q, keys[-1], vals[-1], allowed))
         if not self.blocks:
@@ -122,8 +136,8 @@ class CausalTransformer(TableDenoiser):
         self.check_tokens("x", x, allow_mask=False)
         check_order(order, x.shape[0], self.num_columns)
         rows, length = x.shape
-        positions = torch.arange(length, device=x.device).expand(rows, length)
-        _, h = self.extend(self.empty_cache(rows), x.gather(1, order), order, positions, order, positions)
+        positions = torch.arange(length, device=x.device)
+        _, h = self.extend(None, x.gather(1, order), order, positions, order, positions)
         h_by_column = torch.empty_like(h).scatter_(1, order[..., None].expand_as(h), h)
         return self.loss_or_logits(h_by_column, targets, weight, mask)
 

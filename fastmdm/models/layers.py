@@ -15,10 +15,15 @@ def attend(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None = None) -> Te
     """softmax(q k^T / sqrt(d) | allowed) v for [N, H, T, dh] queries and [N, H, S, dh] keys.
 
     `allowed` is boolean, True = may attend, broadcastable to [N, H, T, S]; every query must
-    be allowed at least one key. torch's SDPA is used on every device: on 2 CPU cores it was
-    measured against explicit batched matmuls for 15-60 token tables (benchmarks/attention.py).
+    be allowed at least one key. Which kernel is faster was measured on 2 CPU cores for
+    tables of 15-60 columns (`python benchmarks/attention.py`): torch's SDPA wins whenever
+    autograd is on or there is no mask, explicit batched matmuls win 2-7x for the masked,
+    few-query calls of KV-cached sampling. SDPA is kept on GPUs (not measured there).
     """
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    if allowed is None or q.device.type != "cpu" or torch.is_grad_enabled():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    return scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
 
 
 class Block(nn.Module):

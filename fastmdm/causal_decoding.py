@@ -1,0 +1,167 @@
+"""Decoding with the causal denoiser: KV-cached chunks of the order, and exact speculative decoding.
+
+Every row draws its order pi from PL(w) with known columns first (`known_first_order`). The
+known columns are encoded once, as content tokens of the cache; after that each call of the
+model (`CausalTransformer.extend`) appends the columns just revealed and asks query tokens
+for the next ones, so a row costs O(L) tokens instead of the bidirectional model's O(L^2).
+
+- `sample_chunks`: the unknown positions are split into `steps` chunks of ranks; a chunk's
+  queries all see the same prefix. steps = L is exact learned-order AR; fewer steps are
+  approximate, as with the bidirectional model.
+- `sample_speculative` (any-subset speculative decoding, Guo & Ermon 2025): draft the next k
+  columns from the current prefix in one pass (q_j), append them and verify in a second pass
+  (p_j, the true conditionals given the drafts before j), accept draft j while
+  u < min(1, p_j / q_j), draw the first rejected column from normalize(max(p_j - q_j, 0)), or
+  a bonus column from p when all drafts pass. The first draft has q = p, so every round
+  reveals at least one column, and the rows follow the model's joint exactly (the same as
+  steps = L), whatever k.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .sample import ColumnLayout, DecodeStats, _uniform, chunk_of_position, gumbel_max, known_first_order
+
+
+def _pack(selected: Tensor) -> Tensor:
+    """Positions [N, T] of the True entries of selected [N, L], ascending, padded with L."""
+    rows, length = selected.shape
+    width = int(selected.sum(1).max()) if rows else 0
+    slot = torch.where(selected, selected.cumsum(1) - 1, torch.full_like(selected, width, dtype=torch.long))
+    packed = torch.full((rows, width + 1), length, dtype=torch.long, device=selected.device)
+    positions = torch.arange(length, device=selected.device).expand(rows, length)
+    return packed.scatter_(1, slot, positions)[:, :width]
+
+
+def _cell_logits(model, layout: ColumnLayout, h: Tensor, columns: Tensor) -> Tensor:
+    """Logits [..., Kmax] (padding at -inf) of column columns[...] from query states h [..., d]."""
+    flat_h, flat_columns = h.reshape(-1, h.shape[-1]), columns.reshape(-1)
+    logits = flat_h @ model.heads.weight.T.to(h.dtype) + model.heads.bias.to(h.dtype)
+    segments = layout.segments(logits, torch.arange(flat_h.shape[0], device=h.device), flat_columns)
+    return segments.view(*columns.shape, -1)
+
+
+def _start(model, w: Tensor, known: Tensor | None, known_mask: Tensor | None, num_rows: int,
+           generator) -> tuple[Tensor, Tensor, Tensor]:
+    """(order, n_known, x_ord): orders with known columns first, and the known values placed
+    at their order positions (other positions hold 0 until sampled)."""
+    order, n_known = known_first_order(w, num_rows, known_mask, generator)
+    x_ord = torch.zeros_like(order)
+    if known is not None:
+        x_ord = torch.where(known_mask.gather(1, order), known.gather(1, order), x_ord)
+    return order, n_known, x_ord
+
+
+def _unorder(order: Tensor, x_ord: Tensor) -> Tensor:
+    return torch.empty_like(x_ord).scatter_(1, order, x_ord)
+
+
+def _content(order: Tensor, x_ord: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Values, columns and positions of content tokens at `positions` (padding L stays L)."""
+    safe = positions.clamp(max=order.shape[1] - 1)
+    return x_ord.gather(1, safe), order.gather(1, safe), positions
+
+
+def sample_chunks(model, w: Tensor, layout: ColumnLayout, steps: int, temperature: float, num_rows: int,
+                  known: Tensor | None, known_mask: Tensor | None, generator, stats: DecodeStats) -> Tensor:
+    """Rows of tokens [num_rows, L]: each step queries one chunk of the order, from one prefix."""
+    num_columns = w.numel()
+    order, n_known, x_ord = _start(model, w, known, known_mask, num_rows, generator)
+    step_of_position = chunk_of_position(n_known, num_columns, steps)
+    cache = model.empty_cache(num_rows)
+    pending = _pack(step_of_position == -1)           # known columns: encoded in the first call
+    for step in range(int(step_of_position.max()) + 1):
+        positions = _pack(step_of_position == step)   # [N, T], ascending, padded with L
+        valid = positions < num_columns
+        columns = order.gather(1, positions.clamp(max=num_columns - 1))
+        sees = positions[:, :1].expand_as(positions)  # the chunk's first position: one prefix
+        cache, h = model.extend(cache, *_content(order, x_ord, pending), columns, sees)
+        rows, slots = valid.nonzero(as_tuple=True)
+        logits = _cell_logits(model, layout, h[rows, slots], columns[rows, slots])
+        x_ord[rows, positions[rows, slots]] = gumbel_max(logits, temperature, generator)
+        pending = positions
+    return _unorder(order, x_ord)
+
+
+def _probabilities(logits: Tensor, temperature: float) -> Tensor:
+    """softmax(logits / T) in float32; T = 0 gives the one-hot argmax (greedy decoding)."""
+    logits = logits.float()
+    if temperature == 0:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    return torch.softmax(logits / temperature, -1)
+
+
+def _categorical(probs: Tensor, generator) -> Tensor:
+    """One draw per distribution probs [..., K] (not necessarily normalized), by inverse CDF."""
+    cumulative = probs.cumsum(-1)
+    target = _uniform(tuple(probs.shape[:-1]) + (1,), generator, probs.device) * cumulative[..., -1:]
+    return (cumulative < target).sum(-1).clamp(max=probs.shape[-1] - 1)
+
+
+def sample_speculative(model, w: Tensor, layout: ColumnLayout, draft: int, temperature: float,
+                       num_rows: int, known: Tensor | None, known_mask: Tensor | None, generator,
+                       stats: DecodeStats) -> Tensor:
+    """Rows of tokens [num_rows, L] from the model's exact joint, `draft` columns drafted a round."""
+    num_columns = w.numel()
+    full_order, n_known, x_ord = _start(model, w, known, known_mask, num_rows, generator)
+    order, out = full_order, x_ord.clone()
+    alive = torch.arange(num_rows, device=w.device)   # rows still decoding, indices into out
+    revealed = n_known.clone()                        # positions 0..revealed-1 hold values
+    cached = torch.zeros_like(revealed)               # positions 0..cached-1 are in the cache
+    cache = model.empty_cache(num_rows)
+    offsets = torch.arange(draft, device=w.device)
+    while True:
+        done = revealed >= num_columns
+        if bool(done.any()):
+            out[alive[done]] = x_ord[done]
+            keep = ~done
+            alive, order, x_ord, revealed, cached = alive[keep], order[keep], x_ord[keep], revealed[keep], cached[keep]
+            cache = cache.select(keep)
+        if alive.numel() == 0:
+            break
+        positions = torch.arange(num_columns, device=w.device)
+        pending = _pack((positions >= cached[:, None]) & (positions < revealed[:, None]))
+        # Draft: k queries that all see the current prefix.
+        draft_positions = revealed[:, None] + offsets
+        in_table = draft_positions < num_columns
+        draft_positions = draft_positions.masked_fill(~in_table, num_columns)
+        draft_columns = order.gather(1, draft_positions.clamp(max=num_columns - 1))
+        cache, h = model.extend(cache, *_content(order, x_ord, pending), draft_columns,
+                                revealed[:, None].expand_as(draft_positions))
+        q = _probabilities(_cell_logits(model, layout, h, draft_columns), temperature)    # [N, k, Kmax]
+        drafts = _categorical(q, generator)
+        # Verify: append the drafts; query positions revealed+1 .. revealed+k, each seeing
+        # the drafts before it. p_j for j >= 1 is the target of draft j; the last is a bonus.
+        verify_positions = (draft_positions + 1).clamp(max=num_columns)
+        verify_columns = order.gather(1, verify_positions.clamp(max=num_columns - 1))
+        cache, h = model.extend(cache, drafts, draft_columns, draft_positions, verify_columns, verify_positions)
+        p_next = _probabilities(_cell_logits(model, layout, h, verify_columns), temperature)  # p of position j+1
+        # Acceptance: draft 0 always (its q is p); draft j >= 1 with probability min(1, p/q).
+        p_draft = torch.cat([q[:, :1], p_next[:, :-1]], 1)
+        ratio = p_draft.gather(2, drafts[..., None]).squeeze(2) / q.gather(2, drafts[..., None]).squeeze(2)
+        accept = _uniform(tuple(ratio.shape), generator, ratio.device) < ratio
+        accept[:, 0] = True
+        accept &= in_table
+        accepted = accept.to(torch.int64).cumprod(1).sum(1)                 # J: drafts kept
+        valid_drafts = in_table.sum(1)
+        rejected = accepted < valid_drafts
+        # The extra column at position revealed + J: a residual draw after a rejection, else
+        # a bonus draw from p when the row is not complete.
+        j = accepted.clamp(max=draft - 1)
+        residual = (p_draft.gather(1, j[:, None, None].expand(-1, 1, q.shape[2])).squeeze(1)
+                    - q.gather(1, j[:, None, None].expand(-1, 1, q.shape[2])).squeeze(1)).clamp(min=0)
+        bonus = p_next.gather(1, (valid_drafts - 1).clamp(min=0)[:, None, None].expand(-1, 1, q.shape[2])).squeeze(1)
+        extra_probs = torch.where(rejected[:, None], residual, bonus)
+        extra = _categorical(extra_probs, generator)
+        has_extra = rejected | (revealed + valid_drafts < num_columns)
+        keep_draft = offsets[None, :] < accepted[:, None]
+        rows, slots = keep_draft.nonzero(as_tuple=True)
+        x_ord[rows, draft_positions[rows, slots]] = drafts[rows, slots]
+        extra_rows = has_extra.nonzero(as_tuple=True)[0]
+        x_ord[extra_rows, (revealed + accepted)[extra_rows]] = extra[extra_rows]
+        stats.rounds += int(alive.numel())
+        stats.columns += int((accepted + has_extra.long()).sum())
+        cached = revealed + accepted
+        revealed = revealed + accepted + has_extra.long()
+    return _unorder(full_order, out)
