@@ -93,7 +93,7 @@ class CausalTransformer(TableDenoiser):
         the start token). h [N, Tq, d] are the final query states, ready for the heads.
         cache=None is an empty cache whose content arrives at positions 0..Tc-1 in this
         call (training): keys are then concatenated, not scattered. The returned cache
-        replaces the given one; it is built out of place, so autograd runs through it.
+        replaces the given one; without autograd the given one is updated in place.
         """
         content = self.embed_values(values, value_columns)
         query = self.query_embedding + self.column_embedding[query_columns]
@@ -119,10 +119,11 @@ class CausalTransformer(TableDenoiser):
                 rows = k.shape[0]
                 keys.append(torch.cat([start_keys[index].expand(rows, -1, -1, -1).to(k.dtype), k], 2))
                 vals.append(torch.cat([start_values[index].expand(rows, -1, -1, -1).to(v.dtype), v], 2))
-            else:
+            else:   # in place when decoding (no autograd): the cache is the caller's to reuse
                 slot = write.expand(k.shape[0], -1)[:, None, :, None].expand_as(k)
-                keys.append(cache.keys[index].to(k.dtype).scatter(2, slot, k))
-                vals.append(cache.values[index].to(v.dtype).scatter(2, slot, v))
+                update = "scatter" if torch.is_grad_enabled() else "scatter_"
+                keys.append(getattr(cache.keys[index].to(k.dtype), update)(2, slot, k))
+                vals.append(getattr(cache.values[index].to(v.dtype), update)(2, slot, v))
             if index == last:   # the content stream's last outputs are never read
                 h = block.mix(h[:, split:], attend(q[:, :, split:], keys[-1], vals[-1], allowed[..., split:, :]))
             else:
