@@ -1,0 +1,185 @@
+"""Causal vs bidirectional denoiser, in one run: training speed, NELBO at equal CPU time,
+estimator noise, sampling speed and fidelity (issue 9).
+
+For each dataset and seed both architectures get the same default size (parameter counts
+within 1%) and the same CPU-time budget: the bidirectional model trains `--epochs` epochs;
+the causal model trains as many epochs as fit in the same time, from a probe of the per-step
+time of both measured back to back. Then, per model:
+
+- training rows/s and validation NELBO (nats per row, the EMA model);
+- per-row standard deviation of the NELBO estimate: the bidirectional model under the
+  order-space and t-space estimators, the causal model under its whole-order estimator
+  (16 draws per validation row, std per row, averaged over rows);
+- sampling rows/s at S = L, S = ceil(L/4) and (causal) speculative decoding with k = 4,
+  with the mean number of columns revealed per speculative round;
+- fidelity of as many rows as the real train split, sampled at S = L (fastmdm.metrics.evaluate).
+
+One JSON line per (dataset, seed, architecture) goes to benchmarks/results/architectures_runs.jsonl
+as soon as it is measured; --report rebuilds benchmarks/results/architectures.md from it.
+
+    python benchmarks/architectures.py                            # adult + magic, 3 seeds
+    python benchmarks/architectures.py --datasets adult --seeds 0 --epochs 2 --max-rows 3000
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import time
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+from fastmdm import TabularMDM, datasets
+from fastmdm.metrics import evaluate
+from fastmdm.objective import model_loss
+from fastmdm.sample import DecodeStats
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results", "architectures_runs.jsonl")
+REPORT = os.path.join(HERE, "results", "architectures.md")
+ARCHITECTURES = ("bidirectional", "causal")
+
+
+def step_seconds(architecture: str, train, seed: int, steps: int = 15) -> float:
+    """Median seconds of one training step (forward, backward, update) on real batches."""
+    model = TabularMDM(architecture=architecture, epochs=1, seed=seed, progress=False)
+    model.fit(train.head(1024 * (steps + 1)), validation=None)
+    trainer = model._trainer
+    tokens = model.codec.encode(train.head(1024))
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        trainer._train_step(tokens)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def estimator_std(model: TabularMDM, tokens: torch.Tensor, estimator: str, draws: int = 16) -> float:
+    """Mean over rows of the std of `draws` independent NELBO estimates of that row."""
+    schedule = model.schedule
+    with torch.no_grad():
+        out = model_loss(model.denoiser, tokens.to(model.device), schedule, model.codec.mask_ids,
+                         model.codec.offsets, estimator=estimator, num_samples=draws,
+                         generator=torch.Generator().manual_seed(0))
+    return float(out.samples.std(1).mean())
+
+
+def sampling_rate(model: TabularMDM, rows: int, **options) -> tuple[float, float | None]:
+    stats = DecodeStats()
+    start = time.perf_counter()
+    model._sample_tokens(rows, None, None, stats=stats, generator=torch.Generator().manual_seed(0), **options)
+    rate = rows / (time.perf_counter() - start)
+    return rate, (stats.columns_per_round if stats.rounds else None)
+
+
+def run(dataset: str, seed: int, epochs: int, max_rows: int | None, sample_rows: int | None) -> list[dict]:
+    train, test = datasets.load(dataset)
+    if max_rows:
+        train = train.head(max_rows)
+    probe = {arch: step_seconds(arch, train, seed) for arch in ARCHITECTURES}
+    budget_epochs = {"bidirectional": epochs,
+                     "causal": max(1, round(epochs * probe["bidirectional"] / probe["causal"]))}
+    records = []
+    for arch in ARCHITECTURES:
+        model = TabularMDM(architecture=arch, epochs=budget_epochs[arch], seed=seed, progress=False)
+        start = time.perf_counter()
+        model.fit(train, validation=0.1)
+        train_seconds = time.perf_counter() - start
+        val = train.sample(frac=0.1, random_state=seed).head(2000)
+        val_tokens = model.codec.encode(val)
+        estimators = ["order"] if arch == "causal" else ["order", "tspace"]
+        num_columns = model.codec.num_columns
+        n = sample_rows or len(train)
+        rates = {"S=L": sampling_rate(model, n), f"S={math.ceil(num_columns / 4)}":
+                 sampling_rate(model, n, steps=math.ceil(num_columns / 4))}
+        if arch == "causal":
+            rates["speculative k=4"] = sampling_rate(model, n, speculative=4)
+        synth = model.sample(len(train), seed=seed)
+        fidelity = evaluate(train, synth, test=test, target=datasets.TARGETS[dataset],
+                            task=datasets.TASKS[dataset], seed=seed)
+        record = dict(
+            dataset=dataset, seed=seed, architecture=arch, parameters=model.denoiser.num_parameters(),
+            epochs=budget_epochs[arch], probe_step_seconds=probe[arch], train_seconds=train_seconds,
+            train_rows_per_second=0.9 * len(train) * budget_epochs[arch] / sum(r.seconds for r in model.history),
+            val_nelbo=model.history[-1].val_nelbo,
+            estimator_std={e: estimator_std(model, val_tokens, e) for e in estimators},
+            sampling={k: dict(rows_per_second=v[0], columns_per_round=v[1]) for k, v in rates.items()},
+            fidelity=fidelity, torch_threads=torch.get_num_threads(), machine=platform.machine())
+        records.append(record)
+        print(json.dumps(record), flush=True)
+    return records
+
+
+def report(path: str = RESULTS) -> str:
+    with open(path) as handle:
+        runs = [json.loads(line) for line in handle if line.strip()]
+    groups = defaultdict(list)
+    for r in runs:
+        groups[(r["dataset"], r["architecture"])].append(r)
+
+    def stat(values):
+        values = [v for v in values if v is not None]
+        if not values:
+            return ""
+        mean = float(np.mean(values))
+        return f"{mean:.4g} ± {np.std(values):.2g}" if len(values) > 1 else f"{mean:.4g}"
+
+    lines = ["# Causal vs bidirectional denoiser", "",
+             "`python benchmarks/architectures.py` (mean ± std over seeds; equal CPU-time training "
+             "budget per dataset and seed; 2-core CPU, shared with other jobs while measuring, so "
+             "compare the two architectures within a row group, not absolute times).", ""]
+    for dataset in sorted({d for d, _ in groups}):
+        lines += [f"## {dataset}", "",
+                  "| | bidirectional | causal |", "|---|---|---|"]
+        rows = [("parameters", lambda r: r["parameters"]), ("seeds", None),
+                ("epochs in the budget", lambda r: r["epochs"]),
+                ("training seconds", lambda r: r["train_seconds"]),
+                ("training rows/s", lambda r: r["train_rows_per_second"]),
+                ("validation NELBO (nats/row)", lambda r: r["val_nelbo"]),
+                ("per-row std, order-space (causal: whole-order)", lambda r: r["estimator_std"].get("order")),
+                ("per-row std, t-space", lambda r: r["estimator_std"].get("tspace"))]
+        keys = sorted({k for arch in ARCHITECTURES for r in groups[(dataset, arch)] for k in r["sampling"]})
+        rows += [(f"sampling rows/s, {k}", lambda r, k=k: r["sampling"].get(k, {}).get("rows_per_second"))
+                 for k in keys]
+        rows += [("columns per speculative round", lambda r: r["sampling"].get("speculative k=4", {})
+                  .get("columns_per_round"))]
+        metrics = sorted({m for arch in ARCHITECTURES for r in groups[(dataset, arch)] for m in r["fidelity"]})
+        rows += [(f"{m} (S = L)", lambda r, m=m: r["fidelity"].get(m)) for m in metrics]
+        for label, get in rows:
+            cells = []
+            for arch in ARCHITECTURES:
+                runs_ = groups[(dataset, arch)]
+                cells.append(str(len(runs_)) if get is None else stat([get(r) for r in runs_]))
+            lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
+        lines.append("")
+    text = "\n".join(lines)
+    with open(REPORT, "w") as handle:
+        handle.write(text + "\n")
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="+", default=["adult", "magic"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=30, help="bidirectional epochs; sets the time budget")
+    parser.add_argument("--max-rows", type=int, default=None, help="use the first rows of train only (smoke runs)")
+    parser.add_argument("--sample-rows", type=int, default=None, help="rows per sampling-speed measurement")
+    parser.add_argument("--report", action="store_true", help="only rebuild the markdown report")
+    args = parser.parse_args()
+    if not args.report:
+        os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+        for dataset in args.datasets:
+            for seed in args.seeds:
+                for record in run(dataset, seed, args.epochs, args.max_rows, args.sample_rows):
+                    with open(RESULTS, "a") as handle:
+                        handle.write(json.dumps(record) + "\n")
+    print(report())
+
+
+if __name__ == "__main__":
+    main()
