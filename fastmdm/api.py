@@ -96,7 +96,7 @@ class TabularMDM:
                 self.codec, train_tokens, val_tokens = prepare_token_store(
                     data, token_store, cleanup=cleanup, validation=validation,
                     codec=self.codec if state is not None else None, seed=self.config.seed,
-                    num_bins=self.num_bins, categorical=categorical)
+                    progress=self.config.progress, num_bins=self.num_bins, categorical=categorical)
             else:
                 train_tokens, val_tokens = self._encode_frame(data, validation, categorical, fit_codec=state is None)
             torch.manual_seed(self.config.seed)

@@ -20,9 +20,10 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 from numpy.lib.recfunctions import structured_to_unstructured, unstructured_to_structured
 
@@ -147,10 +148,22 @@ def _clear(directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
 
 
+def _counted(chunks: Iterator[pd.DataFrame], description: str, progress: bool) -> Iterator[pd.DataFrame]:
+    """The chunks, counted in rows on a progress bar (terminals only) if `progress`."""
+    if not progress:
+        yield from chunks
+        return
+    from tqdm.auto import tqdm
+    with tqdm(desc=description, unit="row", unit_scale=True, disable=None) as bar:
+        for chunk in chunks:
+            bar.update(len(chunk))
+            yield chunk
+
+
 def build_token_store(directory: str | os.PathLike, files: Sequence[Path], *,
                       validation: float | Sequence[Path] | None = None, codec: TableCodec | None = None,
-                      seed: int = 0, chunk_rows: int = DEFAULT_CHUNK_ROWS, **fit_options
-                      ) -> tuple[TableCodec, TokenStore, TokenStore | None]:
+                      seed: int = 0, chunk_rows: int = DEFAULT_CHUNK_ROWS, progress: bool = False,
+                      **fit_options) -> tuple[TableCodec, TokenStore, TokenStore | None]:
     """Encode table files into a store at `directory`, or reuse the store there if its recipe matches.
 
     validation: a fraction of rows that a seeded coin per row sends to a validation store
@@ -158,7 +171,8 @@ def build_token_store(directory: str | os.PathLike, files: Sequence[Path], *,
     as the validation store, or None. codec: a fixed one (when resuming), or None to fit
     one with `fit_codec` over every file, validation files included (as `TabularMDM.fit`
     does in memory); fit_options (num_bins, categorical, max_categories, reservoir_rows)
-    go to fit_codec. Two passes over the files: fitting, then encoding.
+    go to fit_codec. Two passes over the files: fitting, then encoding (with progress bars
+    on a terminal if `progress`).
     Returns (codec, train store, validation store or None).
     """
     directory = Path(directory)
@@ -176,12 +190,13 @@ def build_token_store(directory: str | os.PathLike, files: Sequence[Path], *,
 
     _clear(directory)
     if codec is None:
-        codec = fit_codec(read_chunks([*files, *validation_files], chunk_rows), seed=seed, **fit_options)
+        codec = fit_codec(_counted(read_chunks([*files, *validation_files], chunk_rows), "fitting codec", progress),
+                          seed=seed, **fit_options)
     torch.save(codec.state_dict(), directory / _CODEC)
     rng = np.random.default_rng([seed, 1])   # a stream apart from the reservoir's keys
     with TokenStoreWriter(directory / "train", codec.cardinalities) as train, \
             TokenStoreWriter(directory / "validation", codec.cardinalities) as held_out:
-        for chunk in read_chunks(files, chunk_rows):
+        for chunk in _counted(read_chunks(files, chunk_rows), "encoding", progress):
             tokens = codec.encode(chunk).numpy()
             if fraction is None:
                 train.append(tokens)
@@ -225,6 +240,9 @@ def prepare_token_store(data: str | os.PathLike, directory: str | os.PathLike | 
             cleanup.callback(shutil.rmtree, directory, ignore_errors=True)
     if isinstance(validation, (str, os.PathLike)):
         validation = table_files(validation)
+    elif validation is not None and (isinstance(validation, bool) or not isinstance(validation, (int, float))):
+        raise TypeError("when training from files, validation must be a fraction, a path of Parquet/CSV "
+                        f"files, or None; got {type(validation).__name__}")
     files = table_files(data)
     if rank == 0:
         result = build_token_store(directory, files, validation=validation, **options)
