@@ -22,6 +22,9 @@ from pathlib import Path
 import pytest
 
 triton = pytest.importorskip("triton", reason="triton is not installed")
+if not hasattr(triton.runtime.jit, "native_specialize_impl"):
+    pytest.skip(f"triton {triton.__version__} lacks the specialization API fastmdm.triton.aot uses",
+                allow_module_level=True)
 cuobjdump = Path(triton.knobs.nvidia.cuobjdump.path)
 if not cuobjdump.exists():
     pytest.skip(f"no cuobjdump at {cuobjdump} (triton without its NVIDIA backend)", allow_module_level=True)

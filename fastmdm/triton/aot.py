@@ -108,8 +108,11 @@ def problems(exhaustive: bool):
 def job_for(launch) -> Job:
     """The compile inputs a real launch of `launch` would produce (triton's own specialization)."""
     from triton.backends.compiler import BaseBackend
-    from triton.runtime.jit import native_specialize_impl
-
+    from triton.runtime import jit
+    native_specialize_impl = getattr(jit, "native_specialize_impl", None)
+    if native_specialize_impl is None:
+        raise RuntimeError(f"triton {_triton_version()} has no runtime.jit.native_specialize_impl "
+                           "(the ahead-of-time check was written against triton 3.9)")
     kernel = launch.kernel
     runtime = [p for p in kernel.params if not p.is_constexpr]
     if len(runtime) != len(launch.args):
