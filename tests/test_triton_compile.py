@@ -7,10 +7,10 @@ tensors, specialized as a real launch would be) and reads registers, stack and s
 from the cubin with the cuobjdump that ships in the triton wheel. It runs in a subprocess
 because this session has set TRITON_INTERPRET=1, under which kernels cannot be compiled.
 
-Representative shapes only (the largest tile of every width class, about 70 compiles: a few
+Representative shapes only (the largest tile of every width class, about 75 compiles: a few
 minutes on 2 cores the first time, seconds from Triton's on-disk cache afterwards). The
-exhaustive sweep over every power-of-two shape is `python -m fastmdm.triton.aot --exhaustive`
-(benchmarks/results/triton_resources_exhaustive.md). This test rewrites
+exhaustive sweep over every power-of-two shape (about 930 compiles) is
+`python -m fastmdm.triton.aot --exhaustive --jobs N`. This test rewrites
 benchmarks/results/triton_resources.md.
 """
 import json

@@ -87,7 +87,7 @@ def problems(exhaustive: bool):
     powers = lambda top: [2**i for i in range(top.bit_length())]  # noqa: E731
     rows_classes = powers(REPRESENTATIVE_ROWS) if exhaustive else [REPRESENTATIVE_ROWS]
     widths = powers(MAX_ORDER_COLUMNS) if exhaustive else [1, 15, 100, 600, MAX_ORDER_COLUMNS]
-    mean_vocab = powers(2048) if exhaustive else [2, 100, 5000]
+    mean_vocab = powers(2048) if exhaustive else [2, 40, 100, 5000]
 
     for rows, num_columns, has_u in product(rows_classes, widths, (False, True)):
         x, w = _meta((rows, num_columns), torch.int64), _meta((num_columns,))
