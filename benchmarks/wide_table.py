@@ -108,7 +108,8 @@ def main(argv=None) -> int:
 
     lines = [f"# Wide table on CPU: L = {columns}", "",
              f"`python benchmarks/wide_table.py --columns {columns} --rows {args.rows} "
-             f"--sample-rows {args.sample_rows}{f' --threads {args.threads}' if args.threads else ''}`; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+             f"--sample-rows {args.sample_rows}{f' --threads {args.threads}' if args.threads else ''}`; "
+             f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
              f"{platform.processor() or platform.machine()}. Wall seconds depend on the machine's load (it was "
              f"shared); CPU seconds (all threads of the process) much less. Peak RSS is the process's peak so far.",
              "", "| phase | wall s | CPU s | peak RSS MiB | notes |", "|---|---|---|---|---|"]

@@ -96,7 +96,8 @@ def problems(exhaustive: bool):
         yield label, plan_mask_tspace(x, _meta((rows,)), w, mask_id, u, _SEED, _EPS)[1]
         yield label, plan_mask_order(x, w, mask_id, u, _meta((rows,), torch.int64), _SEED)[1]
     num_columns = 16
-    for rows, vocab, dtype, grad in product(rows_classes, mean_vocab, (torch.float32, torch.bfloat16), (True, False)):
+    dtypes = (torch.float32, torch.bfloat16)
+    for rows, vocab, dtype, grad in product(rows_classes, mean_vocab, dtypes, (True, False)):
         cells = (rows, num_columns)
         yield (f"B={rows} L={num_columns} V={vocab * num_columns} {str(dtype)[6:]}{' +grad' if grad else ''}",
                plan_weighted_ce(_meta((rows, vocab * num_columns), dtype), _meta(cells, torch.int64), _meta(cells),
@@ -182,12 +183,13 @@ def check(exhaustive: bool = False, archs=ARCHS, jobs: int = 2) -> list[Result]:
 
 
 def markdown(results: list[Result], exhaustive: bool) -> str:
+    representative = "representative shapes: the largest tile of each width class"
     lines = [
         "# Triton kernels compiled ahead of time: registers, stack (spills), shared memory",
         "",
         f"`python -m fastmdm.triton.aot{' --exhaustive' if exhaustive else ''}` (triton "
         f"{_triton_version()}, no GPU needed). One row per configuration the ops' launch code picks "
-        f"({'every power-of-two shape class' if exhaustive else 'representative shapes: the largest tile of each width class'}); "
+        f"({'every power-of-two shape class' if exhaustive else representative}); "
         "'shapes' is the first problem that picks it. Stack and local memory must be 0 (no spills); "
         "255 registers is the per-thread maximum.",
         "",

@@ -153,7 +153,8 @@ def order_tiles(rows: int, num_columns: int) -> tuple[int, int, int]:
     """(ROWS, BLOCK_L, num_warps): whole rows, about 2,048 elements a program (one row from L = 1,025),
     8 per thread (the sort holds int64 pairs; 16 per thread spilled)."""
     if num_columns > MAX_ORDER_COLUMNS:
-        raise ValueError(f"mask_order's Triton kernel takes at most {MAX_ORDER_COLUMNS} columns, got {num_columns}")
+        raise ValueError(f"mask_order's Triton kernel takes at most {MAX_ORDER_COLUMNS} columns, "
+                         f"got {num_columns}")
     block_l = max(2, triton.next_power_of_2(num_columns))
     rows_per_program = max(1, min(triton.next_power_of_2(rows), 2048 // block_l))
     return rows_per_program, block_l, warps_for(rows_per_program * block_l, per_thread=8)
