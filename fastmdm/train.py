@@ -42,6 +42,7 @@ class TrainConfig:
     val_samples: int = 4            # masks per validation row for the validation NELBO
     seed: int = 0
     progress: bool = True
+    bf16: bool = True               # on CUDA, run the forward under bfloat16 autocast
 
     def __post_init__(self):
         if self.estimator not in ESTIMATORS:
@@ -156,7 +157,8 @@ class Trainer:
 
     def _train_step(self, batch: Tensor) -> float:
         self._set_lr()
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        bf16 = self.device.type == "cuda" and self.config.bf16
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16)
         with autocast:
             out = model_loss(self.model, batch, self.schedule, self.mask_id, self.offsets,
                                  estimator=self.config.estimator, num_samples=self.config.num_samples,

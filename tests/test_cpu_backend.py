@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 import fastmdm.ops as ops
 from fastmdm.ops import _dispatch
 from fastmdm.ops import reference as ref
+from conftest import order_uniforms
 from fastmdm.schedules import clamp_time, plackett_luce_prefix_score
 
 cpu = pytest.importorskip("fastmdm.ops.cpu_backend", reason="fastmdm._C is not built")
@@ -159,6 +160,23 @@ def test_mask_order_matches_reference(rows, columns, seed, n_mode, noncontig, w_
     torch.testing.assert_close(got[2][c], expected[2][c], rtol=1e-5, atol=0)
     err = (got[3][c].double() - score64[c]).abs()
     assert bool((err <= 2e-5 * scale[c]).all()), float((err / scale[c]).max())
+
+
+@pytest.mark.parametrize("columns", [600, 4096, 10_000])
+def test_mask_order_wide_rows(columns):
+    """As wide as the Triton kernel takes (4,096) and wider: the C++ sort has no width limit.
+    Keys are drawn 1e-4 apart (conftest.order_uniforms), so every position is compared."""
+    gen = torch.Generator().manual_seed(columns)
+    w = log_uniform_w(gen, columns)
+    u = order_uniforms(6, w, gen)
+    n = torch.tensor([0, 1, columns // 3, columns // 2, columns - 2, columns - 1])
+    x, mask_id = torch.randint(0, 7, (6, columns), generator=gen), torch.full((columns,), 7)
+    expected, got = ref.mask_order(x, w, mask_id, u, n, 0), cpu.mask_order(x, w, mask_id, u, n, 0)
+    assert torch.equal(got[1], expected[1]) and torch.equal(got[0], expected[0])
+    torch.testing.assert_close(got[2], expected[2], rtol=1e-5, atol=0)
+    _, score64, scale, _ = order_space_truth(w, u, n)
+    err = (got[3].double() - score64).abs()
+    assert bool((err <= 2e-5 * scale).all()), float((err / scale).max())
 
 
 # ---------------------------------------------------------------------------- weighted_ce

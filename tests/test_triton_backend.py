@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import fastmdm.triton as tb  # noqa: E402
-from conftest import ragged_problem  # noqa: E402
+from conftest import order_uniforms, ragged_problem  # noqa: E402
 from fastmdm import ops  # noqa: E402
 from fastmdm.ops import reference  # noqa: E402
 
@@ -59,18 +59,6 @@ def tspace_uniforms(t, w, generator):
     u = torch.rand(p.shape, generator=generator, dtype=torch.float64)
     u = torch.where((u - p).abs() < 1e-3, (u + 0.5) % 1.0, u)
     return u.float()
-
-
-def order_uniforms(rows, w, generator):
-    """Uniforms whose keys -log(u)/w differ by > 1e-4 relatively within each row (redraw rows)."""
-    u = torch.rand(rows, w.shape[0], generator=generator)
-    for _ in range(100):
-        keys = (-torch.log(u.double()) / w.double()[None, :]).sort(1).values
-        close = ((keys[:, 1:] - keys[:, :-1]) <= 1e-4 * keys[:, 1:]).any(1)
-        if not close.any():
-            return u
-        u[close] = torch.rand(int(close.sum()), w.shape[0], generator=generator)
-    raise AssertionError("could not draw separated keys")
 
 
 def to_device(*tensors):
@@ -139,6 +127,17 @@ def test_tspace_score_across_series_switch():
 
 # ---------------------------------------------------------------- masking, order space
 
+def check_mask_order(x, w, mask_id, u, n):
+    args = to_device(x, w, mask_id, u, n)
+    got, want = tb.mask_order(*args, 0), reference.mask_order(*args, 0)
+    for g, r in zip(got, want):
+        assert g.dtype == r.dtype and g.shape == r.shape
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    torch.testing.assert_close(got[2], want[2], rtol=RTOL, atol=0)
+    # score = 1[revealed]/w - C with C >= 0: 2*1[revealed]/w - score = 1[revealed]/w + C bounds both terms.
+    assert_close_scaled(got[3], want[3], 2 * (~want[1]) / args[1][None, :] - want[3])
+
+
 @FEW
 @given(rows=st.integers(1, 40), cols=st.integers(1, 40), seed=st.integers(0, 2**16))
 def test_mask_order_matches_reference(rows, cols, seed):
@@ -149,22 +148,11 @@ def test_mask_order_matches_reference(rows, cols, seed):
     n = torch.randint(0, cols, (rows,), generator=generator)
     n[0] = 0
     n[-1] = cols - 1                     # both ends of n_revealed in every example
-    u = order_uniforms(rows, w, generator)
-    args = to_device(x, w, mask_id, u, n)
-    got = tb.mask_order(*args, 0)
-    want = reference.mask_order(*args, 0)
-    for g, r in zip(got, want):
-        assert g.dtype == r.dtype and g.shape == r.shape
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-    torch.testing.assert_close(got[2], want[2], rtol=RTOL, atol=0)
-    # score = 1[revealed]/w - C with C >= 0: 2*1[revealed]/w - score = 1[revealed]/w + C bounds both terms.
-    revealed = ~want[1]
-    scale = 2 * revealed / args[1][None, :] - want[3]
-    assert_close_scaled(got[3], want[3], scale)
+    check_mask_order(x, w, mask_id, order_uniforms(rows, w, generator), n)
 
 
-def test_mask_order_single_column_and_wide_rows():
-    """L = 1 (all hidden, weight 1, score 0) and L = 200 (one row per program, 256-wide tile)."""
+def test_mask_order_single_column():
+    """L = 1: all hidden, weight 1, score 0."""
     w = torch.tensor([2.5])
     got = tb.mask_order(*to_device(torch.tensor([[3], [4]]), w, torch.tensor([9]), None,
                                    torch.tensor([0, 0])), 1)
@@ -172,15 +160,18 @@ def test_mask_order_single_column_and_wide_rows():
     torch.testing.assert_close(got[2].cpu(), torch.ones(2, 1))
     torch.testing.assert_close(got[3].cpu(), torch.zeros(2, 1))
 
-    generator = gen(1)
-    w = log_uniform_w(200, generator, 0.1, 10)
-    u = order_uniforms(2, w, generator)
-    args = to_device(torch.zeros(2, 200, dtype=torch.int64), w, torch.ones(200, dtype=torch.int64), u,
-                     torch.tensor([0, 199]))
-    got, want = tb.mask_order(*args, 0), reference.mask_order(*args, 0)
-    assert torch.equal(got[1], want[1])
-    torch.testing.assert_close(got[2], want[2], rtol=RTOL, atol=0)
-    assert_close_scaled(got[3], want[3], 2 * (~want[1]) / args[1][None, :] - want[3])
+
+@pytest.mark.parametrize("cols, n_revealed", [(200, [0, 199]), (600, [1, 400]), (tb.MAX_ORDER_COLUMNS, [2731])],
+                         ids=["L200", "L600", "Lmax"])
+def test_mask_order_wide_rows(cols, n_revealed):
+    """Wide rows, one program each (a 256-, 1,024- and 4,096-wide sort), w over 1e-3..1e3.
+    The interpreter runs Triton's sort slowly (~15 s a 4,096-wide row), hence so few rows."""
+    generator = gen(cols)
+    w = log_uniform_w(cols, generator)
+    n = torch.tensor(n_revealed)
+    x = torch.randint(0, 5, (n.shape[0], cols), generator=generator)
+    check_mask_order(x, w, torch.randint(5, 9, (cols,), generator=generator),
+                     order_uniforms(n.shape[0], w, generator), n)
 
 
 def test_mask_order_ties_break_by_column_index():

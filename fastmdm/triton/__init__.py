@@ -12,14 +12,10 @@ import torch
 import triton  # noqa: F401  (a missing triton must raise here, at import)
 
 from .elbo import weighted_ce
-from .masking import mask_order, mask_tspace
+from .masking import MAX_ORDER_COLUMNS, mask_order, mask_tspace
 from .rloo import rloo_grad
 
 __all__ = ["mask_tspace", "mask_order", "weighted_ce", "rloo_grad", "supports"]
-
-#: mask_order keeps an [L, L] comparison tile per row in registers; wider tables go to the reference.
-MAX_ORDER_COLUMNS = 512
-
 
 def _device_ok(tensor: torch.Tensor) -> bool:
     return tensor.is_cuda or (tensor.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
