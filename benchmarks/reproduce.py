@@ -326,8 +326,9 @@ def report(args) -> str:
         "seed); [± x] = std over the tables of one model (mean over seeds), the sampling noise alone. "
         "S = sampling steps (denoiser calls per row); S = L is exact learned-order sampling, the paper's "
         "setting. **real vs real** = real rows scored by the same code in place of a synthetic table "
-        "(`fastmdm.metrics.score_reference`): the held-out test split resampled to the train split's "
-        "size for fidelity, the real train split for MLE; each number's ceiling on this data.",
+        "(`fastmdm.metrics.score_reference`): rows of the held-out test split (all of them when it is "
+        "smaller than the train split; never resampled, since duplicated rows are easy to detect) for "
+        "fidelity, the real train split for MLE; each number's ceiling on this data.",
         "",
         "Variants: **MDM** = linear schedule, w = 1 fixed (`learn_schedule=False`), trained with the "
         "*order-space* estimator (the paper's linear MDM uses the t-space estimator; with w fixed both "
