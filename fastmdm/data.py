@@ -126,6 +126,12 @@ def _exact_values(plain: pd.Series) -> np.ndarray:
     return np.sort(plain.dropna().to_numpy(dtype=np.int64 if integer else np.float64))
 
 
+def _spread_ranks(start: int, end: int) -> np.ndarray:
+    """Up to SAMPLES_PER_BIN evenly spaced positions in [start, end) of sorted values: a sample
+    that keeps their distribution (each value about as often as it occurs)."""
+    return np.unique(np.round(np.linspace(start, end - 1, min(end - start, SAMPLES_PER_BIN)))).astype(np.int64)
+
+
 def _is_numeric_plain(dtype) -> bool:
     return pd.api.types.is_numeric_dtype(dtype) and not pd.api.types.is_bool_dtype(dtype)
 
@@ -151,8 +157,6 @@ def infer_categorical(series: pd.Series, max_categories: int = DEFAULT_MAX_CATEG
     return bool(np.all(x == np.round(x))) and len(np.unique(x)) <= max_categories
 
 
-
-
 class _Categorical:
     """One token per category (sorted when comparable, else in first-seen order; a category
     dtype's declared order), plus one shared "other" token for the rare ones beyond the cap."""
@@ -166,7 +170,7 @@ class _Categorical:
         self.domain, self.ordered = domain, ordered  # a category dtype's declared categories
         self._index = pd.Index(categories, dtype=object)
         self.pandas_dtype = (pd.CategoricalDtype(domain, ordered=ordered) if dtype == "category"
-                              else pd.api.types.pandas_dtype(dtype))
+                             else pd.api.types.pandas_dtype(dtype))
 
     @classmethod
     def fit(cls, name, series: pd.Series, has_missing: bool, cap: int | None) -> "_Categorical":
@@ -204,8 +208,7 @@ class _Categorical:
         if len(rows) == 0:
             return [_python_scalar(v) for v in rare]
         order = np.sort(pd.Index(rare, dtype=object).get_indexer(rows.to_numpy(dtype=object)))
-        ranks = np.unique(np.round(np.linspace(0, len(order) - 1, min(len(order), SAMPLES_PER_BIN))))
-        return [_python_scalar(rare[i]) for i in order[ranks.astype(np.int64)]]
+        return [_python_scalar(rare[i]) for i in order[_spread_ranks(0, len(order))]]
 
     @property
     def num_values(self) -> int:
@@ -271,8 +274,8 @@ class _Numeric:
         starts = [0] + ends[:-1]
         samples, offsets = [], [0]
         for start, end in zip(starts, ends):
-            ranks = np.unique(np.round(np.linspace(start, end - 1, min(end - start, SAMPLES_PER_BIN))))
-            samples.append(exact[ranks.astype(np.int64)])
+            ranks = _spread_ranks(start, end)
+            samples.append(exact[ranks])
             offsets.append(offsets[-1] + len(ranks))
         return cls(name, str(series.dtype), has_missing, torch.from_numpy(lefts),
                    torch.from_numpy(np.concatenate(samples)), torch.tensor(offsets, dtype=torch.int64))

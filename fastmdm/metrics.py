@@ -9,7 +9,7 @@
 * ``mle``: machine-learning efficiency, train XGBoost on synthetic rows and test on real held-out rows
   (ROC AUC for classification, RMSE for regression; the task follows the target's type).
 
-``evaluate`` scores a synthetic table and, in a second row, a real sample of the same size by the
+``evaluate`` scores a synthetic table and, in a second row, real rows the generator never saw by the
 same code ("real vs real"): each number can then be read against the ceiling it has on this data.
 Datetime and timedelta columns are scored as numbers (counts of their unit).
 """
@@ -51,7 +51,7 @@ SYNTHETIC_ROW = "synthetic"
 REFERENCE_ROW = "real vs real"
 _TASKS = ("classification", "regression")
 # A classifier with more classes than this is refused: XGBoost grows one tree per class per
-# round, so diamonds' price (11,602 integer values) as classes runs for hours.
+# round, so diamonds' price (11,602 integer values) as classes had not finished after 5 minutes.
 _MAX_CLASSES = 100
 # Categories beyond this many per column share one one-hot column (sklearn's "infrequent"),
 # so a column with thousands of values (tail numbers) does not blow up the dense features.
@@ -365,23 +365,22 @@ def _mle_grid(seed: int, n_jobs: int) -> list[dict]:
     return [dict(zip(_MLE_GRID, values), **fixed) for values in itertools.product(*_MLE_GRID.values())]
 
 
-def _validate(real: pd.DataFrame, synth: pd.DataFrame, name: str = "synth") -> None:
+def _validate(real: pd.DataFrame, other: pd.DataFrame, label: str = "synth") -> None:
     """Fail early, naming the offending columns, instead of deep inside sdmetrics or sklearn."""
-    other = name
-    for name, frame in (("real", real), (other, synth)):
+    for name, frame in (("real", real), (label, other)):
         if not isinstance(frame, pd.DataFrame):
             raise TypeError(f"{name} must be a pandas DataFrame, got {type(frame).__name__}")
         if frame.empty:
             raise ValueError(f"{name} is empty ({frame.shape[0]} rows x {frame.shape[1]} columns)")
-    missing = [c for c in real.columns if c not in synth.columns]
-    extra = [c for c in synth.columns if c not in real.columns]
+    missing = [c for c in real.columns if c not in other.columns]
+    extra = [c for c in other.columns if c not in real.columns]
     if missing or extra:
-        raise ValueError(f"{other} columns differ from real: missing {missing}, extra {extra}")
-    real, synth = _times_as_numbers(real), _times_as_numbers(synth)
+        raise ValueError(f"{label} columns differ from real: missing {missing}, extra {extra}")
+    real, other = _times_as_numbers(real), _times_as_numbers(other)
     mismatched = [
-        f"{c} (real {real[c].dtype}, {other} {synth[c].dtype})"
+        f"{c} (real {real[c].dtype}, {label} {other[c].dtype})"
         for c in real.columns
-        if _is_numerical(real[c]) != _is_numerical(synth[c]) and synth[c].notna().any()
+        if _is_numerical(real[c]) != _is_numerical(other[c]) and other[c].notna().any()
     ]
     if mismatched:
         raise ValueError(f"columns are numerical in one frame and categorical in the other: {mismatched}")
@@ -413,7 +412,7 @@ def score(
     _validate(real, synth)
     run_mle = "mle" in metrics and test is not None and target is not None
     if run_mle:
-        _validate(real, test, name="test")
+        _validate(real, test, label="test")
         if target not in real.columns:
             raise ValueError(f"target column {target!r} is not in real; columns: {list(real.columns)}")
         task = infer_task(real[target], task)  # fail fast, before the slow metrics run
@@ -473,8 +472,9 @@ def evaluate(
     seed: int = 0,
     n_jobs: int = 2,
 ) -> pd.DataFrame:
-    """Scores of ``synth`` (row "synthetic") and, with ``reference``, of as many real rows scored
-    the same way (row "real vs real (...)", see ``score_reference``); one column per metric.
+    """Scores of ``synth`` (row "synthetic") and, with ``reference``, of real rows the generator
+    never saw, scored the same way (row "real vs real (...)", see ``score_reference``); one column
+    per metric.
     Arguments as in ``score``.
     """
     options = dict(target=target, task=task, metrics=metrics, n_jobs=n_jobs)
