@@ -7,10 +7,11 @@ The "full loss step" of order-space training, per the paper's estimator:
   and w (the pathwise weight term through the masking op's autograd).
 B = 4096 data rows (8192 masked rows with K = 2), L in {15, 100}.
 
-Run as pytest-benchmark (a ratio table is printed at the end of the session):
-    /work/venv/bin/pytest benchmarks/bench_cpu.py
+Run from the repository root, in the environment fastmdm is installed in, as pytest-benchmark
+(a ratio table is printed at the end of the session):
+    python -m pytest benchmarks/bench_cpu.py
 or as a script that times with its own loop and prints the markdown table:
-    /work/venv/bin/python benchmarks/bench_cpu.py [--rows 4096] [--repeats 5]
+    python benchmarks/bench_cpu.py [--rows 4096] [--repeats 5] [--ops full_step,weighted_ce]
 
 Variants: "cpp" and "reference" go through the public API (fastmdm.ops with
 use_backend); "compiled" is torch.compile of the plain reference kernels doing the same
@@ -217,9 +218,12 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=ROWS)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--ops", default=",".join(STEPS))
+    parser.add_argument("--ops", default=",".join(STEPS), help=f"comma list from {', '.join(STEPS)}")
     parser.add_argument("--no-compile", action="store_true")
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.ops.split(",")) - set(STEPS))
+    if unknown:
+        parser.error(f"unknown ops {unknown}; choose from {', '.join(STEPS)}")
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, rows {args.rows} x K={SAMPLES}")
     results = {}
     for columns in COLUMNS:

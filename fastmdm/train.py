@@ -64,6 +64,10 @@ class EpochRecord:
     seconds: float
     w: list[float] = field(default_factory=list)
 
+    def __str__(self) -> str:
+        val = f"{self.val_nelbo:.4f}" if self.val_nelbo is not None else "-"
+        return f"epoch {self.epoch:3d}  train NELBO {self.train_nelbo:.4f}  validation NELBO {val}  ({self.seconds:.1f} s)"
+
 
 def _distributed() -> tuple[int, int]:
     """(rank, world size); initializes the process group when launched by torchrun."""
@@ -213,6 +217,8 @@ class Trainer:
                 record = EpochRecord(self.epoch, total / count, val, time.perf_counter() - start,
                                      self.ema_schedule.w.tolist())
                 self.history.append(record)
+                if bar is not None and bar.disable:  # no live bar (a log, nohup, CI): one line per epoch
+                    print(f"{record}  [{self.epoch}/{config.epochs}]", flush=True)
                 if checkpoint_path is not None and self.rank == 0:
                     state = self.state_dict()
                     if extra_state is not None:
