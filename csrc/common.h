@@ -17,12 +17,21 @@
 
 namespace py = pybind11;
 
+// Hot loops are compiled twice, for AVX2/FMA and for the baseline, and the right clone is
+// picked at load time (ifunc) where the toolchain supports it.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
+#define FASTMDM_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#else
+#define FASTMDM_CLONES
+#endif
+
 namespace fastmdm {
 
 // Registration hooks, one per op file.
 void register_masking(py::module_& m);
 void register_elbo(py::module_& m);
 void register_rloo(py::module_& m);
+void register_ragged_head(py::module_& m);
 
 // ---------------------------------------------------------------------------------------
 // Buffer access. The Python wrapper (fastmdm/ops/cpu_backend.py) hands over C-contiguous

@@ -15,12 +15,6 @@
 
 #include "common.h"
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
-#define FASTMDM_CLONES __attribute__((target_clones("arch=haswell", "default")))
-#else
-#define FASTMDM_CLONES
-#endif
-
 namespace fastmdm {
 namespace {
 
