@@ -17,10 +17,12 @@
 
 namespace py = pybind11;
 
-// Hot loops are compiled twice, for AVX2/FMA and for the baseline, and the right clone is
-// picked at load time (ifunc) where the toolchain supports it.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
-#define FASTMDM_CLONES __attribute__((target_clones("arch=haswell", "default")))
+// Hot loops are compiled for AVX-512, AVX2/FMA and the baseline, and the right clone is
+// picked at load time (ifunc) where the toolchain supports it. The x86-64-vN levels are
+// checked by CPU feature; "arch=haswell" would be checked by CPU model and so never run on
+// AMD or on Intel parts newer than Haswell.
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && defined(__GLIBC__)
+#define FASTMDM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define FASTMDM_CLONES
 #endif

@@ -15,6 +15,8 @@
 // bitwise the same for any number of threads.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("no-trapping-math", "fp-contract=fast")
+// Vec values never cross a non-inlined call, so the AVX-512 ABI note does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
 #endif
 
 #include <algorithm>
@@ -32,6 +34,7 @@ constexpr int64_t kMaxTileCells = 64;
 constexpr int64_t kTileFloats = int64_t{1} << 17;    // a tile's logits: 512 KiB at most...
 constexpr int64_t kGroupWork = int64_t{1} << 22;     // multiply-adds per group of a column
 constexpr int64_t kMaxGroups = 16;
+constexpr int kBlock = 4;                            // values (or features) per register block
 
 #if defined(__GNUC__)
 #define FASTMDM_INLINE __attribute__((always_inline)) inline
@@ -127,25 +130,36 @@ struct Tile {
     std::vector<float> ht, x;
     int64_t lanes = 0;
     float* row(int64_t k) { return x.data() + k * lanes; }
+    const float* row(int64_t k) const { return x.data() + k * lanes; }
 };
 
-// x[k][i..i+16) = b[k] + W[k] . states of lanes i..i+16, for R consecutive values k.
+// kLanes floats as one value; GCC/clang lower it to the widest vectors of each clone.
+typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
+
+FASTMDM_INLINE Vec load(const float* p) {
+    Vec v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+
+FASTMDM_INLINE void store(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
+
+// x[k][i0 + j] = b[k] + W[k] . state of lane i0 + j, for R consecutive values k.
 template <int R>
 FASTMDM_INLINE void logits_block(const float* __restrict w, const float* __restrict b, int64_t d,
                                  const float* __restrict ht, int64_t lanes, int64_t i0,
                                  float* __restrict x) {
-    float acc[R][kLanes];
-    for (int r = 0; r < R; ++r)
-        for (int j = 0; j < kLanes; ++j) acc[r][j] = b[r];
+    Vec acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = Vec{} + b[r];
     for (int64_t dd = 0; dd < d; ++dd) {
-        const float* hv = ht + dd * lanes + i0;
-        for (int r = 0; r < R; ++r) {
-            const float wv = w[r * d + dd];
-            for (int j = 0; j < kLanes; ++j) acc[r][j] += wv * hv[j];
-        }
+        const Vec hv = load(ht + dd * lanes + i0);
+        for (int r = 0; r < R; ++r) acc[r] += w[r * d + dd] * hv;
     }
-    for (int r = 0; r < R; ++r)
-        for (int j = 0; j < kLanes; ++j) x[r * lanes + i0 + j] = acc[r][j];
+    for (int r = 0; r < R; ++r) store(x + r * lanes + i0, acc[r]);
+}
+
+FASTMDM_INLINE void prefetch_row(const float* row, int64_t d) {
+    for (int64_t f = 0; f < d; f += 64 / sizeof(float)) __builtin_prefetch(row + f);
 }
 
 // The logits of `count` cells of column l (rows h + cell * d), lanes past count on zero states.
@@ -155,7 +169,11 @@ FASTMDM_CLONES void tile_logits(const Heads& heads, int64_t l, const float* h, c
     t.lanes = (count + kLanes - 1) / kLanes * kLanes;
     t.ht.assign(d * t.lanes, 0.0f);
     t.x.resize(K * t.lanes);
+    // The cells' states are scattered over h (stride L * d): prefetch a few cells ahead.
+    constexpr int64_t kAhead = 8;
+    for (int64_t i = 0; i < std::min(count, kAhead); ++i) prefetch_row(h + cells[i] * d, d);
     for (int64_t i = 0; i < count; ++i) {
+        if (i + kAhead < count) prefetch_row(h + cells[i + kAhead] * d, d);
         const float* state = h + cells[i] * d;
         for (int64_t dd = 0; dd < d; ++dd) t.ht[dd * t.lanes + i] = state[dd];
     }
@@ -163,7 +181,7 @@ FASTMDM_CLONES void tile_logits(const Heads& heads, int64_t l, const float* h, c
     const float* b = heads.column_bias(l);
     for (int64_t i0 = 0; i0 < t.lanes; i0 += kLanes) {
         int64_t k = 0;
-        for (; k + 4 <= K; k += 4) logits_block<4>(w + k * d, b + k, d, t.ht.data(), t.lanes, i0, t.row(k));
+        for (; k + kBlock <= K; k += kBlock) logits_block<kBlock>(w + k * d, b + k, d, t.ht.data(), t.lanes, i0, t.row(k));
         for (; k < K; ++k) logits_block<1>(w + k * d, b + k, d, t.ht.data(), t.lanes, i0, t.row(k));
     }
 }
@@ -205,18 +223,16 @@ FASTMDM_CLONES void tile_dlogits(Tile& t, int64_t K, const float* lse, const flo
     }
 }
 
-// grad_h of the tile's cells: acc[r][j] = sum_k W[k][dd0 + r] g[k][i0 + j].
+// grad_h of the tile's cells: lane j of acc[r] = sum_k W[k][dd0 + r] g[k][i0 + j].
 template <int R>
 FASTMDM_INLINE void grad_h_block(const float* __restrict w, int64_t K, int64_t d, int64_t dd0,
                                  const float* __restrict g, int64_t lanes, int64_t i0,
                                  const int64_t* cells, int64_t count, float* __restrict grad_h) {
-    float acc[R][kLanes] = {};
+    Vec acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = Vec{};
     for (int64_t k = 0; k < K; ++k) {
-        const float* gk = g + k * lanes + i0;
-        for (int r = 0; r < R; ++r) {
-            const float wv = w[k * d + dd0 + r];
-            for (int j = 0; j < kLanes; ++j) acc[r][j] += wv * gk[j];
-        }
+        const Vec gv = load(g + k * lanes + i0);
+        for (int r = 0; r < R; ++r) acc[r] += w[k * d + dd0 + r] * gv;
     }
     const int64_t valid = std::min<int64_t>(kLanes, count - i0);
     for (int64_t j = 0; j < valid; ++j)
@@ -229,33 +245,39 @@ FASTMDM_CLONES void tile_grad_h(const Heads& heads, int64_t l, Tile& t, const in
     const float* w = heads.column_weight(l);
     for (int64_t i0 = 0; i0 < count; i0 += kLanes) {
         int64_t dd = 0;
-        for (; dd + 4 <= d; dd += 4) grad_h_block<4>(w, K, d, dd, t.x.data(), t.lanes, i0, cells, count, grad_h);
+        for (; dd + kBlock <= d; dd += kBlock) grad_h_block<kBlock>(w, K, d, dd, t.x.data(), t.lanes, i0, cells, count, grad_h);
         for (; dd < d; ++dd) grad_h_block<1>(w, K, d, dd, t.x.data(), t.lanes, i0, cells, count, grad_h);
     }
 }
 
-// grad_w[k][:] += sum_i g[k][i] h[cell_i][:], 16 features at a time held in registers.
+// grad_w[k + r][dd0 + j] += sum_i g[k + r][i] h[cell_i][dd0 + j], for R consecutive values k.
+template <int R>
+FASTMDM_INLINE void grad_w_block(const Tile& t, int64_t k, int64_t d, int64_t dd0, const float* h,
+                                 const int64_t* cells, int64_t count, float* __restrict grad_w) {
+    Vec acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = load(grad_w + (k + r) * d + dd0);
+    const float* g = t.x.data() + k * t.lanes;
+    for (int64_t i = 0; i < count; ++i) {
+        const Vec hv = load(h + cells[i] * d + dd0);
+        for (int r = 0; r < R; ++r) acc[r] += g[r * t.lanes + i] * hv;
+    }
+    for (int r = 0; r < R; ++r) store(grad_w + (k + r) * d + dd0, acc[r]);
+}
+
 FASTMDM_CLONES void tile_grad_w(const Heads& heads, int64_t l, Tile& t, const float* h,
                                 const int64_t* cells, int64_t count, float* __restrict grad_w) {
     const int64_t d = heads.d, K = heads.size(l);
-    for (int64_t k = 0; k < K; ++k) {
-        const float* gk = t.row(k);
-        float* out = grad_w + k * d;
-        int64_t dd0 = 0;
-        for (; dd0 + kLanes <= d; dd0 += kLanes) {
-            float acc[kLanes];
-            for (int j = 0; j < kLanes; ++j) acc[j] = out[dd0 + j];
-            for (int64_t i = 0; i < count; ++i) {
-                const float gv = gk[i];
-                const float* state = h + cells[i] * d + dd0;
-                for (int j = 0; j < kLanes; ++j) acc[j] += gv * state[j];
-            }
-            for (int j = 0; j < kLanes; ++j) out[dd0 + j] = acc[j];
-        }
-        for (int64_t i = 0; i < count; ++i) {
-            const float gv = gk[i];
-            const float* state = h + cells[i] * d;
-            for (int64_t dd = dd0; dd < d; ++dd) out[dd] += gv * state[dd];
+    for (int64_t dd0 = 0; dd0 + kLanes <= d; dd0 += kLanes) {
+        int64_t k = 0;
+        for (; k + kBlock <= K; k += kBlock) grad_w_block<kBlock>(t, k, d, dd0, h, cells, count, grad_w);
+        for (; k < K; ++k) grad_w_block<1>(t, k, d, dd0, h, cells, count, grad_w);
+    }
+    for (int64_t dd = d / kLanes * kLanes; dd < d; ++dd) {  // the last d % kLanes features
+        for (int64_t k = 0; k < K; ++k) {
+            const float* g = t.row(k);
+            float s = grad_w[k * d + dd];
+            for (int64_t i = 0; i < count; ++i) s += g[i] * h[cells[i] * d + dd];
+            grad_w[k * d + dd] = s;
         }
     }
 }
@@ -309,7 +331,7 @@ void ragged_head_ce(py::array h, py::array weight, py::array bias, py::array off
             Tile tile;
             float lse[kMaxTileCells], wgt[kMaxTileCells];
             int64_t target[kMaxTileCells];
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, 1) nowait
             for (size_t ti = 0; ti < tasks.size(); ++ti) {
                 const Task& task = tasks[ti];
                 const int64_t l = task.column, K = heads.size(l), per_tile = cells_per_tile(K);
@@ -346,26 +368,23 @@ void ragged_head_ce(py::array h, py::array weight, py::array bias, py::array off
                     tile_grad_w(heads, l, tile, hp, cells, count, gw);
                 }
             }
-            if (compute_grad) {  // the extra groups' rows, added in group order
-#pragma omp for schedule(dynamic, 1)
-                for (int64_t block = 0; block < (heads.V + 63) / 64; ++block) {
-                    for (int64_t v = block * 64; v < std::min(heads.V, (block + 1) * 64); ++v) {
-                        const int64_t l = std::upper_bound(heads.offsets, heads.offsets + L + 1, v) - heads.offsets - 1;
-                        const int64_t K = heads.size(l), k = v - heads.offsets[l];
-                        for (int64_t group = 1; group < groups[l]; ++group) {
-                            const float* part = extra.data() + extra_at[l] + (group - 1) * K * (d + 1);
-                            for (int64_t dd = 0; dd < d; ++dd) gwp[v * d + dd] += part[k * d + dd];
-                            gbp[v] += part[K * d + k];
-                        }
-                    }
-                }
+        }
+        // One parallel region with one barrier (cheap when the cores are shared); the rest
+        // is O(N L + extra rows) and runs serially. Extra groups are added in group order.
+        for (int64_t l = 0; l < L && compute_grad; ++l) {
+            const int64_t K = heads.size(l);
+            float* gw = gwp + heads.offsets[l] * d;
+            float* gb = gbp + heads.offsets[l];
+            for (int64_t group = 1; group < groups[l]; ++group) {
+                const float* part = extra.data() + extra_at[l] + (group - 1) * K * (d + 1);
+                for (int64_t e = 0; e < K * d; ++e) gw[e] += part[e];
+                for (int64_t k = 0; k < K; ++k) gb[k] += part[K * d + k];
             }
-#pragma omp for schedule(static)
-            for (int64_t n = 0; n < N; ++n) {
-                double row = 0.0;
-                for (int64_t l = 0; l < L; ++l) row += static_cast<double>(wp[n * L + l]) * cep[n * L + l];
-                lossp[n] = static_cast<float>(row);
-            }
+        }
+        for (int64_t n = 0; n < N; ++n) {
+            double row = 0.0;
+            for (int64_t l = 0; l < L; ++l) row += static_cast<double>(wp[n * L + l]) * cep[n * L + l];
+            lossp[n] = static_cast<float>(row);
         }
     }
     const int64_t bad = bad_target.load();
@@ -416,7 +435,7 @@ void ragged_head_sample(py::array h, py::array columns, py::array weight, py::ar
         Tile tile;
         float best[kMaxTileCells];
         int64_t arg[kMaxTileCells];
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, 1) nowait
         for (size_t ti = 0; ti < tasks.size(); ++ti) {
             const Task& task = tasks[ti];
             const int64_t l = task.column, K = heads.size(l), per_tile = cells_per_tile(K);
