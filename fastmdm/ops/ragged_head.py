@@ -176,5 +176,6 @@ def ragged_head_sample(h: Tensor, columns: Tensor, head_weight: Tensor, head_bia
         raise ValueError(f"columns must lie in 0..{offsets.shape[0] - 2}")
     if h.shape[0] == 0:
         return torch.empty(0, dtype=torch.int64, device=h.device)
-    return _ragged_head_sample(h, columns.long(), head_weight, head_bias, offsets, float(temperature),
-                               int(seed) & ((1 << 63) - 1))
+    # Draws are not differentiable: detached, so parameters that require grad can be passed.
+    return _ragged_head_sample(h.detach(), columns.long(), head_weight.detach(), head_bias.detach(),
+                               offsets, float(temperature), int(seed) & ((1 << 63) - 1))
