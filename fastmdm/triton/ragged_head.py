@@ -37,6 +37,15 @@ def ragged_head_config(d_model: int) -> tuple[int, int, int, int]:
 
 
 @triton.jit
+def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b with fp32 accumulation. UPCAST multiplies the (already rounded) operands in fp32:
+    the same products as bf16 tensor cores, for Triton's interpreter, whose bf16 dot is wrong."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
 def _load_states(h_ptr, stride_cell, stride_feature, cells, ok, d, BLOCK_D: tl.constexpr):
     """The tile's states [BLOCK_M, BLOCK_D] (zeros past d and for padding cells)."""
     feature = tl.arange(0, BLOCK_D)
@@ -46,7 +55,7 @@ def _load_states(h_ptr, stride_cell, stride_feature, cells, ok, d, BLOCK_D: tl.c
 
 @triton.jit
 def _logits_chunk(states, w_ptr, b_ptr, start, k, size, d, BLOCK_D: tl.constexpr,
-                  PRECISION: tl.constexpr):
+                  PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """Logits [BLOCK_M, BLOCK_K] of values k of the column starting at row `start` (fp32, -inf
     past the column), and the weight chunk [BLOCK_K, BLOCK_D] they were computed from."""
     feature = tl.arange(0, BLOCK_D)
@@ -54,7 +63,7 @@ def _logits_chunk(states, w_ptr, b_ptr, start, k, size, d, BLOCK_D: tl.constexpr
     w = tl.load(w_ptr + (start + k)[:, None] * d + feature[None, :],
                 mask=in_column[:, None] & (feature < d)[None, :], other=0.0)
     bias = tl.load(b_ptr + start + k, mask=in_column, other=0.0).to(tl.float32)
-    logits = tl.dot(states, tl.trans(w), input_precision=PRECISION) + bias[None, :]
+    logits = _dot(states, tl.trans(w), PRECISION, UPCAST) + bias[None, :]
     return tl.where(in_column[None, :], logits, float("-inf")), w
 
 
@@ -76,7 +85,8 @@ def _ragged_head_ce_kernel(h_ptr, stride_row, stride_column, stride_feature, w_p
                            offsets_ptr, rows_ptr, tile_column_ptr, tile_start_ptr, tile_stop_ptr,
                            targets_ptr, weight_ptr, ce_ptr, grad_h_ptr, grad_w_ptr, grad_b_ptr,
                            L, d, COMPUTE_GRAD: tl.constexpr, PRECISION: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+                           UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                           BLOCK_D: tl.constexpr):
     column, start, size, rows, ok = _tile(tile_column_ptr, tile_start_ptr, tile_stop_ptr, rows_ptr,
                                           offsets_ptr, BLOCK_M)
     states = _load_states(h_ptr + column * stride_column, stride_row, stride_feature, rows, ok, d, BLOCK_D)
@@ -89,7 +99,7 @@ def _ragged_head_ce_kernel(h_ptr, stride_row, stride_column, stride_feature, w_p
     target_logit = tl.zeros([BLOCK_M], tl.float32)
     for k0 in range(0, size, BLOCK_K):
         k = k0 + within
-        logits, _ = _logits_chunk(states, w_ptr, b_ptr, start, k, size, d, BLOCK_D, PRECISION)
+        logits, _ = _logits_chunk(states, w_ptr, b_ptr, start, k, size, d, BLOCK_D, PRECISION, UPCAST)
         new_max = tl.maximum(running_max, tl.max(logits, axis=1))   # finite: every chunk has a value
         running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), axis=1)
         running_max = new_max
@@ -103,14 +113,14 @@ def _ragged_head_ce_kernel(h_ptr, stride_row, stride_column, stride_feature, w_p
         grad_h = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         for k0 in range(0, size, BLOCK_K):
             k = k0 + within
-            logits, w = _logits_chunk(states, w_ptr, b_ptr, start, k, size, d, BLOCK_D, PRECISION)
+            logits, w = _logits_chunk(states, w_ptr, b_ptr, start, k, size, d, BLOCK_D, PRECISION, UPCAST)
             onehot = tl.where(k[None, :] == target[:, None], 1.0, 0.0)
             g = weight[:, None] * (tl.exp(logits - lse[:, None]) - onehot)   # 0 past the column
             g_in = g.to(w.dtype)
-            grad_h += tl.dot(g_in, w, input_precision=PRECISION)
+            grad_h += _dot(g_in, w, PRECISION, UPCAST)
             in_column = k < size
             tl.atomic_add(grad_w_ptr + (start + k)[:, None] * d + feature[None, :],
-                          tl.dot(tl.trans(g_in), states, input_precision=PRECISION),
+                          _dot(tl.trans(g_in), states, PRECISION, UPCAST),
                           mask=in_column[:, None] & (feature < d)[None, :], sem="relaxed")
             tl.atomic_add(grad_b_ptr + start + k, tl.sum(g, axis=0), mask=in_column, sem="relaxed")
         tl.store(grad_h_ptr + cell[:, None] * d + feature[None, :], grad_h,
@@ -121,7 +131,7 @@ def _ragged_head_ce_kernel(h_ptr, stride_row, stride_column, stride_feature, w_p
 def _ragged_head_sample_kernel(h_ptr, stride_cell, stride_feature, w_ptr, b_ptr, offsets_ptr,
                                cells_ptr, tile_column_ptr, tile_start_ptr, tile_stop_ptr, out_ptr,
                                inv_temperature, seed, tiny, V, d, GREEDY: tl.constexpr,
-                               PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                               PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
                                BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     _, start, size, cells, ok = _tile(tile_column_ptr, tile_start_ptr, tile_stop_ptr, cells_ptr,
                                       offsets_ptr, BLOCK_M)
@@ -131,7 +141,7 @@ def _ragged_head_sample_kernel(h_ptr, stride_cell, stride_feature, w_ptr, b_ptr,
     best_index = tl.zeros([BLOCK_M], tl.int64)
     for k0 in range(0, size, BLOCK_K):
         k = k0 + within
-        logits, _ = _logits_chunk(states, w_ptr, b_ptr, start, k, size, d, BLOCK_D, PRECISION)
+        logits, _ = _logits_chunk(states, w_ptr, b_ptr, start, k, size, d, BLOCK_D, PRECISION, UPCAST)
         if not GREEDY:
             # Philox counter per (cell, vocabulary row): the same draw for any tiling.
             u = tl.rand(seed, cells[:, None] * V + (start + k)[None, :])
@@ -159,9 +169,11 @@ def _tiles(sorted_columns: torch.Tensor, num_columns: int, block_m: int):
     return tile_column, tile_start, tile_stop
 
 
-def _precision(dtype: torch.dtype) -> str:
-    """float32 inputs keep full float32 products, as torch's matmul does by default (no TF32)."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+def _dot_options(tensor: torch.Tensor) -> dict:
+    """float32 inputs keep full float32 products, as torch's matmul does by default (no TF32);
+    on CPU tensors (the interpreter) products are formed in float32, see `_dot`."""
+    return dict(PRECISION="ieee" if tensor.dtype == torch.float32 else "tf32",
+                UPCAST=not tensor.is_cuda)
 
 
 def ragged_head_ce(h, head_weight, head_bias, offsets, targets, weight, mask, compute_grad):
@@ -179,7 +191,7 @@ def ragged_head_ce(h, head_weight, head_bias, offsets, targets, weight, mask, co
             h, h.stride(0), h.stride(1), h.stride(2), head_weight.contiguous(), head_bias.contiguous(),
             offsets.contiguous(), cell_rows.contiguous(), *tiles, targets.contiguous(), weight32, ce,
             *(g if compute_grad else ce for g in grads), num_columns, d,
-            COMPUTE_GRAD=compute_grad, PRECISION=_precision(h.dtype),
+            COMPUTE_GRAD=compute_grad, **_dot_options(h),
             BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=num_warps)
     loss = (weight32 * ce).sum(1)
     return (loss, ce, *grads)
@@ -195,6 +207,6 @@ def ragged_head_sample(h, columns, head_weight, head_bias, offsets, temperature,
             h, h.stride(0), h.stride(1), head_weight.contiguous(), head_bias.contiguous(),
             offsets.contiguous(), order, *tiles, values,
             1.0 / temperature if temperature > 0 else 1.0, int(seed), _TINY,
-            head_weight.shape[0], h.shape[1], GREEDY=temperature == 0, PRECISION=_precision(h.dtype),
+            head_weight.shape[0], h.shape[1], GREEDY=temperature == 0, **_dot_options(h),
             BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=num_warps)
     return values
