@@ -31,7 +31,7 @@ namespace {
 
 constexpr int64_t kLanes = 16;                       // cells per vector group
 constexpr int64_t kMaxTileCells = 64;
-constexpr int64_t kTileFloats = int64_t{1} << 17;    // a tile's logits: 512 KiB at most...
+constexpr int64_t kTileFloats = int64_t{1} << 17;    // a tile's logits (512 KiB) unless K > 8192
 constexpr int64_t kGroupWork = int64_t{1} << 22;     // multiply-adds per group of a column
 constexpr int64_t kMaxGroups = 16;
 constexpr int kBlock = 4;                            // values (or features) per register block

@@ -19,10 +19,7 @@ from torch import Tensor
 
 from .._checks import FLOAT_DTYPES, INT_DTYPES, check_offsets, check_same_device, check_tensor
 from ._dispatch import select
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .reference import compute_dtype_of
 
 
 @torch.library.custom_op("fastmdm::ragged_head_ce", mutates_args=())
@@ -36,7 +33,7 @@ def _ragged_head_ce(h: Tensor, head_weight: Tensor, head_bias: Tensor, offsets: 
 
 @_ragged_head_ce.register_fake
 def _(h, head_weight, head_bias, offsets, targets, weight, mask, compute_grad):
-    dtype = _compute_dtype(h.dtype)
+    dtype = compute_dtype_of(h.dtype)
     grads = [h.new_empty(t.shape if compute_grad else (0,), dtype=dtype) for t in (h, head_weight, head_bias)]
     return (h.new_empty(h.shape[0], dtype=dtype), h.new_empty(targets.shape, dtype=dtype), *grads)
 
@@ -47,7 +44,7 @@ def _ragged_head_ce_backward(grad_loss: Tensor, grad_h: Tensor, grad_head_weight
                              head_bias: Tensor, offsets: Tensor, targets: Tensor, weight: Tensor,
                              mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients for h, head_weight, head_bias given d out / d loss [N] (see module docstring)."""
-    grad_loss = grad_loss.to(_compute_dtype(h.dtype))
+    grad_loss = grad_loss.to(compute_dtype_of(h.dtype))
     if grad_h.numel() and bool((grad_loss == grad_loss[0]).all()):
         scale = grad_loss[0]
     else:

@@ -80,6 +80,11 @@ def mask_order(x, w, mask_id, u, n_revealed, seed):
     return _apply_mask(x, mask, mask_id), mask, weight, score
 
 
+def compute_dtype_of(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels compute (and return losses) in: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def segment_layout(offsets: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Index [L, Kmax] of every column's logits in the flat [V] axis, and which are real."""
     sizes = offsets[1:] - offsets[:-1]
@@ -91,7 +96,7 @@ def segment_layout(offsets: torch.Tensor, vocab: int) -> tuple[torch.Tensor, tor
 
 
 def weighted_ce(logits, targets, weight, mask, offsets, compute_grad):
-    compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    compute_dtype = compute_dtype_of(logits.dtype)
     index, valid = segment_layout(offsets, logits.shape[1])
     padded = logits.to(compute_dtype)[:, index].masked_fill(~valid, float("-inf"))  # [B,L,Kmax]
     log_probs = torch.log_softmax(padded, dim=-1)
@@ -116,12 +121,8 @@ def rloo_grad(f, score):
     return (advantage[:, :, None] * score).mean(dim=(0, 1))
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def ragged_head_ce(h, head_weight, head_bias, offsets, targets, weight, mask, compute_grad):
-    compute_dtype = _compute_dtype(h.dtype)
+    compute_dtype = compute_dtype_of(h.dtype)
     rows, num_columns, _ = h.shape
     ce = torch.zeros(rows, num_columns, dtype=compute_dtype, device=h.device)
     grads = [torch.zeros(t.shape, dtype=compute_dtype, device=h.device) if compute_grad
@@ -150,7 +151,7 @@ def ragged_head_ce(h, head_weight, head_bias, offsets, targets, weight, mask, co
 
 
 def ragged_head_sample(h, columns, head_weight, head_bias, offsets, temperature, seed):
-    compute_dtype = _compute_dtype(h.dtype)
+    compute_dtype = compute_dtype_of(h.dtype)
     generator = torch.Generator(device=h.device)
     generator.manual_seed(seed)
     values = torch.empty(h.shape[0], dtype=torch.int64, device=h.device)
