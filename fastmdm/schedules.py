@@ -40,13 +40,18 @@ def tspace_score(w: torch.Tensor, log_t: torch.Tensor, mask: torch.Tensor) -> to
     return torch.where(mask, log_t.expand_as(a), visible_score)
 
 
+def _proposal_rates(w: torch.Tensor) -> torch.Tensor:
+    """Rates c of the t-space proposal's 2L equally likely components c t^{c-1}: w_l / 2 and w_l."""
+    return torch.cat([w / 2, w])
+
+
 def tspace_log_time_density(w: torch.Tensor, log_t: torch.Tensor) -> torch.Tensor:
     """log density of s = log t under the t-space proposal for schedule w, shape [B].
 
-    The proposal is the equal mixture over columns of p_l(t) = c_l t^{c_l - 1}, c_l = w_l / 2,
-    so the density of s is (1/L) sum_l c_l exp(c_l s) = t p(t), computed as a logsumexp.
+    The proposal is the equal mixture of the 2L densities c t^{c-1}, c in {w_l / 2, w_l}, so
+    the density of s is mean_c c exp(c s) = t p(t), computed as a logsumexp.
     """
-    rates = w / 2
+    rates = _proposal_rates(w)
     terms = torch.log(rates)[None, :] + rates[None, :] * log_t.to(w.dtype)[:, None]
     return torch.logsumexp(terms, 1) - math.log(rates.numel())
 
@@ -56,21 +61,27 @@ def sample_tspace_times(w: torch.Tensor, num_rows: int, generator: torch.Generat
     """(log t, time weight) per row for the t-space NELBO estimator, both [B], on w's device.
 
     The NELBO is int_0^1 E[sum_l 1[masked] (w_l / t) CE_l] dt. Drawing t uniformly (the paper)
-    gives each column's term infinite variance when w_l <= 1 (its second moment is
+    gives a column's term infinite variance when w_l <= 1 (its second moment is
     w^2 int t^{w-2} dt), and clamping t away from 0 biases it. Instead t is drawn by importance
-    from the mixture of `tspace_log_time_density` (pick a column k uniformly, then
-    log t = log(U) / c_k with U in (0, 1]), and the weight becomes (w_l / t) / p(t) =
-    w_l * time_weight with time_weight = 1 / (t p(t)). This is exact for every w > 0, and c_l =
-    w_l / 2 is the variance-optimal proposal for column l alone, so each column's term has
-    second moment <= 4 L max CE^2 whatever the spread of w (exactly 4 CE^2 per column when
-    all w are equal). The proposal uses w detached: it is a fixed sampling density, so the
-    pathwise and score-function w-gradients (which condition on t) stay unbiased.
+    from the mixture of `tspace_log_time_density` (pick one of its 2L components uniformly,
+    then log t = log(U) / c with U in (0, 1]) and the weight becomes (w_l / t) / p(t) =
+    w_l * time_weight, time_weight = 1 / (t p(t)). This is exact for every w > 0.
+
+    Why these components: with constant CE the variance-optimal density is proportional to
+    sqrt(E[(sum_l 1[masked] w_l)^2 | t]) / t. Where few columns are masked that is
+    ~ sqrt(sum_l w_l^2 t^{w_l}) / t, whose column-l part is the c = w_l / 2 component; where
+    many are masked it is ~ sum_l w_l t^{w_l - 1}, the c = w_l components. Each column's term
+    has second moment <= 8 L max CE^2 whatever the spread of w: bounding p(t) below by the
+    column's own c = w_l / 2 component (weight 1 / 2L) gives 2L w^2 / (c (w - c)) = 8L.
+    The tail stays heavy, P(term > x) ~ x^-3, so moments above the second are infinite.
+    The proposal uses w detached: it is a fixed sampling density, so the pathwise and
+    score-function w-gradients (which condition on t) stay unbiased.
     """
-    w = w.detach()
-    component = torch.randint(0, w.numel(), (num_rows,), generator=generator).to(w.device)
+    rates = _proposal_rates(w.detach())
+    component = torch.randint(0, rates.numel(), (num_rows,), generator=generator).to(w.device)
     u = 1.0 - torch.rand(num_rows, generator=generator, dtype=w.dtype).to(w.device)  # (0, 1]
-    log_t = torch.log(u) / (w[component] / 2)
-    return log_t, torch.exp(-tspace_log_time_density(w, log_t))
+    log_t = torch.log(u) / rates[component]
+    return log_t, torch.exp(-tspace_log_time_density(w.detach(), log_t))
 
 
 def order_from_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -151,14 +151,15 @@ TSPACE_W = [[1.0], [1.0, 1.0, 1.0], [3.0, 1.0, 0.5, 0.2], [1e-3, 0.05, 1.0, 20.0
 
 @pytest.mark.parametrize("w", TSPACE_W)
 def test_tspace_times_follow_the_proposal(w):
-    """log t has CDF P(log t <= s) = mean_l exp(c_l s), c_l = w_l / 2 (a mixture of powers of
-    uniforms): checked at quantile points against 100k float32 draws (binomial 5-sigma bound),
-    and the time weight is 1 / (t p(t)), the reciprocal of that CDF's derivative."""
+    """log t has CDF P(log t <= s) = mean_c exp(c s) over the 2L rates c in {w_l / 2, w_l} (a
+    mixture of powers of uniforms): checked at quantile points against 100k float32 draws
+    (binomial 5-sigma bound), and the time weight is 1 / (t p(t)), the reciprocal of that
+    CDF's derivative."""
     w = torch.tensor(w)
     log_t, time_weight = sample_tspace_times(w, 100_000, torch.Generator().manual_seed(0))
     assert log_t.dtype == time_weight.dtype == torch.float32
     assert torch.isfinite(log_t).all() and (log_t <= 0).all() and torch.isfinite(time_weight).all()
-    rates = w.double() / 2
+    rates = torch.cat([w.double() / 2, w.double()])
     for s in torch.quantile(log_t.double(), torch.tensor([0.01, 0.1, 0.5, 0.9, 0.99], dtype=torch.float64)):
         expected = torch.exp(rates * s).mean()
         observed = (log_t.double() <= s).double().mean()
