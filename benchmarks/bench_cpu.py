@@ -32,6 +32,7 @@ import torch
 
 import fastmdm.ops as ops
 from fastmdm.ops import reference as ref
+from fastmdm.schedules import sample_tspace_times
 
 ROWS = int(os.environ.get("FASTMDM_BENCH_ROWS", "4096"))
 SAMPLES = 2
@@ -49,7 +50,8 @@ class Problem:
     n_revealed: torch.Tensor  # [rows * K]
     offsets: torch.Tensor     # [L + 1]
     logits: torch.Tensor      # [rows * K, V]
-    t: torch.Tensor           # [rows * K] (t-space masking alone)
+    log_t: torch.Tensor       # [rows * K] (t-space masking alone)
+    time_weight: torch.Tensor  # [rows * K]
     u: torch.Tensor           # [rows * K, L]
 
 
@@ -61,14 +63,15 @@ def make_problem(columns: int, rows: int = ROWS, seed: int = 0) -> Problem:
     x = (torch.rand(rows, columns, generator=gen) * sizes).long()
     x_rep = x.repeat_interleave(SAMPLES, dim=0)
     n = rows * SAMPLES
+    w = torch.exp(0.5 * torch.randn(columns, generator=gen))
+    log_t, time_weight = sample_tspace_times(w, n, gen)
     return Problem(
-        rows=rows, columns=columns, x_rep=x_rep,
-        w=torch.exp(0.5 * torch.randn(columns, generator=gen)),
+        rows=rows, columns=columns, x_rep=x_rep, w=w,
         mask_id=sizes.clone(),
         n_revealed=torch.randint(0, columns, (n,), generator=gen),
         offsets=offsets,
         logits=2 * torch.randn(n, int(offsets[-1]), generator=gen),
-        t=torch.rand(n, generator=gen),
+        log_t=log_t, time_weight=time_weight,
         u=torch.rand(n, columns, generator=gen),
     )
 
@@ -91,7 +94,7 @@ def mask_order_step(p: Problem, seed: int = 0):
 
 
 def mask_tspace_step(p: Problem, seed: int = 0):
-    return ops.mask_tspace(p.x_rep, p.t, p.w, p.mask_id, seed=seed)
+    return ops.mask_tspace(p.x_rep, p.log_t, p.w, p.mask_id, p.time_weight, seed=seed)
 
 
 def _ce_inputs(p: Problem):

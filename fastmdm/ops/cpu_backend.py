@@ -60,11 +60,11 @@ def uniforms(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return out
 
 
-def mask_tspace(x, t, w, mask_id, u, seed, eps):
+def mask_tspace(x, log_t, w, mask_id, time_weight, u, seed):
     outputs = _mask_outputs(x)
-    _C.mask_tspace(_np(x, torch.int64), _np(t, torch.float32), _np(w, torch.float32),
-                   _np(mask_id, torch.int64), None if u is None else _np(u, torch.float32),
-                   _seed(seed), float(eps), *(o.numpy() for o in outputs))
+    _C.mask_tspace(_np(x, torch.int64), _np(log_t, torch.float32), _np(w, torch.float32),
+                   _np(mask_id, torch.int64), _np(time_weight, torch.float32),
+                   None if u is None else _np(u, torch.float32), _seed(seed), *(o.numpy() for o in outputs))
     return outputs
 
 

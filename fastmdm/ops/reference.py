@@ -5,11 +5,12 @@ wrap whichever backend dispatch picks into torch.library custom ops with gradien
 The C++ (`fastmdm.ops.cpu_backend`) and Triton (`fastmdm.triton`) backends implement the
 same four functions with the same signatures and return dtypes:
 
-mask_tspace(x, t, w, mask_id, u, seed, eps) -> (x_t, mask, weight, score)
-    x [B,L] int64 tokens, t [B] float times, w [L] float, mask_id [L] int64,
-    u [B,L] float uniforms or None (then drawn from `seed`). Column l of row b is masked
-    iff u < t^{w_l} (t clamped to [eps, 1]). weight = w_l / t on masked positions, 0 elsewhere;
-    score = d/dw_l log q(mask | t) (see `fastmdm.schedules.tspace_score`).
+mask_tspace(x, log_t, w, mask_id, time_weight, u, seed) -> (x_t, mask, weight, score)
+    x [B,L] int64 tokens, log_t [B] float log-times (finite, <= 0), w [L] float, mask_id [L]
+    int64, time_weight [B] float, u [B,L] float uniforms or None (then drawn from `seed`).
+    Column l of row b is masked iff u < exp(w_l log_t). weight = w_l * time_weight on masked
+    positions, 0 elsewhere (time_weight = 1 / (t p(t)) for t drawn from density p; 1/t for
+    uniform t); score = d/dw_l log q(mask | t) (see `fastmdm.schedules.tspace_score`).
 mask_order(x, w, mask_id, u, n_revealed, seed) -> (x_t, mask, weight, score)
     the order-space estimator: order pi ~ PL(w) from keys -log(u)/w (smallest first), the
     first n_revealed[b] columns of pi visible, the rest masked; weight = L w_l / sum_{hidden} w
@@ -39,7 +40,7 @@ from __future__ import annotations
 
 import torch
 
-from ..schedules import (clamp_time, exponential_keys, order_from_keys,
+from ..schedules import (exponential_keys, order_from_keys,
                          plackett_luce_prefix_score, tspace_score)
 
 
@@ -59,13 +60,14 @@ def _apply_mask(x: torch.Tensor, mask: torch.Tensor, mask_id: torch.Tensor) -> t
     return torch.where(mask, mask_id[None, :].to(x.dtype), x)
 
 
-def mask_tspace(x, t, w, mask_id, u, seed, eps):
+def mask_tspace(x, log_t, w, mask_id, time_weight, u, seed):
     if u is None:
         u = uniforms(tuple(x.shape), seed, x.device)
-    t = clamp_time(t.to(w.dtype), eps)
-    mask = u.to(w.dtype) < torch.exp(w[None, :] * torch.log(t)[:, None])
-    weight = torch.where(mask, w[None, :] / t[:, None], torch.zeros((), dtype=w.dtype, device=w.device))
-    return _apply_mask(x, mask, mask_id), mask, weight, tspace_score(w, t, mask)
+    log_t = log_t.to(w.dtype)
+    mask = u.to(w.dtype) < torch.exp(w[None, :] * log_t[:, None])
+    weight = torch.where(mask, w[None, :] * time_weight.to(w.dtype)[:, None],
+                         torch.zeros((), dtype=w.dtype, device=w.device))
+    return _apply_mask(x, mask, mask_id), mask, weight, tspace_score(w, log_t, mask)
 
 
 def mask_order(x, w, mask_id, u, n_revealed, seed):

@@ -37,7 +37,7 @@ def _expm1_ratio(a):
 
 
 @triton.jit
-def _mask_tspace_kernel(x_ptr, t_ptr, w_ptr, mask_id_ptr, u_ptr, seed, eps,
+def _mask_tspace_kernel(x_ptr, log_t_ptr, w_ptr, mask_id_ptr, time_weight_ptr, u_ptr, seed,
                         x_t_ptr, mask_ptr, weight_ptr, score_ptr, B, L,
                         HAS_U: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_L: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -47,9 +47,8 @@ def _mask_tspace_kernel(x_ptr, t_ptr, w_ptr, mask_id_ptr, u_ptr, seed, eps,
     ok = row_ok[:, None] & col_ok[None, :]
     cell = rows.to(tl.int64)[:, None] * L + cols[None, :]
 
-    t = tl.load(t_ptr + rows, mask=row_ok, other=1.0)
-    t = tl.minimum(tl.maximum(t, eps), 1.0)
-    log_t = tl.log(t)[:, None]
+    log_t = tl.load(log_t_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    time_weight = tl.load(time_weight_ptr + rows, mask=row_ok, other=1.0)[:, None]
     w = tl.load(w_ptr + cols, mask=col_ok, other=1.0)[None, :]
     a = w * log_t
     p = tl.exp(a)                                           # t^w, as the reference computes it
@@ -60,7 +59,7 @@ def _mask_tspace_kernel(x_ptr, t_ptr, w_ptr, mask_id_ptr, u_ptr, seed, eps,
     mask_id = tl.load(mask_id_ptr + cols, mask=col_ok, other=0)[None, :]
     tl.store(x_t_ptr + cell, tl.where(masked, mask_id, x), mask=ok)
     tl.store(mask_ptr + cell, masked.to(tl.uint8), mask=ok)
-    tl.store(weight_ptr + cell, tl.where(masked, w / t[:, None], 0.0), mask=ok)
+    tl.store(weight_ptr + cell, tl.where(masked, w * time_weight, 0.0), mask=ok)
     visible_score = p * _expm1_ratio(a) / w
     tl.store(score_ptr + cell, tl.where(masked, log_t, visible_score), mask=ok)
 
@@ -126,21 +125,21 @@ def tspace_tiles(rows: int, num_columns: int) -> tuple[int, int]:
     return max(1, min(triton.next_power_of_2(rows), 1024 // block_l)), block_l
 
 
-def plan_mask_tspace(x, t, w, mask_id, u, seed, eps):
+def plan_mask_tspace(x, log_t, w, mask_id, time_weight, u, seed):
     rows, num_columns = x.shape
     x_t, mask, weight, score = _outputs(x, w)
     has_u = u is not None
     block_b, block_l = tspace_tiles(rows, num_columns)
     launch = Launch(_mask_tspace_kernel, (triton.cdiv(rows, block_b), triton.cdiv(num_columns, block_l)), (
-        x.contiguous(), t.contiguous(), w.contiguous(), mask_id.contiguous(),
-        u.contiguous() if has_u else x_t, int(seed), float(eps),
+        x.contiguous(), log_t.contiguous(), w.contiguous(), mask_id.contiguous(),
+        time_weight.contiguous(), u.contiguous() if has_u else x_t, int(seed),
         x_t, mask.view(torch.uint8), weight, score, rows, num_columns),
         dict(HAS_U=has_u, BLOCK_B=block_b, BLOCK_L=block_l))
     return (x_t, mask, weight, score), launch
 
 
-def mask_tspace(x, t, w, mask_id, u, seed, eps):
-    outputs, launch = plan_mask_tspace(x, t, w, mask_id, u, seed, eps)
+def mask_tspace(x, log_t, w, mask_id, time_weight, u, seed):
+    outputs, launch = plan_mask_tspace(x, log_t, w, mask_id, time_weight, u, seed)
     launch()
     return outputs
 
