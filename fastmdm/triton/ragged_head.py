@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import Launch
+
 #: Widest state the kernels keep in registers; wider models go to the reference.
 MAX_HEAD_WIDTH = 256
 _TINY = torch.finfo(torch.float32).tiny
@@ -99,7 +101,7 @@ def _ragged_head_ce_kernel(h_ptr, stride_row, stride_column, stride_feature, w_p
     target_logit = tl.zeros([BLOCK_M], tl.float32)
     for k0 in range(0, size, BLOCK_K):
         k = k0 + within
-        logits, _ = _logits_chunk(states, w_ptr, b_ptr, start, k, size, d, BLOCK_D, PRECISION, UPCAST)
+        logits, w = _logits_chunk(states, w_ptr, b_ptr, start, k, size, d, BLOCK_D, PRECISION, UPCAST)
         new_max = tl.maximum(running_max, tl.max(logits, axis=1))   # finite: every chunk has a value
         running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), axis=1)
         running_max = new_max
@@ -133,15 +135,15 @@ def _ragged_head_sample_kernel(h_ptr, stride_cell, stride_feature, w_ptr, b_ptr,
                                inv_temperature, seed, tiny, V, d, GREEDY: tl.constexpr,
                                PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
                                BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    _, start, size, cells, ok = _tile(tile_column_ptr, tile_start_ptr, tile_stop_ptr, cells_ptr,
-                                      offsets_ptr, BLOCK_M)
+    column, start, size, cells, ok = _tile(tile_column_ptr, tile_start_ptr, tile_stop_ptr, cells_ptr,
+                                           offsets_ptr, BLOCK_M)
     states = _load_states(h_ptr, stride_cell, stride_feature, cells, ok, d, BLOCK_D)
     within = tl.arange(0, BLOCK_K)
     best = tl.full([BLOCK_M], float("-inf"), tl.float32)
     best_index = tl.zeros([BLOCK_M], tl.int64)
     for k0 in range(0, size, BLOCK_K):
         k = k0 + within
-        logits, _ = _logits_chunk(states, w_ptr, b_ptr, start, k, size, d, BLOCK_D, PRECISION, UPCAST)
+        logits, w = _logits_chunk(states, w_ptr, b_ptr, start, k, size, d, BLOCK_D, PRECISION, UPCAST)
         if not GREEDY:
             # Philox counter per (cell, vocabulary row): the same draw for any tiling.
             u = tl.rand(seed, cells[:, None] * V + (start + k)[None, :])
@@ -173,40 +175,54 @@ def _dot_options(tensor: torch.Tensor) -> dict:
     """float32 inputs keep full float32 products, as torch's matmul does by default (no TF32);
     on CPU tensors (the interpreter) products are formed in float32, see `_dot`."""
     return dict(PRECISION="ieee" if tensor.dtype == torch.float32 else "tf32",
-                UPCAST=not tensor.is_cuda)
+                UPCAST=tensor.device.type == "cpu")
+
+
+def plan_ragged_head_ce(h, head_weight, head_bias, offsets, cell_rows, tiles, targets, weight32, compute_grad):
+    """Outputs (ce, grad_h, grad_W, grad_b) and the launch over `tiles` (see `_tiles`)."""
+    rows, num_columns, d = h.shape
+    block_m, block_k, block_d, num_warps = ragged_head_config(d)
+    ce = torch.zeros(rows, num_columns, dtype=torch.float32, device=h.device)
+    grads = [torch.zeros(t.shape if compute_grad else (0,), dtype=torch.float32, device=h.device)
+             for t in (h, head_weight, head_bias)]
+    launch = Launch(_ragged_head_ce_kernel, (tiles[0].numel(),), (
+        h, h.stride(0), h.stride(1), h.stride(2), head_weight.contiguous(), head_bias.contiguous(),
+        offsets.contiguous(), cell_rows.contiguous(), *tiles, targets.contiguous(), weight32, ce,
+        *(g if compute_grad else ce for g in grads), num_columns, d),
+        dict(COMPUTE_GRAD=compute_grad, **_dot_options(h), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_D=block_d),
+        num_warps)
+    return (ce, *grads), launch
 
 
 def ragged_head_ce(h, head_weight, head_bias, offsets, targets, weight, mask, compute_grad):
-    rows, num_columns, d = h.shape
-    device = h.device
-    block_m, block_k, block_d, num_warps = ragged_head_config(d)
     cell_columns, cell_rows = mask.t().nonzero(as_tuple=True)      # sorted by column, then row
-    tiles = _tiles(cell_columns, num_columns, block_m)
-    ce = torch.zeros(rows, num_columns, dtype=torch.float32, device=device)
-    grads = [torch.zeros(t.shape if compute_grad else (0,), dtype=torch.float32, device=device)
-             for t in (h, head_weight, head_bias)]
+    tiles = _tiles(cell_columns, h.shape[1], ragged_head_config(h.shape[2])[0])
     weight32 = weight.to(torch.float32).contiguous()
+    (ce, *grads), launch = plan_ragged_head_ce(h, head_weight, head_bias, offsets, cell_rows, tiles, targets,
+                                               weight32, compute_grad)
     if tiles[0].numel():
-        _ragged_head_ce_kernel[(tiles[0].numel(),)](
-            h, h.stride(0), h.stride(1), h.stride(2), head_weight.contiguous(), head_bias.contiguous(),
-            offsets.contiguous(), cell_rows.contiguous(), *tiles, targets.contiguous(), weight32, ce,
-            *(g if compute_grad else ce for g in grads), num_columns, d,
-            COMPUTE_GRAD=compute_grad, **_dot_options(h),
-            BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=num_warps)
+        launch()
     loss = (weight32 * ce).sum(1)
     return (loss, ce, *grads)
 
 
-def ragged_head_sample(h, columns, head_weight, head_bias, offsets, temperature, seed):
+def plan_ragged_head_sample(h, order, tiles, head_weight, head_bias, offsets, temperature, seed):
+    """Output values and the launch over `tiles` of the cells in `order` (sorted by column)."""
     block_m, block_k, block_d, num_warps = ragged_head_config(h.shape[1])
-    order = torch.argsort(columns, stable=True)
-    tiles = _tiles(columns[order], offsets.shape[0] - 1, block_m)
     values = torch.zeros(h.shape[0], dtype=torch.int64, device=h.device)
+    launch = Launch(_ragged_head_sample_kernel, (tiles[0].numel(),), (
+        h, h.stride(0), h.stride(1), head_weight.contiguous(), head_bias.contiguous(),
+        offsets.contiguous(), order, *tiles, values,
+        1.0 / temperature if temperature > 0 else 1.0, int(seed), _TINY, head_weight.shape[0], h.shape[1]),
+        dict(GREEDY=temperature == 0, **_dot_options(h), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_D=block_d),
+        num_warps)
+    return values, launch
+
+
+def ragged_head_sample(h, columns, head_weight, head_bias, offsets, temperature, seed):
+    order = torch.argsort(columns, stable=True)
+    tiles = _tiles(columns[order], offsets.shape[0] - 1, ragged_head_config(h.shape[1])[0])
+    values, launch = plan_ragged_head_sample(h, order, tiles, head_weight, head_bias, offsets, temperature, seed)
     if tiles[0].numel():
-        _ragged_head_sample_kernel[(tiles[0].numel(),)](
-            h, h.stride(0), h.stride(1), head_weight.contiguous(), head_bias.contiguous(),
-            offsets.contiguous(), order, *tiles, values,
-            1.0 / temperature if temperature > 0 else 1.0, int(seed), _TINY,
-            head_weight.shape[0], h.shape[1], GREEDY=temperature == 0, **_dot_options(h),
-            BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=num_warps)
+        launch()
     return values
