@@ -1,9 +1,10 @@
 """TabularMDM: fit a DataFrame, sample rows, condition, impute, score, save and load."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import numpy as np
 import pandas as pd
@@ -13,6 +14,9 @@ from .data import DEFAULT_CATEGORY_CAP, DEFAULT_NUM_BINS, TableCodec
 from .models import ARCHITECTURES, TableDenoiser, architecture_of, build_denoiser
 from .sample import sample_tokens
 from .schedules import PowerSchedule
+from .streaming import BlockPlan, fresh_seed, shard_path
+from .table_files import TableWriter
+from .token_store import prepare_token_store
 from .train import EpochRecord, TrainConfig, Trainer, atomic_save, estimate_nelbo
 
 _FORMAT = "fastmdm-tabular-2"
@@ -59,18 +63,26 @@ class TabularMDM:
         self.history: list[EpochRecord] = []
 
     # ------------------------------------------------------------------------- training
-    def fit(self, df: pd.DataFrame, *, validation: pd.DataFrame | float | None = 0.1,
+    def fit(self, data: pd.DataFrame | str | os.PathLike, *, validation=0.1,
             categorical: list[str] | None = None, checkpoint: str | os.PathLike | None = None,
-            resume: bool = False) -> "TabularMDM":
-        """Train on `df`. `validation`: a held-out frame, a fraction of df to hold out, or None.
+            resume: bool = False, token_store: str | os.PathLike | None = None) -> "TabularMDM":
+        """Train on `data`. `validation`: a held-out frame, a fraction of data to hold out, or None.
+
+        `data` may also be the path of a Parquet or CSV file, or of a directory of them, for
+        tables larger than memory (see fastmdm.token_store): the codec learns from a bounded
+        reservoir sample plus an exact pass over categories, the rows are encoded a chunk at a
+        time into a memory-mapped token store in `token_store` (a directory, reused while
+        its recipe matches; default a temporary one), and training reads batches from it.
+        `validation` is then a fraction (a seeded coin per row), a path, or None.
 
         With `checkpoint`, the full training state is written there after every epoch; with
         `resume=True` and an existing checkpoint, training continues from it and ends with
         the same result as an uninterrupted run.
         """
-        if not isinstance(df, pd.DataFrame):
-            raise TypeError(f"df must be a pandas DataFrame, got {type(df).__name__}")
-        train_df, val_df = self._split(df, validation)
+        from_files = isinstance(data, (str, os.PathLike))
+        if not from_files and not isinstance(data, pd.DataFrame):
+            raise TypeError(f"data must be a pandas DataFrame or the path of Parquet/CSV files, "
+                            f"got {type(data).__name__}")
         state = None
         if resume and checkpoint is not None and os.path.exists(checkpoint):
             state = torch.load(checkpoint, weights_only=True, map_location="cpu")
@@ -81,25 +93,36 @@ class TabularMDM:
             self.config = dataclasses.replace(TrainConfig(**state["train_config"]), epochs=self.config.epochs)
             self.learn_schedule = state["learn_schedule"]
             self.architecture = state["architecture"]
-        else:
+        with contextlib.ExitStack() as cleanup:
+            if from_files:
+                self.codec, train_tokens, val_tokens = prepare_token_store(
+                    data, token_store, cleanup=cleanup, validation=validation,
+                    codec=self.codec if state is not None else None, seed=self.config.seed,
+                    progress=self.config.progress, num_bins=self.num_bins, categorical=categorical)
+            else:
+                train_tokens, val_tokens = self._encode_frame(data, validation, categorical, fit_codec=state is None)
+            torch.manual_seed(self.config.seed)
+            self.denoiser = build_denoiser(self.architecture, self.codec.cardinalities, **self.model_options)
+            self.schedule = PowerSchedule(self.codec.num_columns, learnable=self.learn_schedule)
+            trainer = Trainer(self.denoiser, self.schedule, self.codec.mask_ids, self.codec.offsets,
+                              self.config, self.device)
+            if state is not None:
+                trainer.load_state_dict(state)
+            self._trainer = trainer
+            self.history = trainer.fit(train_tokens, val_tokens, checkpoint, extra_state=self._metadata)
+        self._use_ema(trainer)
+        return self
+
+    def _encode_frame(self, df: pd.DataFrame, validation, categorical, fit_codec: bool):
+        """(train tokens, validation tokens or None) of an in-memory table, fitting the codec first if asked."""
+        train_df, val_df = self._split(df, validation)
+        if fit_codec:
             # The vocabulary comes from every row given, so a category seen only in the
             # validation rows is not an error; bins and parameters still learn from train only.
             vocab_df = df if not isinstance(validation, pd.DataFrame) else pd.concat([df, validation])
             self.codec = TableCodec.fit(vocab_df, num_bins=self.num_bins, categorical=categorical,
                                         category_cap=self.category_cap)
-        train_tokens = self.codec.encode(train_df)
-        val_tokens = self.codec.encode(val_df) if val_df is not None else None
-        torch.manual_seed(self.config.seed)
-        self.denoiser = build_denoiser(self.architecture, self.codec.cardinalities, **self.model_options)
-        self.schedule = PowerSchedule(self.codec.num_columns, learnable=self.learn_schedule)
-        trainer = Trainer(self.denoiser, self.schedule, self.codec.mask_ids, self.codec.offsets,
-                          self.config, self.device)
-        if state is not None:
-            trainer.load_state_dict(state)
-        self._trainer = trainer
-        self.history = trainer.fit(train_tokens, val_tokens, checkpoint, extra_state=self._metadata)
-        self._use_ema(trainer)
-        return self
+        return self.codec.encode(train_df), (self.codec.encode(val_df) if val_df is not None else None)
 
     def _split(self, df: pd.DataFrame, validation):
         if validation is None:
@@ -145,18 +168,75 @@ class TabularMDM:
 
         `conditions`: a {column: value} mapping applied to every row, or a DataFrame of
         num_rows rows holding some columns (NaN = free); those values are kept as given.
+        The rows are those of `iter_samples` with the same seed and batch_size, concatenated.
+        """
+        return pd.concat(list(self.iter_samples(num_rows, steps=steps, speculative=speculative,
+                                                temperature=temperature, conditions=conditions, seed=seed,
+                                                batch_size=batch_size, progress=progress)))
+
+    def iter_samples(self, num_rows: int, *, steps: int | None = None, speculative: int | None = None,
+                     temperature: float = 1.0, conditions: Mapping[str, object] | pd.DataFrame | None = None,
+                     seed: int | None = None, batch_size: int = 4096, shard: tuple[int, int] | None = None,
+                     progress: bool = False) -> Iterator[pd.DataFrame]:
+        """Generate rows a batch at a time: DataFrames of up to batch_size rows, indexed by row number.
+
+        Memory is one batch, whatever num_rows. Block b of batch_size rows draws from a seed
+        derived from (seed, b) (see fastmdm.streaming), so the rows depend on seed and
+        batch_size only, and `shard=(k, n)` yields the k-th of n contiguous runs of blocks:
+        the n shards concatenated are the rows of shard=None. Sharding needs a seed.
+        Other arguments as in `sample`.
         """
         self._require_fitted()
-        if not isinstance(num_rows, (int, np.integer)) or num_rows < 1:
-            raise ValueError(f"num_rows must be a positive integer, got {num_rows!r}")
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        known = known_mask = None
-        if conditions is not None:
-            known, known_mask = self._condition_tokens(conditions, num_rows)
-        tokens = self._sample_tokens(num_rows, known, known_mask, steps=steps, speculative=speculative,
-                                     temperature=temperature,
-                                     batch_size=batch_size, generator=generator, progress=progress)
-        return self.codec.decode(tokens, generator=generator)
+        shard, num_shards = shard or (0, 1)
+        if num_shards > 1 and seed is None:
+            raise ValueError("sharded sampling needs a seed, so that all shards come from one run")
+        plan = BlockPlan(num_rows, batch_size, fresh_seed() if seed is None else seed, shard, num_shards)
+        if isinstance(conditions, pd.DataFrame) and len(conditions) != num_rows:
+            raise ValueError(f"conditions has {len(conditions)} rows but num_rows is {num_rows}")
+        options = dict(steps=steps, speculative=speculative, temperature=temperature)
+        return self._generate_blocks(plan, conditions, options, progress)
+
+    def _generate_blocks(self, plan: BlockPlan, conditions, options: dict, progress: bool) -> Iterator[pd.DataFrame]:
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=len(plan.rows), desc="sampling", unit="row", unit_scale=True, disable=None)
+        try:
+            for block in plan.blocks:
+                rows = plan.rows_of(block)
+                generator = plan.generator(block)
+                known = known_mask = None
+                if conditions is not None:
+                    part = conditions.iloc[rows.start:rows.stop] if isinstance(conditions, pd.DataFrame) else conditions
+                    known, known_mask = self._condition_tokens(part, len(rows))
+                tokens = self._sample_tokens(len(rows), known, known_mask, batch_size=len(rows),
+                                             generator=generator, **options)
+                frame = self.codec.decode(tokens, generator=generator)
+                frame.index = pd.RangeIndex(rows.start, rows.stop)
+                if bar is not None:
+                    bar.update(len(rows))
+                yield frame
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def sample_to(self, path: str | os.PathLike, num_rows: int, *, shard: tuple[int, int] | None = None,
+                  **options) -> str:
+        """Generate rows straight into a Parquet or CSV file (by its suffix), a batch at a time.
+
+        Memory is one batch, whatever num_rows. `shard=(k, n)` writes shard k of n (see
+        `iter_samples`) to out-0000k-of-0000n.parquet beside `path`. Other keyword
+        arguments as in `iter_samples`. Returns the path written.
+        """
+        frames = self.iter_samples(num_rows, shard=shard, **options)
+        target = shard_path(path, *(shard or (0, 1)))
+        # One real value per column, no missing ones: it fixes the Parquet schema.
+        example = self.codec.decode(torch.zeros(1, self.codec.num_columns, dtype=torch.int64),
+                                    generator=torch.Generator().manual_seed(0))
+        with TableWriter(target, example) as writer:
+            for frame in frames:
+                writer.write(frame)
+        return os.fspath(target)
 
     def _sample_tokens(self, num_rows: int, known, known_mask, **options) -> torch.Tensor:
         """Token rows from the fitted denoiser and schedule, returned on the CPU."""

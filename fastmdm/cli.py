@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -27,7 +28,7 @@ def _add_training_options(parser: argparse.ArgumentParser, epochs: int) -> None:
 
 
 def _add_generation_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-o", "--output", required=True, help="CSV to write")
+    parser.add_argument("-o", "--output", required=True, help="file to write: .csv (sample: also .parquet)")
     parser.add_argument("--steps", type=int, default=None, help="denoiser calls per row (default: columns)")
     parser.add_argument("--speculative", type=int, default=None, metavar="K",
                         help="causal models: draft K columns per round and verify them (exact)")
@@ -54,24 +55,30 @@ def _print_history(model) -> None:
 
 
 def cmd_train(args) -> None:
-    from .datasets import load_csv
-    df = load_csv(args.data)
     model = _model_from_args(args)
-    model.fit(df, checkpoint=args.checkpoint or f"{args.output}.ckpt", resume=args.resume)
+    # Streamed from disk (fastmdm.token_store): the table never has to fit in memory.
+    model.fit(args.data, checkpoint=args.checkpoint or f"{args.output}.ckpt", resume=args.resume,
+              token_store=args.token_store)
     model.save(args.output)
     _print_history(model)
     print(f"saved model to {args.output}")
 
 
 def cmd_sample(args) -> None:
+    """Writes batch by batch (bounded memory); under torchrun each rank writes its own shard."""
     from .api import TabularMDM
-    model = TabularMDM.load(args.model, device=args.device)
+    from .streaming import BlockPlan, parse_shard, shard_from_environment
+    shard = parse_shard(args.shard) if args.shard else shard_from_environment()
+    device = args.device
+    if device == "auto" and shard[1] > 1 and "LOCAL_RANK" in os.environ:
+        import torch
+        device = f"cuda:{os.environ['LOCAL_RANK']}" if torch.cuda.is_available() else "cpu"
+    model = TabularMDM.load(args.model, device=device)
     start = time.perf_counter()
-    synth = model.sample(args.num_rows, steps=args.steps, speculative=args.speculative,
-                         temperature=args.temperature, seed=args.seed, progress=True)
-    seconds = time.perf_counter() - start
-    synth.to_csv(args.output, index=False)
-    print(f"wrote {len(synth)} rows to {args.output} ({len(synth) / seconds:,.0f} rows/s)")
+    path = model.sample_to(args.output, args.num_rows, shard=shard, steps=args.steps, speculative=args.speculative,
+                           temperature=args.temperature, seed=args.seed, batch_size=args.batch_size, progress=True)
+    rows = len(BlockPlan(args.num_rows, args.batch_size, 0, *shard).rows)
+    print(f"wrote {rows:,} rows to {path} ({rows / (time.perf_counter() - start):,.0f} rows/s)")
 
 
 def cmd_impute(args) -> None:
@@ -139,11 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("-o", "--output", default=None, help="also write the synthetic rows to this CSV")
     demo.set_defaults(func=cmd_demo)
 
-    train = sub.add_parser("train", help="fit a model to a CSV table")
+    train = sub.add_parser("train", help="fit a model to a table: a Parquet or CSV file or a directory of them")
     train.add_argument("data")
     train.add_argument("-o", "--output", required=True, help="model file to write")
     train.add_argument("--checkpoint", help="training checkpoint (default: OUTPUT.ckpt)")
     train.add_argument("--resume", action="store_true", help="continue from the checkpoint if it exists")
+    train.add_argument("--token-store", help="directory for the encoded table, kept and reused "
+                                             "(default: a temporary one)")
     _add_training_options(train, 30)
     train.set_defaults(func=cmd_train)
 
@@ -151,6 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("model")
     sample.add_argument("-n", "--num-rows", type=int, required=True)
     _add_generation_options(sample)
+    sample.add_argument("--batch-size", type=int, default=4096,
+                        help="rows per batch: bounds memory; the rows depend on seed and batch size")
+    sample.add_argument("--shard", metavar="K/N",
+                        help="write only shard K of N (default under torchrun: RANK/WORLD_SIZE); "
+                             "needs --seed; files are named OUT-0000K-of-0000N.parquet")
     sample.set_defaults(func=cmd_sample)
 
     impute = sub.add_parser("impute", help="fill the empty cells of a CSV")

@@ -1,4 +1,7 @@
-"""Worker for test_api.test_torchrun_ddp: trains a tiny model under torchrun, saves rank state."""
+"""Worker for the torchrun tests: trains a tiny model under torchrun, saves rank state.
+
+argv: output directory, then optionally a Parquet/CSV path to train from (default: an
+in-memory table)."""
 import sys
 
 import torch
@@ -7,7 +10,8 @@ from test_api import correlated_table, tiny
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    model = tiny(epochs=2).fit(correlated_table(300), validation=None)
+    data = sys.argv[2] if len(sys.argv) > 2 else correlated_table(300)
+    model = tiny(epochs=2).fit(data, validation=None)
     rank = torch.distributed.get_rank()
     torch.save({"log_w": model.schedule.log_w.detach(),
                 "params": [p.detach() for p in model.denoiser.parameters()]}, f"{sys.argv[1]}/rank{rank}.pt")
