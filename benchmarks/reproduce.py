@@ -362,7 +362,7 @@ def report(args) -> str:
         lines += [f"## {name.capitalize()} (L = {L} columns; {', '.join(f'{p:,}' for p in params)} denoiser "
                   f"parameters; epochs: {', '.join(map(str, epochs))})", "", header, sep]
         if references:
-            cells = ["**real vs real**", "—", f"— × {len(references)}"]
+            cells = [f"**{references[0]['label']}**", "—", f"— × {len(references)}"]
             cells += [_metric_cell(references, m) for m in METRICS] + [""] * 5
             lines.append("| " + " | ".join(cells) + " |")
         groups = defaultdict(list)

@@ -98,7 +98,7 @@ def cmd_evaluate(args) -> None:
     real, synth = load_csv(args.real), load_csv(args.synth)
     test = load_csv(args.test) if args.test else None
     print(format_report(evaluate(real, synth, test=test, target=args.target, task=args.task,
-                                 reference=not args.no_reference, seed=args.seed)))
+                                 reference=not args.no_reference, seed=args.seed, n_jobs=args.jobs)))
 
 
 def cmd_plot(args) -> None:
@@ -183,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--no-reference", action="store_true",
                           help="skip the 'real vs real' column (a real sample scored the same way)")
     evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--jobs", type=int, default=2,
+                          help="XGBoost threads; use 1 on a busy machine (spin-waiting threads can run 10x slower)")
     evaluate.set_defaults(func=cmd_evaluate)
 
     plot = sub.add_parser("plot", help="PNG of the learned schedule of a model")

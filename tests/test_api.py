@@ -156,7 +156,7 @@ def test_cli_train_sample_evaluate(tmp_path, capsys):
     synth = tmp_path / "synth.csv"
     assert cli_main(["sample", str(model), "-n", "200", "-o", str(synth), "--steps", "2", "--seed", "0"]) == 0
     assert len(pd.read_csv(synth)) == 200
-    assert cli_main(["evaluate", str(data), str(synth), "--no-reference"]) == 0
+    assert cli_main(["evaluate", str(data), str(synth), "--no-reference", "--jobs", "1"]) == 0
     out = capsys.readouterr().out
     assert "shape" in out and "real vs real" not in out
     png = tmp_path / "w.png"
