@@ -130,7 +130,7 @@ def report(path: str = RESULTS) -> str:
 
     lines = ["# Causal vs bidirectional denoiser", "",
              "`python benchmarks/architectures.py` (mean ± std over seeds; equal CPU-time training "
-             "budget per dataset and seed; 2-core CPU, shared with other jobs while measuring, so "
+             "budget per dataset and seed; 1 torch thread on a 2-core CPU shared with other jobs while measuring, so "
              "compare the two architectures within a row group, not absolute times).", ""]
     for dataset in sorted({d for d, _ in groups}):
         lines += [f"## {dataset}", "",
@@ -169,12 +169,15 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30, help="bidirectional epochs; sets the time budget")
     parser.add_argument("--max-rows", type=int, default=None, help="use the first rows of train only (smoke runs)")
     parser.add_argument("--sample-rows", type=int, default=None, help="rows per sampling-speed measurement")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1 keeps timings stable on a shared machine)")
     parser.add_argument("--report", action="store_true", help="only rebuild the markdown report")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     if not args.report:
         os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-        for dataset in args.datasets:
-            for seed in args.seeds:
+        for seed in args.seeds:         # seeds outermost: every dataset is covered early
+            for dataset in args.datasets:
                 for record in run(dataset, seed, args.epochs, args.max_rows, args.sample_rows):
                     with open(RESULTS, "a") as handle:
                         handle.write(json.dumps(record) + "\n")

@@ -7,10 +7,11 @@ The "full loss step" of order-space training, per the paper's estimator:
   and w (the pathwise weight term through the masking op's autograd).
 B = 4096 data rows (8192 masked rows with K = 2), L in {15, 100}.
 
-Run as pytest-benchmark (a ratio table is printed at the end of the session):
-    /work/venv/bin/pytest benchmarks/bench_cpu.py
+Run from the repository root, in the environment fastmdm is installed in, as pytest-benchmark
+(a ratio table is printed at the end of the session):
+    python -m pytest benchmarks/bench_cpu.py
 or as a script that times with its own loop and prints the markdown table:
-    /work/venv/bin/python benchmarks/bench_cpu.py [--rows 4096] [--repeats 5]
+    python benchmarks/bench_cpu.py [--rows 4096] [--repeats 5] [--ops full_step,weighted_ce]
 
 Variants: "cpp" and "reference" go through the public API (fastmdm.ops with
 use_backend); "compiled" is torch.compile of the plain reference kernels doing the same
@@ -31,6 +32,7 @@ import torch
 
 import fastmdm.ops as ops
 from fastmdm.ops import reference as ref
+from fastmdm.schedules import sample_tspace_times
 
 ROWS = int(os.environ.get("FASTMDM_BENCH_ROWS", "4096"))
 SAMPLES = 2
@@ -48,7 +50,8 @@ class Problem:
     n_revealed: torch.Tensor  # [rows * K]
     offsets: torch.Tensor     # [L + 1]
     logits: torch.Tensor      # [rows * K, V]
-    t: torch.Tensor           # [rows * K] (t-space masking alone)
+    log_t: torch.Tensor       # [rows * K] (t-space masking alone)
+    time_weight: torch.Tensor  # [rows * K]
     u: torch.Tensor           # [rows * K, L]
 
 
@@ -60,14 +63,15 @@ def make_problem(columns: int, rows: int = ROWS, seed: int = 0) -> Problem:
     x = (torch.rand(rows, columns, generator=gen) * sizes).long()
     x_rep = x.repeat_interleave(SAMPLES, dim=0)
     n = rows * SAMPLES
+    w = torch.exp(0.5 * torch.randn(columns, generator=gen))
+    log_t, time_weight = sample_tspace_times(w, n, gen)
     return Problem(
-        rows=rows, columns=columns, x_rep=x_rep,
-        w=torch.exp(0.5 * torch.randn(columns, generator=gen)),
+        rows=rows, columns=columns, x_rep=x_rep, w=w,
         mask_id=sizes.clone(),
         n_revealed=torch.randint(0, columns, (n,), generator=gen),
         offsets=offsets,
         logits=2 * torch.randn(n, int(offsets[-1]), generator=gen),
-        t=torch.rand(n, generator=gen),
+        log_t=log_t, time_weight=time_weight,
         u=torch.rand(n, columns, generator=gen),
     )
 
@@ -90,7 +94,7 @@ def mask_order_step(p: Problem, seed: int = 0):
 
 
 def mask_tspace_step(p: Problem, seed: int = 0):
-    return ops.mask_tspace(p.x_rep, p.t, p.w, p.mask_id, seed=seed)
+    return ops.mask_tspace(p.x_rep, p.log_t, p.w, p.mask_id, p.time_weight, seed=seed)
 
 
 def _ce_inputs(p: Problem):
@@ -217,9 +221,12 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=ROWS)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--ops", default=",".join(STEPS))
+    parser.add_argument("--ops", default=",".join(STEPS), help=f"comma list from {', '.join(STEPS)}")
     parser.add_argument("--no-compile", action="store_true")
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.ops.split(",")) - set(STEPS))
+    if unknown:
+        parser.error(f"unknown ops {unknown}; choose from {', '.join(STEPS)}")
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, rows {args.rows} x K={SAMPLES}")
     results = {}
     for columns in COLUMNS:

@@ -26,7 +26,6 @@ import torch
 
 SAMPLES = 2          # K: masked copies per row (RLOO needs >= 2)
 SEED = 1234
-EPS = 1e-5
 DEVICE = "cuda"      # a module global so the plumbing can be smoke-run elsewhere
 
 
@@ -38,7 +37,8 @@ class Problem:
     x: torch.Tensor          # [B, L] tokens, column l in [0, sizes[l])
     w: torch.Tensor          # [L]
     mask_id: torch.Tensor    # [L]
-    t: torch.Tensor          # [B]
+    log_t: torch.Tensor      # [B]
+    time_weight: torch.Tensor  # [B]
     n_revealed: torch.Tensor  # [B]
     offsets: torch.Tensor    # [L+1]
     logits: torch.Tensor     # [B, V]
@@ -54,6 +54,7 @@ class Problem:
 
 def make_problem(rows: int, num_columns: int, dtype: torch.dtype, max_vocab: int) -> Problem:
     from fastmdm.ops import reference
+    from fastmdm.schedules import sample_tspace_times
     device = torch.device(DEVICE)
     generator = torch.Generator().manual_seed(SEED)
     sizes = torch.randint(2, max_vocab + 1, (num_columns,), generator=generator)
@@ -62,10 +63,12 @@ def make_problem(rows: int, num_columns: int, dtype: torch.dtype, max_vocab: int
     x = (torch.rand(rows, num_columns, generator=generator) * sizes).long()
     w = torch.exp(torch.randn(num_columns, generator=generator))
     n_revealed = torch.randint(0, num_columns, (rows,), generator=generator)
-    x, w, n_revealed, sizes, offsets = (v.to(device) for v in (x, w, n_revealed, sizes, offsets))
+    log_t, time_weight = sample_tspace_times(w, rows, generator)
+    x, w, n_revealed, sizes, offsets, log_t, time_weight = (
+        v.to(device) for v in (x, w, n_revealed, sizes, offsets, log_t, time_weight))
     _, mask, weight, _ = reference.mask_order(x, w, sizes, None, n_revealed, SEED)
     logits = (3 * torch.randn(rows, int(offsets[-1]), device=device)).to(dtype)
-    return Problem(rows, num_columns, dtype, x, w, sizes, torch.rand(rows, device=device), n_revealed,
+    return Problem(rows, num_columns, dtype, x, w, sizes, log_t, time_weight, n_revealed,
                    offsets, logits, mask, weight, torch.randn(rows, SAMPLES, device=device),
                    torch.randn(rows, SAMPLES, num_columns, device=device))
 
@@ -73,7 +76,7 @@ def make_problem(rows: int, num_columns: int, dtype: torch.dtype, max_vocab: int
 # ---------------------------------------------------------------- bytes an ideal kernel moves
 
 def masking_bytes(rows: int, num_columns: int) -> int:
-    """Read x (int64) and one per-row value; write x_t (int64), mask (bool), weight and score (fp32)."""
+    """Read x (int64) and two per-row values (fp32); write x_t (int64), mask (bool), weight and score (fp32)."""
     return rows * num_columns * (8 + 8 + 1 + 4 + 4) + rows * 8
 
 
@@ -139,10 +142,10 @@ def op_variants(p: Problem):
 
     shape = tuple(p.x.shape)
     yield "mask_tspace", masking_bytes(p.rows, p.num_columns), {
-        "triton": lambda: triton_backend.mask_tspace(p.x, p.t, p.w, p.mask_id, None, SEED, EPS),
-        "reference": lambda: reference.mask_tspace(p.x, p.t, p.w, p.mask_id, None, SEED, EPS),
-        "compiled": compiled(lambda: reference.mask_tspace(p.x, p.t, p.w, p.mask_id,
-                                                           torch.rand(shape, device=DEVICE), SEED, EPS)),
+        "triton": lambda: triton_backend.mask_tspace(p.x, p.log_t, p.w, p.mask_id, p.time_weight, None, SEED),
+        "reference": lambda: reference.mask_tspace(p.x, p.log_t, p.w, p.mask_id, p.time_weight, None, SEED),
+        "compiled": compiled(lambda: reference.mask_tspace(p.x, p.log_t, p.w, p.mask_id, p.time_weight,
+                                                           torch.rand(shape, device=DEVICE), SEED)),
     }
     yield "mask_order", masking_bytes(p.rows, p.num_columns), {
         "triton": lambda: triton_backend.mask_order(p.x, p.w, p.mask_id, None, p.n_revealed, SEED),

@@ -3,8 +3,12 @@
 For each dataset, seed and variant: train on the real train split minus a 10% validation
 hold-out, record the validation NELBO (nats per row), training time, then sample as many rows
 as the real train set with S in {L, ceil(L/2), ceil(L/4)} denoiser steps, time the sampling,
-and score each synthetic table with fastmdm.metrics.evaluate (Shape, Trend, alpha, beta,
-C2ST, MLE AUC) against the full real train split (and the real test split for MLE).
+and score each synthetic table with fastmdm.metrics.score (Shape, Trend, alpha, beta,
+C2ST logistic and XGBoost, MLE AUC) against the full real train split (and the real test split
+for MLE). ``--samples N`` draws N synthetic tables per (model, S), as TabSyn and TabDiff do
+with 20, and the report gives their spread. Each dataset also gets a "real vs real" row:
+N real samples of the same size scored by the same code (fastmdm.metrics.score_reference),
+the ceiling each number can reach on that data.
 
 Variants (``--variants``):
 
@@ -17,11 +21,12 @@ Variants (``--variants``):
 
 One JSON line per (dataset, variant, seed, S) is appended to the results file as soon as it
 is computed; ``--resume`` skips what is already there (and reuses a model saved under
-``--model-dir`` when only some S of a run are missing). ``--report`` (also run at the end)
-aggregates mean ± std over seeds into a markdown table per dataset and draws the learned w
-of the best MDM(LS) order-space model per dataset.
+``--model-dir``, by default the user cache folder, when only some tables of a run are missing).
+``--report`` (also run at the end) aggregates mean ± std over seeds into a markdown table per
+dataset and draws the learned w of the best MDM(LS) order-space model per dataset.
 
     python benchmarks/reproduce.py                       # adult + magic, 2 seeds, 30 epochs
+    python benchmarks/reproduce.py --samples 20          # 20 sampled tables per model, as the field
     python benchmarks/reproduce.py --datasets adult --seeds 1 --epochs 1 --max-rows 2000
     python benchmarks/reproduce.py --resume              # continue an interrupted run
     python benchmarks/reproduce.py --report              # only rebuild the markdown + plots
@@ -42,13 +47,17 @@ import torch
 
 from fastmdm import TabularMDM
 from fastmdm import datasets
-from fastmdm.metrics import evaluate
+from fastmdm.metrics import score, score_reference
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 RESULTS = os.path.join(HERE, "results", "reproduce_runs.jsonl")
 REPORT = os.path.join(HERE, "results", "reproduce.md")
 DOCS = os.path.join(ROOT, "docs")
+# Trained models are kept for --resume in the user cache folder ($XDG_CACHE_HOME or ~/.cache).
+MODEL_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                         "fastmdm", "reproduce_models")
+REFERENCE = "real"  # the variant name of "real vs real" records
 
 VARIANTS = {
     "mdm": dict(learn_schedule=False, estimator="order"),
@@ -62,7 +71,7 @@ LABELS = {
     "ls_tspace": "MDM(LS) t-space RLOO (paper's)",
     "ls_order": "MDM(LS) order-space (ours)",
 }
-METRICS = ("shape", "trend", "alpha", "beta", "c2st", "mle")
+METRICS = ("shape", "trend", "alpha", "beta", "c2st", "c2st_xgb", "mle")
 
 # DESIGN.md section 6 (Garg, Kohli, Sarawagi 2025; TabDiff's / TabSyn's copied from its paper).
 PAPER = {
@@ -126,7 +135,13 @@ def append_run(path: str, record: dict) -> None:
 
 
 def run_key(r: dict) -> tuple:
-    return (r["dataset"], r["variant"], r["seed"], r["steps"], r["epochs"], r.get("max_rows"))
+    """One synthetic (or reference) table; records written before --samples are table 0."""
+    return (r["dataset"], r["variant"], r["seed"], r["steps"], r["epochs"], r.get("max_rows"), r.get("sample", 0))
+
+
+def sampling_seed(seed: int, sample: int) -> int:
+    """Table 0 of a model samples with its training seed (as runs before --samples did)."""
+    return seed + 1000 * sample
 
 
 # ----------------------------------------------------------------------------- one model
@@ -168,9 +183,34 @@ def train_one(name, variant, seed, args, train, val, model_path):
     return model, meta
 
 
+def _machine(args) -> dict:
+    return {"threads": args.threads, "load_avg_1m": os.getloadavg()[0], "host": platform.node(),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def score_references(name, args, full_train, test, done) -> None:
+    """The "real vs real" tables of a dataset: one per --samples index, scored like a model's."""
+    for sample in range(args.samples):
+        base = dict(dataset=name, variant=REFERENCE, seed=0, steps=None, epochs=args.epochs,
+                    max_rows=args.max_rows, sample=sample)
+        if run_key(base) in done:
+            continue
+        start = time.perf_counter()
+        label, scores = score_reference(full_train, len(full_train), test=test, target=datasets.TARGETS[name],
+                                        seed=sample, n_jobs=1)
+        record = {**base, "label": label, "n_real": len(full_train), "n_test": len(test),
+                  **{m: float(scores[m]) for m in METRICS if m in scores},
+                  "eval_s": time.perf_counter() - start, **_machine(args)}
+        append_run(args.results, record)
+        print(f"[{name}/{label}] table {sample}: " + " ".join(f"{m}={scores[m]:.4f}" for m in METRICS
+                                                             if m in scores), flush=True)
+
+
 def run_all(args) -> None:
     torch.set_num_threads(args.threads)
     done = {run_key(r) for r in read_runs(args.results)} if args.resume else set()
+    if args.model_dir:
+        print(f"models are kept in {args.model_dir} (for --resume)", flush=True)
     splits = {}
     for seed in range(max(args.seeds, args.magic_seeds or 0)):
         for name in args.datasets:
@@ -179,12 +219,14 @@ def run_all(args) -> None:
                 continue
             if name not in splits:
                 splits[name] = load_split(name, args.max_rows)
+                score_references(name, args, splits[name][2], splits[name][3], done)
             train, val, full_train, test = splits[name]
             num_columns = full_train.shape[1]
             all_steps = step_counts(num_columns)
             for variant in args.variants:
                 base = dict(dataset=name, variant=variant, seed=seed, epochs=args.epochs, max_rows=args.max_rows)
-                todo = [s for s in all_steps if run_key({**base, "steps": s}) not in done]
+                todo = [(s, k) for s in all_steps for k in range(args.samples)
+                        if run_key({**base, "steps": s, "sample": k}) not in done]
                 if not todo:
                     print(f"[{name}/{variant}/seed{seed}] already done, skipping", flush=True)
                     continue
@@ -193,24 +235,22 @@ def run_all(args) -> None:
                     tag = f"{name}_{variant}_s{seed}_e{args.epochs}" + (f"_r{args.max_rows}" if args.max_rows else "")
                     model_path = os.path.join(args.model_dir, tag + ".pt")
                 model, meta = train_one(name, variant, seed, args, train, val, model_path)
-                for steps in todo:
+                for steps, sample in todo:
                     num_rows = len(full_train)
                     start = time.perf_counter()
-                    synth = model.sample(num_rows, steps=steps, seed=seed)
+                    synth = model.sample(num_rows, steps=steps, seed=sampling_seed(seed, sample))
                     sample_s = time.perf_counter() - start
                     start = time.perf_counter()
-                    scores = evaluate(full_train, synth, test=test, target=datasets.TARGETS[name], n_jobs=1)
+                    scores = score(full_train, synth, test=test, target=datasets.TARGETS[name], n_jobs=1)
                     eval_s = time.perf_counter() - start
-                    record = {**base, "steps": steps, "num_columns": num_columns,
+                    record = {**base, "steps": steps, "sample": sample, "num_columns": num_columns,
                               **{k: v for k, v in VARIANTS[variant].items()},
                               "n_train": len(train), "n_val": len(val), "n_real": num_rows, "n_test": len(test),
                               **{m: float(scores[m]) for m in METRICS if m in scores},
                               **meta, "sample_s": sample_s, "sample_rows_per_s": num_rows / sample_s,
-                              "eval_s": eval_s, "threads": args.threads,
-                              "load_avg_1m": os.getloadavg()[0], "host": platform.node(),
-                              "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                              "eval_s": eval_s, **_machine(args)}
                     append_run(args.results, record)
-                    print(f"[{name}/{variant}/seed{seed}] S={steps}: sample {sample_s:.1f}s "
+                    print(f"[{name}/{variant}/seed{seed}] S={steps} table {sample}: sample {sample_s:.1f}s "
                           f"({num_rows / sample_s:.0f} rows/s), eval {eval_s:.0f}s "
                           + " ".join(f"{m}={scores[m]:.4f}" for m in METRICS if m in scores), flush=True)
                 del model
@@ -225,6 +265,25 @@ def _fmt(values, digits=4):
     if len(values) == 1:
         return f"{mean:.{digits}f}"
     return f"{mean:.{digits}f} ± {float(np.std(values, ddof=1)):.{digits}f}"
+
+
+def _by_seed(records: list[dict]) -> dict[int, list[dict]]:
+    seeds = defaultdict(list)
+    for r in records:
+        seeds[r["seed"]].append(r)
+    return dict(sorted(seeds.items()))
+
+
+def _metric_cell(records: list[dict], metric: str) -> str:
+    """Mean ± std over training seeds of each seed's mean over its sampled tables; with several
+    tables per seed, then [± std over the tables of one model, averaged over seeds]."""
+    per_seed = [[r[metric] for r in rs if r.get(metric) is not None] for rs in _by_seed(records).values()]
+    per_seed = [values for values in per_seed if values]
+    if not per_seed:
+        return ""
+    text = _fmt([float(np.mean(values)) for values in per_seed])
+    spreads = [float(np.std(values, ddof=1)) for values in per_seed if len(values) > 1]
+    return text + (f" [± {np.mean(spreads):.4f}]" if spreads else "")
 
 
 NOTES_HEADING = "## What this shows"
@@ -261,10 +320,15 @@ def report(args) -> str:
         "parameter counts per dataset in each heading; the paper's models have ~86K), 32 quantile bins per numeric column, AdamW, EMA weights "
         "for sampling and scoring. Each synthetic table has as many rows as the real train split and "
         "is scored against the full real train split (MLE: XGBoost trained on synthetic rows, ROC AUC "
-        "on the real test split) with `fastmdm.metrics.evaluate(..., n_jobs=1)`; one synthetic table "
-        "per (seed, S), not the field's 20. Values are mean ± std over training seeds (std with "
-        "ddof=1; a single value where there is one seed). S = sampling steps (denoiser calls per row); "
-        "S = L is exact learned-order sampling, the paper's setting.",
+        "on the real test split) with `fastmdm.metrics.score(..., n_jobs=1)`. \"tables\" = synthetic tables "
+        "sampled per (seed, S) (`--samples`; the field uses 20). Values are mean ± std over training "
+        "seeds of each seed's mean over its tables (std with ddof=1; a single value where there is one "
+        "seed); [± x] = std over the tables of one model (mean over seeds), the sampling noise alone. "
+        "S = sampling steps (denoiser calls per row); S = L is exact learned-order sampling, the paper's "
+        "setting. **real vs real** = real rows scored by the same code in place of a synthetic table "
+        "(`fastmdm.metrics.score_reference`): rows of the held-out test split (all of them when it is "
+        "smaller than the train split; never resampled, since duplicated rows are easy to detect) for "
+        "fidelity, the real train split for MLE; each number's ceiling on this data.",
         "",
         "Variants: **MDM** = linear schedule, w = 1 fixed (`learn_schedule=False`), trained with the "
         "*order-space* estimator (the paper's linear MDM uses the t-space estimator; with w fixed both "
@@ -284,29 +348,37 @@ def report(args) -> str:
         "cores, so times are indicative only (load average is stored with each run).",
         "",
     ]
-    header = ("| variant | S | seeds | Shape | Trend | alpha | beta | C2ST | MLE (AUC) | val NELBO | best val "
-              "| train time (s) | s/epoch | sampling rows/s |")
-    sep = "|" + "---|" * 14
-    summary = {}
+    header = ("| variant | S | seeds × tables | Shape | Trend | alpha | beta | C2ST | C2ST (XGBoost) | MLE (AUC) "
+              "| val NELBO | best val | train time (s) | s/epoch | sampling rows/s |")
+    sep = "|" + "---|" * 15
     for name in [d for d in ("adult", "magic") if d in by_ds] + sorted(set(by_ds) - {"adult", "magic"}):
-        rs = by_ds[name]
+        rs = [r for r in by_ds[name] if r["variant"] != REFERENCE]
+        references = [r for r in by_ds[name] if r["variant"] == REFERENCE]
+        if not rs:
+            continue
         epochs = sorted({r["epochs"] for r in rs})
         L = rs[0]["num_columns"]
         params = sorted({r["params"] for r in rs})
         lines += [f"## {name.capitalize()} (L = {L} columns; {', '.join(f'{p:,}' for p in params)} denoiser "
                   f"parameters; epochs: {', '.join(map(str, epochs))})", "", header, sep]
+        if references:
+            cells = [f"**{references[0]['label']}**", "—", f"— × {len(references)}"]
+            cells += [_metric_cell(references, m) for m in METRICS] + [""] * 5
+            lines.append("| " + " | ".join(cells) + " |")
         groups = defaultdict(list)
         for r in rs:
             groups[(r["variant"], r["steps"])].append(r)
         order = [v for v in VARIANTS if any(k[0] == v for k in groups)]
         for variant in order:
             for steps in sorted({k[1] for k in groups if k[0] == variant}, reverse=True):
-                g = sorted(groups[(variant, steps)], key=lambda r: r["seed"])
-                summary[(name, variant, steps)] = g
-                cells = [LABELS[variant], str(steps) + (" (=L)" if steps == L else ""), str(len(g))]
-                cells += [_fmt([r.get(m) for r in g]) for m in METRICS]
-                cells += [_fmt([r["val_nelbo"] for r in g], 3), _fmt([r["best_val_nelbo"] for r in g], 3),
-                          _fmt([r["train_time_s"] for r in g], 0), _fmt([r["s_per_epoch"] for r in g], 1),
+                g = groups[(variant, steps)]
+                models = [tables[0] for tables in _by_seed(g).values()]  # per-model numbers, once per seed
+                tables = sorted({len(t) for t in _by_seed(g).values()})
+                cells = [LABELS[variant], str(steps) + (" (=L)" if steps == L else ""),
+                         f"{len(models)} × {'/'.join(map(str, tables))}"]
+                cells += [_metric_cell(g, m) for m in METRICS]
+                cells += [_fmt([r["val_nelbo"] for r in models], 3), _fmt([r["best_val_nelbo"] for r in models], 3),
+                          _fmt([r["train_time_s"] for r in models], 0), _fmt([r["s_per_epoch"] for r in models], 1),
                           _fmt([r["sample_rows_per_s"] for r in g], 0)]
                 lines.append("| " + " | ".join(cells) + " |")
         for label, ref in PAPER.get(name, []):
@@ -362,8 +434,10 @@ def main() -> None:
     parser.add_argument("--report-path", default=REPORT)
     parser.add_argument("--docs", default=DOCS, help="folder for the <dataset>_schedule.png plots")
     parser.add_argument("--no-plots", action="store_true")
-    parser.add_argument("--model-dir", default="/tmp/fastmdm_reproduce_models",
-                        help="where trained models are saved (for --resume); '' to not save")
+    parser.add_argument("--samples", type=int, default=1,
+                        help="synthetic tables sampled and scored per (model, S); TabSyn / TabDiff use 20")
+    parser.add_argument("--model-dir", default=MODEL_DIR,
+                        help=f"where trained models are saved (for --resume; default {MODEL_DIR}); '' to not save")
     parser.add_argument("--resume", action="store_true", help="skip (dataset, variant, seed, S) already in --results")
     parser.add_argument("--report", action="store_true", help="only aggregate --results into the markdown")
     args = parser.parse_args()
@@ -372,6 +446,8 @@ def main() -> None:
     unknown = sorted(set(args.variants) - set(VARIANTS))
     if unknown:
         parser.error(f"unknown variants {unknown}")
+    if args.samples < 1:
+        parser.error("--samples must be >= 1")
     if not args.report:
         run_all(args)
     report(args)

@@ -17,12 +17,23 @@
 
 namespace py = pybind11;
 
+// Hot loops are compiled for AVX-512, AVX2/FMA and the baseline, and the right clone is
+// picked at load time (ifunc) where the toolchain supports it. The x86-64-vN levels are
+// checked by CPU feature; "arch=haswell" would be checked by CPU model and so never run on
+// AMD or on Intel parts newer than Haswell.
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && defined(__GLIBC__)
+#define FASTMDM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FASTMDM_CLONES
+#endif
+
 namespace fastmdm {
 
 // Registration hooks, one per op file.
 void register_masking(py::module_& m);
 void register_elbo(py::module_& m);
 void register_rloo(py::module_& m);
+void register_ragged_head(py::module_& m);
 
 // ---------------------------------------------------------------------------------------
 // Buffer access. The Python wrapper (fastmdm/ops/cpu_backend.py) hands over C-contiguous

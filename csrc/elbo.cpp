@@ -4,7 +4,7 @@
 // once, here, so the wrapper can allocate dlogits uninitialized.
 // The softmax loops must vectorize: GCC only if-converts the clamp and max below when FP
 // ops may be assumed not to trap (we never enable FP exceptions), hence this pragma; the
-// row kernel is also cloned for AVX2/FMA and picked at load time (ifunc) where supported.
+// row kernel is also cloned per instruction set (FASTMDM_CLONES).
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("no-trapping-math", "fp-contract=fast")
 #endif
@@ -14,12 +14,6 @@
 #include <limits>
 
 #include "common.h"
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
-#define FASTMDM_CLONES __attribute__((target_clones("arch=haswell", "default")))
-#else
-#define FASTMDM_CLONES
-#endif
 
 namespace fastmdm {
 namespace {

@@ -60,35 +60,35 @@ MaskInputs mask_inputs(const char* op, py::array& x, py::array& w, py::array& ma
 // a / expm1(a), 1 at a = 0 (schedules.expm1_ratio).
 inline float expm1_ratio(float a) { return a == 0.0f ? 1.0f : a / std::expm1(a); }
 
-void mask_tspace(py::array x, py::array t, py::array w, py::array mask_id, py::object u_obj,
-                 uint64_t seed, double eps, py::array x_t, py::array mask, py::array weight,
-                 py::array score) {
+void mask_tspace(py::array x, py::array log_t, py::array w, py::array mask_id,
+                 py::array time_weight, py::object u_obj, uint64_t seed, py::array x_t,
+                 py::array mask, py::array weight, py::array score) {
     const MaskInputs in = mask_inputs("mask_tspace", x, w, mask_id, u_obj, seed);
     const int64_t B = in.B, L = in.L;
     const int64_t *xp = in.x, *idp = in.mask_id;
     const float* wp = in.w;
-    const float* tp = buffer<float>(t, "t");
-    check_size(t, "t", B);
+    const float* log_tp = buffer<float>(log_t, "log_t");
+    const float* twp = buffer<float>(time_weight, "time_weight");
+    check_size(log_t, "log_t", B);
+    check_size(time_weight, "time_weight", B);
     MaskOutputs out = mask_outputs(x_t, mask, weight, score, B * L);
-    const float eps_f = static_cast<float>(eps);
 
     py::gil_scoped_release release;
 #pragma omp parallel for schedule(dynamic, 64) num_threads(num_threads_for(B * L))
     for (int64_t b = 0; b < B; ++b) {
-        float tb = tp[b];
-        tb = tb < eps_f ? eps_f : (tb > 1.0f ? 1.0f : tb);  // clamp_time
-        const float log_t = std::log(tb);
+        const float lt = log_tp[b];
+        const float tw = twp[b];
         const int64_t base = b * L;
         for (int64_t l = 0; l < L; ++l) {
             const int64_t i = base + l;
             const float wl = wp[l];
-            const float a = wl * log_t;
+            const float a = wl * lt;
             const float prob = std::exp(a);  // t^w
             const bool m = in.uniform(i) < prob;
             out.mask[i] = m;
             out.x_t[i] = m ? idp[l] : xp[i];
-            out.weight[i] = m ? wl / tb : 0.0f;
-            out.score[i] = m ? log_t : prob * expm1_ratio(a) / wl;
+            out.weight[i] = m ? wl * tw : 0.0f;
+            out.score[i] = m ? lt : prob * expm1_ratio(a) / wl;
         }
     }
 }
@@ -176,9 +176,9 @@ void mask_order(py::array x, py::array w, py::array mask_id, py::object u_obj,
 
 void register_masking(py::module_& m) {
     m.def("mask_tspace", &mask_tspace, "t-space masking (see fastmdm.ops.reference.mask_tspace)",
-          py::arg("x"), py::arg("t"), py::arg("w"), py::arg("mask_id"), py::arg("u").none(true),
-          py::arg("seed"), py::arg("eps"), py::arg("x_t"), py::arg("mask"), py::arg("weight"),
-          py::arg("score"));
+          py::arg("x"), py::arg("log_t"), py::arg("w"), py::arg("mask_id"), py::arg("time_weight"),
+          py::arg("u").none(true), py::arg("seed"), py::arg("x_t"), py::arg("mask"),
+          py::arg("weight"), py::arg("score"));
     m.def("mask_order", &mask_order, "order-space masking (see fastmdm.ops.reference.mask_order)",
           py::arg("x"), py::arg("w"), py::arg("mask_id"), py::arg("u").none(true),
           py::arg("n_revealed"), py::arg("seed"), py::arg("x_t"), py::arg("mask"),

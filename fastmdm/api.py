@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .data import DEFAULT_NUM_BINS, TableCodec
+from .data import DEFAULT_CATEGORY_CAP, DEFAULT_NUM_BINS, TableCodec
 from .models import ARCHITECTURES, TableDenoiser, architecture_of, build_denoiser
 from .sample import sample_tokens
 from .schedules import PowerSchedule
@@ -38,19 +38,21 @@ class TabularMDM:
     >>> filled = model.impute(df_with_nans)
 
     Arguments: `architecture` "bidirectional" or "causal" (see fastmdm.models);
-    `num_bins` quantile bins per numeric column; `learn_schedule` learns w
+    `num_bins` quantile bins per numeric column; `category_cap` most tokens per
+    categorical column (rarer values share an "other" token; see TableCodec.fit); `learn_schedule` learns w
     (False keeps w = 1, the linear MDM); `estimator` "order" (order-space, low variance) or
-    "tspace" (the paper's); `model` keyword arguments of ColumnTransformer (d_model,
+    "tspace" (the paper's); `model` keyword arguments of the denoiser (d_model,
     num_layers, ...); the rest are TrainConfig fields (epochs, batch_size, lr, seed, ...).
     """
 
     def __init__(self, *, architecture: str = DEFAULT_ARCHITECTURE, num_bins: int = DEFAULT_NUM_BINS,
-                 learn_schedule: bool = True, device: str | torch.device = "auto",
-                 model: Mapping | None = None, **train_options):
+                 category_cap: int | None = DEFAULT_CATEGORY_CAP, learn_schedule: bool = True,
+                 device: str | torch.device = "auto", model: Mapping | None = None, **train_options):
         if architecture not in ARCHITECTURES:
             raise ValueError(f"architecture must be one of {sorted(ARCHITECTURES)}, got {architecture!r}")
         self.architecture = architecture
         self.num_bins = num_bins
+        self.category_cap = category_cap
         self.learn_schedule = learn_schedule
         self.device = _resolve_device(device)
         self.model_options = dict(model or {})
@@ -96,7 +98,8 @@ class TabularMDM:
                 self.codec, train_tokens, val_tokens = prepare_token_store(
                     data, token_store, cleanup=cleanup, validation=validation,
                     codec=self.codec if state is not None else None, seed=self.config.seed,
-                    progress=self.config.progress, num_bins=self.num_bins, categorical=categorical)
+                    progress=self.config.progress, num_bins=self.num_bins, categorical=categorical,
+                    category_cap=self.category_cap)
             else:
                 train_tokens, val_tokens = self._encode_frame(data, validation, categorical, fit_codec=state is None)
             torch.manual_seed(self.config.seed)
@@ -118,7 +121,8 @@ class TabularMDM:
             # The vocabulary comes from every row given, so a category seen only in the
             # validation rows is not an error; bins and parameters still learn from train only.
             vocab_df = df if not isinstance(validation, pd.DataFrame) else pd.concat([df, validation])
-            self.codec = TableCodec.fit(vocab_df, num_bins=self.num_bins, categorical=categorical)
+            self.codec = TableCodec.fit(vocab_df, num_bins=self.num_bins, categorical=categorical,
+                                        category_cap=self.category_cap)
         return self.codec.encode(train_df), (self.codec.encode(val_df) if val_df is not None else None)
 
     def _split(self, df: pd.DataFrame, validation):
@@ -268,7 +272,9 @@ class TabularMDM:
         decoded = self.codec.decode(filled, generator=generator)
         decoded.index = df.index
         # Known cells keep their exact original values (decoding a bin would resample them).
-        return df[self.codec.columns].where(df[self.codec.columns].notna(), decoded)
+        filled = df[self.codec.columns].where(df[self.codec.columns].notna(), decoded)
+        # Holes made pandas widen some columns (int -> float); filled, they take the fitted dtype.
+        return filled.astype(decoded.dtypes.to_dict())
 
     def nelbo(self, df: pd.DataFrame) -> float:
         """Mean per-row negative ELBO (nats) of df: an upper bound on -log p(row)."""

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .sample import ColumnLayout, DecodeStats, _uniform, chunk_of_position, gumbel_max, known_first_order
+from .sample import ColumnLayout, DecodeStats, _uniform, chunk_of_position, known_first_order
 
 
 def _pack(selected: Tensor) -> Tensor:
@@ -35,7 +35,10 @@ def _pack(selected: Tensor) -> Tensor:
 
 
 def _cell_logits(model, layout: ColumnLayout, h: Tensor, columns: Tensor) -> Tensor:
-    """Logits [..., Kmax] (padding at -inf) of column columns[...] from query states h [..., d]."""
+    """Logits [..., Kmax] (padding at -inf) of column columns[...] from query states h [..., d].
+
+    Speculative decoding needs whole distributions (p, q and max(p - q, 0)); the other
+    samplers draw through the heads' chunked Gumbel-max and never build these."""
     flat_h, flat_columns = h.reshape(-1, h.shape[-1]), columns.reshape(-1)
     logits = flat_h @ model.heads.weight.T.to(h.dtype) + model.heads.bias.to(h.dtype)
     segments = layout.segments(logits, torch.arange(flat_h.shape[0], device=h.device), flat_columns)
@@ -78,8 +81,8 @@ def sample_chunks(model, w: Tensor, layout: ColumnLayout, steps: int, temperatur
         sees = positions[:, :1].expand_as(positions)  # the chunk's first position: one prefix
         cache, h = model.extend(cache, *_content(order, x_ord, pending), columns, sees)
         rows, slots = valid.nonzero(as_tuple=True)
-        logits = _cell_logits(model, layout, h[rows, slots], columns[rows, slots])
-        x_ord[rows, positions[rows, slots]] = gumbel_max(logits, temperature, generator)
+        x_ord[rows, positions[rows, slots]] = model.heads.sample(h[rows, slots], columns[rows, slots],
+                                                                 temperature, generator)
         pending = positions
     return _unorder(order, x_ord)
 

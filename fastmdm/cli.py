@@ -47,9 +47,11 @@ def _model_from_args(args):
 
 
 def _print_history(model) -> None:
-    for r in model.history:
-        val = f"{r.val_nelbo:.4f}" if r.val_nelbo is not None else "-"
-        print(f"epoch {r.epoch:3d}  train NELBO {r.train_nelbo:.4f}  validation NELBO {val}  ({r.seconds:.1f} s)")
+    """The per-epoch lines, unless training already logged them (it does when stderr, where the
+    progress bar would go, is not a terminal)."""
+    if sys.stderr.isatty():
+        for record in model.history:
+            print(record)
 
 
 def cmd_train(args) -> None:
@@ -95,7 +97,8 @@ def cmd_evaluate(args) -> None:
     from .metrics import evaluate, format_report
     real, synth = load_csv(args.real), load_csv(args.synth)
     test = load_csv(args.test) if args.test else None
-    print(format_report(evaluate(real, synth, test=test, target=args.target, task=args.task, seed=args.seed)))
+    print(format_report(evaluate(real, synth, test=test, target=args.target, task=args.task,
+                                 reference=not args.no_reference, seed=args.seed, n_jobs=args.jobs)))
 
 
 def cmd_plot(args) -> None:
@@ -128,7 +131,8 @@ def cmd_demo(args) -> None:
         plot_schedule(model.weights, f"{args.output}.schedule.png")
         print(f"wrote {args.output}, its model and a schedule plot beside it")
     real = train.sample(n=min(len(train), args.num_rows), random_state=args.seed)
-    print("fidelity against real training rows (and MLE on the real test split):")
+    print("fidelity against real training rows (and MLE on the real test split); the last column scores\n"
+          "as many real test rows by the same code, the ceiling for each number:")
     print(format_report(evaluate(real, synth, test=test, target=datasets.TARGETS["adult"], seed=args.seed)))
 
 
@@ -174,8 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("synth")
     evaluate.add_argument("--test", help="real held-out CSV for MLE")
     evaluate.add_argument("--target", help="label column for MLE")
-    evaluate.add_argument("--task", choices=["classification", "regression"], default="classification")
+    evaluate.add_argument("--task", choices=["classification", "regression"], default=None,
+                          help="MLE task (default: inferred from the target, as the codec types columns)")
+    evaluate.add_argument("--no-reference", action="store_true",
+                          help="skip the 'real vs real' column (a real sample scored the same way)")
     evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--jobs", type=int, default=2,
+                          help="XGBoost threads; use 1 on a busy machine (spin-waiting threads can run 10x slower)")
     evaluate.set_defaults(func=cmd_evaluate)
 
     plot = sub.add_parser("plot", help="PNG of the learned schedule of a model")

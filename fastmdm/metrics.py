@@ -4,8 +4,14 @@
 * ``alpha`` / ``beta``: the "naive" alpha-precision / beta-recall of Alaa et al. (2022) as
   synthcity's ``AlphaPrecision`` computes them on TabDiff's one-hot + min-max embedding.
 * ``c2st``: sdmetrics ``LogisticDetection`` (1 = a logistic regression cannot tell real from synthetic).
+* ``c2st_xgb``: the same score from a gradient-boosted classifier (XGBoost), which sees interactions
+  a logistic regression cannot: independently shuffled columns score ~.99 on ``c2st``, far less here.
 * ``mle``: machine-learning efficiency, train XGBoost on synthetic rows and test on real held-out rows
-  (ROC AUC for classification, RMSE for regression).
+  (ROC AUC for classification, RMSE for regression; the task follows the target's type).
+
+``evaluate`` scores a synthetic table and, in a second row, real rows the generator never saw by the
+same code ("real vs real"): each number can then be read against the ceiling it has on this data.
+Datetime and timedelta columns are scored as numbers (counts of their unit).
 """
 from __future__ import annotations
 
@@ -19,22 +25,42 @@ import pandas as pd
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.impute import SimpleImputer
 from sklearn.metrics import mean_squared_error, roc_auc_score
-from sklearn.model_selection import train_test_split
+from sklearn.model_selection import StratifiedKFold, cross_val_predict, train_test_split
 from sklearn.neighbors import NearestNeighbors
 from sklearn.preprocessing import MinMaxScaler, OneHotEncoder
 
+from .data import infer_categorical, is_time_dtype, to_plain
+
 __all__ = [
     "ALL_METRICS",
+    "REFERENCE_ROW",
     "shape_and_trend",
     "alpha_precision_beta_recall",
     "c2st",
+    "c2st_xgb",
     "mle",
+    "infer_task",
+    "score",
+    "score_reference",
     "evaluate",
     "format_report",
 ]
 
-ALL_METRICS = ("shape", "trend", "alpha", "beta", "c2st", "mle")
+ALL_METRICS = ("shape", "trend", "alpha", "beta", "c2st", "c2st_xgb", "mle")
+SYNTHETIC_ROW = "synthetic"
+REFERENCE_ROW = "real vs real"
 _TASKS = ("classification", "regression")
+# A classifier with more classes than this is refused: XGBoost grows one tree per class per
+# round, so diamonds' price (11,602 integer values) as classes had not finished after 5 minutes.
+_MAX_CLASSES = 100
+# Categories beyond this many per column share one one-hot column (sklearn's "infrequent"),
+# so a column with thousands of values (tail numbers) does not blow up the dense features.
+# Above every column of the bundled tables (Adult's native-country has 42), so their scores
+# are the plain one-hot ones TabSyn / TabDiff compute.
+_MAX_ONE_HOT = 100
+# XGBoost detector: a fixed, moderately deep booster; 3 folds as sdmetrics' LogisticDetection.
+_DETECTOR = {"n_estimators": 100, "max_depth": 6, "learning_rate": 0.1, "tree_method": "hist"}
+_DETECTOR_FOLDS = 3
 # Number of alpha levels on synthcity's precision / recall curves.
 _N_ALPHAS = 30
 # TabSyn-style grid for the MLE booster, kept small so Adult-size data trains in well under a minute
@@ -55,6 +81,19 @@ def _sdmetrics_metadata(real: pd.DataFrame) -> dict:
             for name in real.columns
         }
     }
+
+
+def _times_as_numbers(frame: pd.DataFrame) -> pd.DataFrame:
+    """Datetime and timedelta columns as float counts of their unit (tz-aware ones in UTC, NaN for
+    missing), as the codec sees them; every metric treats them as numerical columns."""
+    times = [c for c in frame.columns if is_time_dtype(frame[c].dtype)]
+    if not times:
+        return frame
+    return frame.assign(**{c: to_plain(c, frame[c], frame[c].dtype).astype("float64") for c in times})
+
+
+def _one_hot() -> OneHotEncoder:
+    return OneHotEncoder(handle_unknown="infrequent_if_exist", max_categories=_MAX_ONE_HOT, sparse_output=False)
 
 
 def _as_float(frame: pd.DataFrame) -> np.ndarray:
@@ -110,7 +149,7 @@ def _embed(real: pd.DataFrame, synth: pd.DataFrame) -> tuple[np.ndarray, np.ndar
         blocks_real.append(imputer.fit_transform(_as_float(real[numerical])))
         blocks_synth.append(imputer.transform(_as_float(synth[numerical])))
     if categorical:
-        encoder = OneHotEncoder(handle_unknown="ignore", sparse_output=False)
+        encoder = _one_hot()
         blocks_real.append(encoder.fit_transform(real[categorical].astype(str)))
         blocks_synth.append(encoder.transform(synth[categorical].astype(str)))
     x_real, x_synth = np.hstack(blocks_real)[:, :-1], np.hstack(blocks_synth)[:, :-1]
@@ -185,6 +224,32 @@ def c2st(real: pd.DataFrame, synth: pd.DataFrame, metadata: dict | None = None, 
         return float(LogisticDetection.compute(real, synth, metadata or _sdmetrics_metadata(real)))
 
 
+def c2st_xgb(real: pd.DataFrame, synth: pd.DataFrame, *, seed: int = 0, n_jobs: int = 2,
+             max_rows: int = 20_000) -> float:
+    """Detection by XGBoost: 1 - (2 * AUC - 1) from out-of-fold predictions of a 3-fold
+    real-vs-synthetic classifier (AUC below 0.5 counts as 0.5), the scale of ``c2st``.
+
+    Features are ``mle``'s (numbers as they are, one-hot categoricals fit on both tables).
+    Each table is subsampled (seeded) to ``min(len(real), len(synth), max_rows)`` rows, so the
+    classes are balanced and the cost bounded.
+    """
+    from xgboost import XGBClassifier
+
+    real, synth = _times_as_numbers(real), _times_as_numbers(synth[list(real.columns)])
+    n = min(len(real), len(synth), max_rows)
+    both = pd.concat([real.sample(n=n, random_state=seed), synth.sample(n=n, random_state=seed + 1)],
+                     ignore_index=True)
+    numerical = [c for c in both.columns if _is_numerical(real[c])]
+    categorical = [c for c in both.columns if c not in numerical]
+    encoder = _one_hot().fit(both[categorical].astype(str)) if categorical else None
+    x = _features(both, encoder, numerical, categorical)
+    y = np.repeat([0, 1], n)
+    detector = XGBClassifier(**_DETECTOR, n_jobs=n_jobs, random_state=seed)
+    folds = StratifiedKFold(_DETECTOR_FOLDS, shuffle=True, random_state=seed)
+    p_synth = cross_val_predict(detector, x, y, cv=folds, method="predict_proba")[:, 1]
+    return float(2 - 2 * max(0.5, roc_auc_score(y, p_synth)))
+
+
 def _features(
     frame: pd.DataFrame, encoder: OneHotEncoder, numerical: list[str], categorical: list[str]
 ) -> np.ndarray:
@@ -206,11 +271,32 @@ def _ovr_auc(labels: np.ndarray, probabilities: np.ndarray, classes: np.ndarray)
     ]))
 
 
+def infer_task(target: pd.Series, task: str | None = None) -> str:
+    """Classification when the codec would type the target as categorical (text, bool, category,
+    or integers with few values), else regression; an explicit ``task`` that contradicts the
+    target fails here, before any model trains."""
+    if task is not None and task not in _TASKS:
+        raise ValueError(f"task must be one of {_TASKS} or None (inferred from the target), got {task!r}")
+    name, plain = target.name, to_plain(target.name, target, target.dtype)
+    numerical = _is_numerical(plain)
+    inferred = "classification" if infer_categorical(target) else "regression"
+    if task == "regression" and not numerical:
+        raise ValueError(f"task='regression' but target {name!r} holds {target.dtype} values, not numbers; "
+                         "use task='classification' (or leave task=None to infer it)")
+    classes = target.nunique()
+    if (task or inferred) == "classification" and classes > _MAX_CLASSES:
+        hint = ("; it is numeric, so use task='regression' (or leave task=None to infer it)" if numerical
+                else "; group its rare values or pick another target")
+        raise ValueError(f"target {name!r} has {classes:,} distinct values: a classifier with more than "
+                         f"{_MAX_CLASSES} classes is refused{hint}")
+    return task or inferred
+
+
 def mle(
     synth: pd.DataFrame,
     test: pd.DataFrame,
     target: str,
-    task: str = "classification",
+    task: str | None = None,
     *,
     seed: int = 0,
     n_jobs: int = 2,
@@ -218,6 +304,8 @@ def mle(
     """Train XGBoost on synthetic rows, score on real test rows: ROC AUC (one-vs-rest when
     multiclass) for classification, RMSE for regression.
 
+    ``task=None`` infers it from the real test target (``infer_task``: the codec's typing rule).
+    Rows whose target is missing (flights' arr_delay of cancelled flights) are left out of both.
     Hyperparameters come from a small grid picked on a 20 % validation split of the synthetic
     rows, as TabSyn does. Test labels the synthetic data never produced score as never predicted.
     On a machine busy with other work use ``n_jobs=1``: XGBoost's OpenMP threads spin-wait and an
@@ -225,17 +313,18 @@ def mle(
     """
     from xgboost import XGBClassifier, XGBRegressor
 
-    if task not in _TASKS:
-        raise ValueError(f"task must be one of {_TASKS}, got {task!r}")
     for name, frame in (("synth", synth), ("test", test)):
         if target not in frame.columns:
             raise ValueError(f"target column {target!r} is missing from {name}")
-        if frame[target].isna().any():
-            raise ValueError(f"target column {target!r} of {name} has missing values")
+        if frame[target].notna().sum() < 2:
+            raise ValueError(f"target column {target!r} of {name} has fewer than 2 non-missing values")
+    synth, test = synth[synth[target].notna()], test[test[target].notna()]  # a missing label is no label
+    task = infer_task(test[target], task)
+    synth, test = _times_as_numbers(synth), _times_as_numbers(test)
     features = [c for c in synth.columns if c != target]
     numerical = [c for c in features if _is_numerical(synth[c])]
     categorical = [c for c in features if c not in numerical]
-    encoder = OneHotEncoder(handle_unknown="ignore", sparse_output=False)
+    encoder = _one_hot()
     if categorical:
         encoder.fit(synth[categorical].astype(str))
     x = _features(synth, encoder, numerical, categorical)
@@ -276,48 +365,58 @@ def _mle_grid(seed: int, n_jobs: int) -> list[dict]:
     return [dict(zip(_MLE_GRID, values), **fixed) for values in itertools.product(*_MLE_GRID.values())]
 
 
-def _validate(real: pd.DataFrame, synth: pd.DataFrame) -> None:
+def _validate(real: pd.DataFrame, other: pd.DataFrame, label: str = "synth") -> None:
     """Fail early, naming the offending columns, instead of deep inside sdmetrics or sklearn."""
-    for name, frame in (("real", real), ("synth", synth)):
+    for name, frame in (("real", real), (label, other)):
         if not isinstance(frame, pd.DataFrame):
             raise TypeError(f"{name} must be a pandas DataFrame, got {type(frame).__name__}")
         if frame.empty:
             raise ValueError(f"{name} is empty ({frame.shape[0]} rows x {frame.shape[1]} columns)")
-    missing = [c for c in real.columns if c not in synth.columns]
-    extra = [c for c in synth.columns if c not in real.columns]
+    missing = [c for c in real.columns if c not in other.columns]
+    extra = [c for c in other.columns if c not in real.columns]
     if missing or extra:
-        raise ValueError(f"synth columns differ from real: missing {missing}, extra {extra}")
+        raise ValueError(f"{label} columns differ from real: missing {missing}, extra {extra}")
+    real, other = _times_as_numbers(real), _times_as_numbers(other)
     mismatched = [
-        f"{c} (real {real[c].dtype}, synth {synth[c].dtype})"
+        f"{c} (real {real[c].dtype}, {label} {other[c].dtype})"
         for c in real.columns
-        if _is_numerical(real[c]) != _is_numerical(synth[c]) and synth[c].notna().any()
+        if _is_numerical(real[c]) != _is_numerical(other[c]) and other[c].notna().any()
     ]
     if mismatched:
         raise ValueError(f"columns are numerical in one frame and categorical in the other: {mismatched}")
 
 
-def evaluate(
+def score(
     real: pd.DataFrame,
     synth: pd.DataFrame,
     *,
     test: pd.DataFrame | None = None,
     target: str | None = None,
-    task: str = "classification",
+    task: str | None = None,
     metrics: Iterable[str] = ALL_METRICS,
     seed: int = 0,
     n_jobs: int = 2,
+    mle_train: pd.DataFrame | None = None,
 ) -> dict[str, float]:
-    """Run the requested metrics; ``mle`` is skipped unless both ``test`` and ``target`` are given.
+    """Scores of one table ``synth`` against ``real``; ``mle`` runs only when both ``test`` and
+    ``target`` are given, training on ``mle_train`` (default: ``synth``).
 
     ``real`` is the data the generator was trained on; ``test`` is real data it never saw.
-    ``n_jobs`` is passed to the MLE booster (see ``mle``).
+    ``task`` None infers classification or regression from ``real[target]`` (``infer_task``).
+    ``n_jobs`` is passed to the XGBoost models (see ``mle``).
     """
     metrics = tuple(metrics)
     unknown = sorted(set(metrics) - set(ALL_METRICS))
     if unknown:
         raise ValueError(f"unknown metrics {unknown}; choose from {ALL_METRICS}")
     _validate(real, synth)
-    synth = synth[list(real.columns)]
+    run_mle = "mle" in metrics and test is not None and target is not None
+    if run_mle:
+        _validate(real, test, label="test")
+        if target not in real.columns:
+            raise ValueError(f"target column {target!r} is not in real; columns: {list(real.columns)}")
+        task = infer_task(real[target], task)  # fail fast, before the slow metrics run
+    real, synth = _times_as_numbers(real), _times_as_numbers(synth[list(real.columns)])
     results: dict[str, float] = {}
     metadata = _sdmetrics_metadata(real)
     if {"shape", "trend"} & set(metrics):
@@ -326,10 +425,64 @@ def evaluate(
         results.update(alpha_precision_beta_recall(real, synth, seed=seed))
     if "c2st" in metrics:
         results["c2st"] = c2st(real, synth, metadata, seed=seed)
-    if "mle" in metrics and test is not None and target is not None:
-        _validate(real, test)
-        results["mle"] = mle(synth, test[list(real.columns)], target, task, seed=seed, n_jobs=n_jobs)
+    if "c2st_xgb" in metrics:
+        results["c2st_xgb"] = c2st_xgb(real, synth, seed=seed, n_jobs=n_jobs)
+    if run_mle:
+        train = synth if mle_train is None else mle_train[list(real.columns)]
+        results["mle"] = mle(train, test[list(real.columns)], target, task, seed=seed, n_jobs=n_jobs)
     return {name: results[name] for name in metrics if name in results}
+
+
+def score_reference(
+    real: pd.DataFrame, num_rows: int, *, test: pd.DataFrame | None = None, seed: int = 0, **options
+) -> tuple[str, dict[str, float]]:
+    """The "real vs real" row: up to ``num_rows`` real rows scored by ``score`` in place of a
+    synthetic table, with a label saying which rows they are.
+
+    Fidelity scores held-out rows (``test``, sampled without replacement; all of them when it has
+    fewer than ``num_rows``) against ``real``. Without held-out rows, ``real`` is split: up to
+    ``num_rows`` of its rows (at most half) are scored against the others. Never a bootstrap:
+    duplicated rows are what a detector learns to spot (MAGIC: XGBoost C2ST .19 for its test
+    split resampled to the train size, 1.0 for the test split as it is) and they lower beta.
+    MLE trains on up to ``num_rows`` rows of ``real`` (the usual "train on real" ceiling) and
+    tests on ``test``. ``options`` are ``score``'s.
+    """
+    order = np.random.default_rng(seed).permutation(len(real if test is None else test))
+    if test is None:
+        rows = min(num_rows, len(real) // 2)
+        compared, sample, kind = real.iloc[order[rows:]], real.iloc[order[:rows]], "split of real"
+    else:
+        rows = min(num_rows, len(test))
+        compared, sample = real, test.iloc[order[:rows]]
+        kind = "held-out" if rows == num_rows else f"held-out, {rows:,} rows"
+    mle_train = real.sample(n=min(num_rows, len(real)), random_state=seed)
+    scores = score(compared, sample.reset_index(drop=True), test=test, seed=seed, mle_train=mle_train, **options)
+    return f"{REFERENCE_ROW} ({kind})", scores
+
+
+def evaluate(
+    real: pd.DataFrame,
+    synth: pd.DataFrame,
+    *,
+    test: pd.DataFrame | None = None,
+    target: str | None = None,
+    task: str | None = None,
+    metrics: Iterable[str] = ALL_METRICS,
+    reference: bool = True,
+    seed: int = 0,
+    n_jobs: int = 2,
+) -> pd.DataFrame:
+    """Scores of ``synth`` (row "synthetic") and, with ``reference``, of real rows the generator
+    never saw, scored the same way (row "real vs real (...)", see ``score_reference``); one column
+    per metric.
+    Arguments as in ``score``.
+    """
+    options = dict(target=target, task=task, metrics=metrics, n_jobs=n_jobs)
+    rows = {SYNTHETIC_ROW: score(real, synth, test=test, seed=seed, **options)}
+    if reference:
+        label, scores = score_reference(real, len(synth), test=test, seed=seed, **options)
+        rows[label] = scores
+    return pd.DataFrame.from_dict(rows, orient="index")
 
 
 _DESCRIPTIONS = {
@@ -338,12 +491,21 @@ _DESCRIPTIONS = {
     "alpha": "alpha-precision (naive), higher is better",
     "beta": "beta-recall (naive), higher is better",
     "c2st": "logistic detection, 1 = indistinguishable",
+    "c2st_xgb": "XGBoost detection, 1 = indistinguishable",
     "mle": "XGBoost on synthetic -> real test: AUC higher / RMSE lower is better",
 }
 
 
-def format_report(results: Mapping[str, float]) -> str:
-    """Aligned ``metric  value  meaning`` lines for logs and the CLI."""
-    width = max((len(name) for name in results), default=0)
-    lines = (f"{name:<{width}}  {value:8.4f}  {_DESCRIPTIONS.get(name, '')}" for name, value in results.items())
-    return "\n".join(line.rstrip() for line in lines)
+def format_report(results: pd.DataFrame | Mapping[str, float]) -> str:
+    """Aligned ``metric  value(s)  meaning`` lines for logs and the CLI: one value column per row of
+    ``evaluate``'s frame (or for a single dict of scores)."""
+    table = results if isinstance(results, pd.DataFrame) else pd.DataFrame([results], index=["value"])
+    names = [str(n) for n in table.index]
+    metric_width = max([len("metric"), *(len(m) for m in table.columns)])
+    widths = [max(8, len(n)) for n in names]
+    header = f"{'metric':<{metric_width}}  " + "  ".join(f"{n:>{w}}" for n, w in zip(names, widths))
+    lines = [header.rstrip() + "  meaning"] if isinstance(results, pd.DataFrame) else []
+    for metric in table.columns:
+        values = "  ".join(f"{'':>{w}}" if pd.isna(v) else f"{v:>{w}.4f}" for v, w in zip(table[metric], widths))
+        lines.append(f"{metric:<{metric_width}}  {values}  {_DESCRIPTIONS.get(metric, '')}".rstrip())
+    return "\n".join(lines)

@@ -1,9 +1,10 @@
 """NELBO estimators (t-space and order-space) and the RLOO gradient for learned schedules.
 
 Both estimators are unbiased for the same NELBO, which for a time-independent denoiser is
-E_{pi ~ PL(w)} sum_i -log p(x_{pi_i} | x_{pi_<i}). The t-space one is the paper's
-(weights w/t, unbounded); the order-space one samples a PL order and a prefix and scores
-every hidden column with bounded weights L w_l / sum_{hidden} w.
+E_{pi ~ PL(w)} sum_i -log p(x_{pi_i} | x_{pi_<i}). The t-space one is the paper's (weights
+w/t), with t drawn by importance so that its variance is finite for every w (see
+`schedules.sample_tspace_times`); the order-space one samples a PL order and a prefix and
+scores every hidden column with bounded weights L w_l / sum_{hidden} w.
 
 A causal denoiser (fastmdm.models.causal) scores every prefix of an order in one pass, so
 for it the order-space estimator takes all L prefixes at once: -log p(x | pi) with
@@ -17,7 +18,8 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .schedules import TIME_EPS, PowerSchedule, exponential_keys, order_from_keys, plackett_luce_prefix_score
+from .schedules import (PowerSchedule, exponential_keys, order_from_keys, plackett_luce_prefix_score,
+                        sample_tspace_times)
 
 ESTIMATORS = ("order", "tspace")
 
@@ -29,13 +31,14 @@ class LossOutput(NamedTuple):
 
 
 def draw_masks(x: Tensor, schedule: PowerSchedule, mask_id: Tensor, estimator: str,
-               generator: torch.Generator | None = None, eps: float = TIME_EPS) -> ops.MaskedBatch:
+               generator: torch.Generator | None = None) -> ops.MaskedBatch:
     """One random mask per row of x, with NELBO weights and scores, for the chosen estimator."""
     rows, num_columns = x.shape
     seed = int(torch.randint(0, 2**62, (), generator=generator).item())
     if estimator == "tspace":
-        t = torch.rand(rows, generator=generator).to(x.device)
-        return ops.mask_tspace(x, t, schedule.w, mask_id, seed=seed, eps=eps)
+        log_t, time_weight = sample_tspace_times(schedule.w, rows, generator)
+        return ops.mask_tspace(x, log_t.to(x.device), schedule.w, mask_id, time_weight.to(x.device),
+                               seed=seed)
     if estimator == "order":
         n_revealed = torch.randint(0, num_columns, (rows,), generator=generator).to(x.device)
         return ops.mask_order(x, schedule.w, mask_id, n_revealed, seed=seed)
@@ -44,8 +47,7 @@ def draw_masks(x: Tensor, schedule: PowerSchedule, mask_id: Tensor, estimator: s
 
 def diffusion_loss(denoiser: Callable[[Tensor], Tensor], x: Tensor, schedule: PowerSchedule,
                    mask_id: Tensor, offsets: Tensor, *, estimator: str = "order",
-                   num_samples: int = 2, generator: torch.Generator | None = None,
-                   eps: float = TIME_EPS) -> LossOutput:
+                   num_samples: int = 2, generator: torch.Generator | None = None) -> LossOutput:
     """Monte-Carlo NELBO of rows x [B, L] with `num_samples` masks per row.
 
     `denoiser(x_t)` maps masked tokens [N, L] to ragged logits [N, V] (column l in
@@ -57,7 +59,7 @@ def diffusion_loss(denoiser: Callable[[Tensor], Tensor], x: Tensor, schedule: Po
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     rows, num_columns = x.shape
     x_rep = x.repeat_interleave(num_samples, dim=0)
-    masked = draw_masks(x_rep, schedule, mask_id, estimator, generator, eps)
+    masked = draw_masks(x_rep, schedule, mask_id, estimator, generator)
     logits = denoiser(masked.x_t)
     per_sample = ops.weighted_ce(logits, x_rep, masked.weight, masked.mask, offsets)
     return _with_rloo(per_sample, masked.score, schedule, rows, num_samples)

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from ._checks import (INT_DTYPES, check_offsets, check_positive_weights, check_same_device, check_tensor,
                       check_tokens)
+from .models.base import TableDenoiser
 from .ops.reference import segment_layout
 from .schedules import PowerSchedule, exponential_keys
 
@@ -199,6 +200,10 @@ def _sample_bidirectional(denoiser, w, layout: ColumnLayout, steps, temperature,
             x_in, logit_rows = x, rows
         else:  # rows with nothing left to reveal skip the denoiser
             x_in, logit_rows = x[active], (active.cumsum(0) - 1)[rows]
+        if isinstance(denoiser, TableDenoiser):   # our models: chunked heads, never full logits
+            x[rows, cols] = denoiser.heads.sample(denoiser.states(x_in)[logit_rows, cols], cols, temperature,
+                                                  generator)
+            continue
         logits = denoiser(x_in)
         if tuple(logits.shape) != (x_in.shape[0], layout.vocab):
             raise ValueError(f"denoiser returned logits of shape {tuple(logits.shape)} for "

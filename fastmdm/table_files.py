@@ -8,13 +8,15 @@ reservoir sample.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
 
-from .data import DEFAULT_MAX_CATEGORIES, DEFAULT_NUM_BINS, TableCodec, _python_scalar
+from .data import (DEFAULT_CATEGORY_CAP, DEFAULT_MAX_CATEGORIES, DEFAULT_NUM_BINS, SAMPLES_PER_BIN, TableCodec,
+                   _exact_values, _is_numeric_plain, _python_scalar, is_time_dtype, to_plain)
 
 __all__ = ["table_files", "read_chunks", "fit_codec", "TableWriter", "DEFAULT_CHUNK_ROWS",
            "DEFAULT_RESERVOIR_ROWS"]
@@ -102,53 +104,67 @@ def _common_dtype(a, b):
 
 
 class _ColumnPass:
-    """What the codec must see of a column exactly, gathered in one pass over its chunks:
-    its dtype, whether it has missing values, and its distinct values. A column that may
-    be numeric stops collecting values once it has more than `limit` or a non-integer one
-    (it is then binned, from the reservoir)."""
+    """What the codec must see of a column exactly, gathered in one pass over its chunks: its
+    dtype, whether it has missing values, and how often each value occurs (in the codec's
+    plain form: datetimes as integer counts). A column that may be numeric stops counting once
+    it has more than `limit` values or a non-integer one (it is then binned, from the
+    reservoir); `limit` None counts every value (text, or listed as categorical)."""
 
     def __init__(self, name, limit: int | None):
         self.name, self.limit = name, limit
         self.dtype = None
         self.has_missing = False
         self.present = 0
-        self.values: dict | None = {}      # an ordered set; None once the column is known to be binned
+        self.counts: Counter | None = Counter()   # None once the column is known to be binned
+        self.declared: dict = {}                   # a category dtype's declared categories, in order
 
     def update(self, series: pd.Series) -> None:
         self.dtype = series.dtype if self.dtype is None else _common_dtype(self.dtype, series.dtype)
-        missing = series.isna().to_numpy()
+        plain = to_plain(self.name, series, series.dtype)
+        missing = plain.isna().to_numpy()
         self.has_missing |= bool(missing.any())
         self.present += int((~missing).sum())
-        if self.values is None:
+        if self.counts is None:
             return
         if isinstance(series.dtype, pd.CategoricalDtype):
-            new = list(series.cat.categories)  # the declared domain, used or not (as TableCodec.fit)
-        else:
-            new = pd.unique(series[~missing])
-        if self.limit is not None and _is_number(series.dtype):
-            if not np.all(np.asarray(new, dtype=np.float64) % 1 == 0):
-                self.values = None
+            self.declared.update(dict.fromkeys(_python_scalar(v) for v in series.cat.categories))
+        may_be_binned = self.limit is not None and _is_numeric_plain(plain.dtype)
+        if may_be_binned:
+            x = _exact_values(plain)
+            if not np.all(x == np.round(x)):
+                self.counts = None
                 return
-        self.values.update(dict.fromkeys(_python_scalar(v) for v in new))
-        if self.limit is not None and _is_number(series.dtype) and len(self.values) > self.limit:
-            self.values = None
+        self.counts.update({_python_scalar(v): int(c) for v, c in plain[~missing].value_counts(sort=False).items()})
+        if may_be_binned and len(self.counts) > self.limit:
+            self.counts = None
 
     def categories(self) -> list:
-        """Every value seen, sorted when comparable (as TableCodec.fit orders them), in the column's dtype."""
-        values = list(self.values)
+        """Every value, ordered as TableCodec.fit orders them: a category dtype's declared
+        order, else sorted when comparable; numbers in the column's dtype."""
         if isinstance(self.dtype, pd.CategoricalDtype):
-            return values
+            return list(self.declared)
+        values = list(self.counts)
         try:
             values = sorted(values)
         except TypeError:
             pass
-        if _is_number(self.dtype) or self.dtype == bool:
+        if (_is_numeric_plain(self.dtype) or self.dtype == bool) and not is_time_dtype(self.dtype):
             values = np.asarray(values, dtype=self.dtype).tolist()
         return values
 
-
-def _is_number(dtype) -> bool:
-    return pd.api.types.is_numeric_dtype(dtype) and not pd.api.types.is_bool_dtype(dtype)
+    def fix_vocabulary(self, entry: dict, category_cap: int | None) -> None:
+        """Give a categorical column's state (fitted on the reservoir) every value of the
+        table, or, beyond category_cap, the cap - 1 most frequent ones by exact count; the
+        "other" token keeps the reservoir's frequency sample of the rest."""
+        values = self.categories()
+        if category_cap is None or len(values) <= category_cap:
+            entry["categories"], entry["other"] = values, None
+            return
+        counts = pd.Series([self.counts.get(v, 0) for v in values], index=pd.Index(values, dtype=object))
+        kept = set(counts.sort_values(ascending=False, kind="stable").index[:category_cap - 1])
+        entry["categories"] = [v for v in values if v in kept]
+        rare = [v for v in values if v not in kept]
+        entry["other"] = [v for v in entry["other"] or () if v not in kept] or rare[:SAMPLES_PER_BIN]
 
 
 def _keep_smallest(frame: pd.DataFrame | None, keys: np.ndarray | None, chunk: pd.DataFrame,
@@ -171,19 +187,22 @@ def _keep_smallest(frame: pd.DataFrame | None, keys: np.ndarray | None, chunk: p
 
 def fit_codec(chunks: Iterable[pd.DataFrame], *, num_bins: int = DEFAULT_NUM_BINS,
               categorical: Sequence[str] | None = None, max_categories: int = DEFAULT_MAX_CATEGORIES,
-              reservoir_rows: int = DEFAULT_RESERVOIR_ROWS, seed: int = 0) -> TableCodec:
+              category_cap: int | None = DEFAULT_CATEGORY_CAP, reservoir_rows: int = DEFAULT_RESERVOIR_ROWS,
+              seed: int = 0) -> TableCodec:
     """A TableCodec for a table seen one chunk at a time, in bounded memory.
 
     One pass keeps a uniform reservoir sample of `reservoir_rows` rows and, exactly over all
-    rows, each column's dtype, whether it has missing values, and the distinct values of
-    categorical columns. `TableCodec.fit` then runs on the reservoir with the categorical
-    columns decided by the exact pass, and the exact categories and missing flags replace
-    the reservoir's. So every category of the table is in the vocabulary (a category only
-    seen later, at encode time, raises ValueError, as for any codec), while numeric bins and
-    the values they decode to come from the reservoir. With at most reservoir_rows rows
-    the result equals TableCodec.fit on the whole table.
+    rows, each column's dtype, whether it has missing values, and the counts of the values
+    of categorical columns. `TableCodec.fit` then runs on the reservoir with the categorical
+    columns decided by the exact pass, and the exact categories (up to category_cap, chosen
+    by exact counts) and missing flags replace the reservoir's. So every category of the
+    table has its token, or the "other" token beyond the cap (a category only seen later, at
+    encode time, raises ValueError, or takes the "other" token of a capped column, as for any
+    codec), while numeric bins, the values they decode to, the "other" token's sample and
+    the unique-key check come from the reservoir. With at most reservoir_rows rows the
+    result equals TableCodec.fit on the whole table.
 
-    Memory: the reservoir, one chunk, and the distinct values of the categorical columns.
+    Memory: the reservoir, one chunk, and the value counts of the categorical columns.
     """
     if isinstance(reservoir_rows, bool) or not isinstance(reservoir_rows, int) or reservoir_rows < 1:
         raise ValueError(f"reservoir_rows must be a positive integer, got {reservoir_rows!r}")
@@ -206,19 +225,19 @@ def fit_codec(chunks: Iterable[pd.DataFrame], *, num_bins: int = DEFAULT_NUM_BIN
         if column.present and reservoir[name].isna().all():
             raise ValueError(f"column {name!r} has {column.present} values in {rows} rows but none in the "
                              f"reservoir sample of {len(reservoir)}: raise reservoir_rows")
-        if column.values is None and not _is_number(column.dtype):
+        if column.counts is None and not (_is_numeric_plain(column.dtype) or is_time_dtype(column.dtype)):
             raise ValueError(f"column {name!r} holds numbers in some chunks and text in others (in a CSV, "
                              "a non-numeric value in a numeric column); clean it or store the table as Parquet")
     if categorical is None:
-        categorical = [name for name, column in passes.items() if column.values is not None]
+        categorical = [name for name, column in passes.items() if column.counts is not None]
     reservoir = reservoir.astype({name: column.dtype for name, column in passes.items()})
-    state = TableCodec.fit(reservoir, num_bins=num_bins, categorical=categorical,
-                           max_categories=max_categories).state_dict()
+    state = TableCodec.fit(reservoir, num_bins=num_bins, categorical=categorical, max_categories=max_categories,
+                           category_cap=category_cap).state_dict()
     for entry in state["columns"]:
         column = passes[entry["name"]]
         entry["has_missing"] = column.has_missing
         if entry["kind"] == "categorical":
-            entry["categories"] = column.categories()
+            column.fix_vocabulary(entry, category_cap)
     return TableCodec.from_state_dict(state)
 
 

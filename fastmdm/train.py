@@ -42,6 +42,7 @@ class TrainConfig:
     val_samples: int = 4            # masks per validation row for the validation NELBO
     seed: int = 0
     progress: bool = True
+    bf16: bool = True               # on CUDA, run the forward under bfloat16 autocast
 
     def __post_init__(self):
         if self.estimator not in ESTIMATORS:
@@ -62,6 +63,10 @@ class EpochRecord:
     val_nelbo: float | None
     seconds: float
     w: list[float] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        val = f"{self.val_nelbo:.4f}" if self.val_nelbo is not None else "-"
+        return f"epoch {self.epoch:3d}  train NELBO {self.train_nelbo:.4f}  validation NELBO {val}  ({self.seconds:.1f} s)"
 
 
 def _distributed() -> tuple[int, int]:
@@ -156,7 +161,8 @@ class Trainer:
 
     def _train_step(self, batch: Tensor) -> float:
         self._set_lr()
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        bf16 = self.device.type == "cuda" and self.config.bf16
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16)
         with autocast:
             out = model_loss(self.model, batch, self.schedule, self.mask_id, self.offsets,
                                  estimator=self.config.estimator, num_samples=self.config.num_samples,
@@ -211,6 +217,8 @@ class Trainer:
                 record = EpochRecord(self.epoch, total / count, val, time.perf_counter() - start,
                                      self.ema_schedule.w.tolist())
                 self.history.append(record)
+                if bar is not None and bar.disable:  # no live bar (a log, nohup, CI): one line per epoch
+                    print(f"{record}  [{self.epoch}/{config.epochs}]", flush=True)
                 if checkpoint_path is not None and self.rank == 0:
                     state = self.state_dict()
                     if extra_state is not None:

@@ -17,3 +17,17 @@ def ragged_problem(rows: int, sizes: list[int], *, seed: int = 0, dtype=torch.fl
     targets = torch.stack([torch.randint(0, k, (rows,), generator=generator) for k in sizes], 1)
     logits = (3 * torch.randn(rows, int(offsets[-1]), generator=generator)).to(dtype)
     return targets, logits, offsets
+
+
+def order_uniforms(rows, w, generator):
+    """Uniforms whose keys -log(u)/w differ by > 1e-4 relatively within each row: the later
+    column of every close pair is redrawn until none is left (wide rows have many pairs)."""
+    u = torch.rand(rows, w.shape[0], generator=generator)
+    for _ in range(100):
+        keys, order = (-torch.log(u.double()) / w.double()[None, :]).sort(1)
+        close = torch.zeros_like(u, dtype=torch.bool)
+        close.scatter_(1, order[:, 1:], (keys[:, 1:] - keys[:, :-1]) <= 1e-4 * keys[:, 1:])
+        if not close.any():
+            return u
+        u[close] = torch.rand(int(close.sum()), generator=generator)
+    raise AssertionError("could not draw separated keys")

@@ -76,6 +76,7 @@ def test_impute_fills_only_missing(fitted):
     df.loc[1::4, "color"] = np.nan
     filled = fitted.impute(df, seed=0)
     assert filled["size"].notna().all() and filled["color"].notna().all()
+    assert df["size"].dtype == np.float64 and filled["size"].dtype == np.int64  # the fitted dtype, holes filled
     known = df["size"].notna()
     assert (filled.loc[known, "size"] == df.loc[known, "size"]).all()
     assert filled.index.equals(df.index)
@@ -155,8 +156,9 @@ def test_cli_train_sample_evaluate(tmp_path, capsys):
     synth = tmp_path / "synth.csv"
     assert cli_main(["sample", str(model), "-n", "200", "-o", str(synth), "--steps", "2", "--seed", "0"]) == 0
     assert len(pd.read_csv(synth)) == 200
-    assert cli_main(["evaluate", str(data), str(synth)]) == 0
-    assert "shape" in capsys.readouterr().out
+    assert cli_main(["evaluate", str(data), str(synth), "--no-reference", "--jobs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "shape" in out and "real vs real" not in out
     png = tmp_path / "w.png"
     assert cli_main(["plot", str(model), "-o", str(png)]) == 0 and png.stat().st_size > 1000
     holes = tmp_path / "holes.csv"
@@ -177,3 +179,27 @@ def test_train_config_validation():
         TrainConfig(epochs=0)
     with pytest.raises(ValueError, match="ema_decay"):
         TrainConfig(ema_decay=1.0)
+
+
+def test_fit_logs_one_line_per_epoch_without_a_terminal(capsys):
+    """Under pytest stderr is not a terminal, so there is no live bar: fit prints each epoch."""
+    tiny(epochs=2, progress=True).fit(correlated_table(300), validation=0.2)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch")]
+    assert len(lines) == 2 and lines[1].endswith("[2/2]") and "validation NELBO" in lines[0]
+
+
+def test_datetime_and_nullable_columns_end_to_end():
+    rng = np.random.default_rng(0)
+    df = correlated_table(400).assign(
+        when=pd.Timestamp("2024-03-01", tz="Europe/Paris") + pd.to_timedelta(rng.integers(0, 10**6, 400), unit="s"),
+        wait=pd.to_timedelta(rng.exponential(60, 400).round(), unit="s"),
+        vip=pd.array(np.where(rng.random(400) < 0.2, None, rng.random(400) < 0.5), dtype="boolean"),
+        count=lambda d: d["count"].astype("Int64"))
+    model = tiny(epochs=1).fit(df, validation=None)
+    synth = model.sample(50, seed=0)
+    assert synth.dtypes.equals(df.dtypes)
+    condition = "2024-03-05T12:00:00+01:00"  # text, as from a CSV or a form
+    pinned = model.sample(20, conditions={"when": condition}, seed=0)
+    column = model.codec.columns.index("when")
+    expected = model.codec.encode(df.iloc[:1].assign(when=pd.Timestamp(condition)))[0, column]
+    assert (model.codec.encode(pinned)[:, column] == expected).all()  # every row in the condition's bin

@@ -8,7 +8,8 @@ Tolerances (all float32 compute on both sides):
   tests assert most positions are compared). Order-space rows whose float64 keys
   -log(u)/w have two neighbours within 1e-4 relative are excluded for the same reason
   (a near tie could rank either way); every other position is compared.
-  weight (w/t, L w / sum) and the t-space score: rtol 1e-5 (a few float32 ulps of exp/log).
+  weight (w * time_weight, L w / sum) and the t-space score: rtol 1e-5 (a few float32 ulps
+  of exp/log).
   The order-space score 1/w - C_r cancels, so it is checked against a float64 evaluation
   of the same closed form with an error bound of 2e-5 times the size of its terms.
 * weighted_ce: float32 logsumexp over at most ~1500 logits of scale ~3 is good to ~1e-6
@@ -29,7 +30,8 @@ from hypothesis import strategies as st
 import fastmdm.ops as ops
 from fastmdm.ops import _dispatch
 from fastmdm.ops import reference as ref
-from fastmdm.schedules import clamp_time, plackett_luce_prefix_score
+from conftest import order_uniforms
+from fastmdm.schedules import plackett_luce_prefix_score
 
 cpu = pytest.importorskip("fastmdm.ops.cpu_backend", reason="fastmdm._C is not built")
 from fastmdm import _C  # noqa: E402
@@ -58,18 +60,24 @@ def log_uniform_w(gen: torch.Generator, columns: int, low=1e-3, high=1e3) -> tor
     return torch.exp(math.log(low) + (math.log(high) - math.log(low)) * torch.rand(columns, generator=gen))
 
 
-def times(gen: torch.Generator, rows: int, mode: str) -> torch.Tensor:
-    t = torch.rand(rows, generator=gen)
-    if mode == "near0":
-        t = t * 1e-5
-    elif mode == "zero":
-        t[::2] = 0.0
+def log_times(gen: torch.Generator, rows: int, mode: str) -> torch.Tensor:
+    """log t per row: t uniform in (0, 1], tiny t, t far below float32's range, t = 1, or mixed."""
+    log_t = torch.log1p(-torch.rand(rows, generator=gen))
+    if mode == "tiny":
+        log_t = log_t + math.log(1e-5)
+    elif mode == "underflow":
+        log_t = -3e4 * torch.rand(rows, generator=gen)   # t = e^-30000 at the far end
     elif mode == "one":
-        t[::2] = 1.0
+        log_t[::2] = 0.0
     elif mode == "mixed":
-        t[0] = 0.0
-        t[-1] = 1.0
-    return t
+        log_t[0] = -3e4
+        log_t[-1] = 0.0
+    return log_t
+
+
+def time_weights(gen: torch.Generator, rows: int) -> torch.Tensor:
+    """Per-row NELBO time weights 1 / (t p(t)), log-uniform over [1e-3, 1e6]."""
+    return torch.exp(math.log(1e-3) + math.log(1e9) * torch.rand(rows, generator=gen))
 
 
 # ------------------------------------------------------------------------------- supports
@@ -94,22 +102,22 @@ def test_dispatch_picks_cpp_for_float32_and_reference_for_float64():
 # ---------------------------------------------------------------------------- mask_tspace
 @settings(**SETTINGS)
 @given(rows=st.integers(1, 24), columns=st.integers(1, 12), seed=st.integers(0, 2**31),
-       t_mode=st.sampled_from(["uniform", "near0", "zero", "one", "mixed"]),
-       noncontig=st.booleans(), eps=st.sampled_from([1e-5, 1e-3]))
-def test_mask_tspace_matches_reference(rows, columns, seed, t_mode, noncontig, eps):
+       t_mode=st.sampled_from(["uniform", "tiny", "underflow", "one", "mixed"]),
+       noncontig=st.booleans())
+def test_mask_tspace_matches_reference(rows, columns, seed, t_mode, noncontig):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randint(0, 7, (rows, columns), generator=gen)
     w = log_uniform_w(gen, columns)
     mask_id = torch.randint(7, 10, (columns,), generator=gen)
-    t = times(gen, rows, t_mode)
+    log_t, time_weight = log_times(gen, rows, t_mode), time_weights(gen, rows)
     u = torch.rand(rows, columns, generator=gen)
-    expected = ref.mask_tspace(x, t, w, mask_id, u, 0, eps)
-    got = cpu.mask_tspace(*(maybe_strided(v, noncontig) for v in (x, t, w, mask_id, u)), 0, eps)
+    expected = ref.mask_tspace(x, log_t, w, mask_id, time_weight, u, 0)
+    got = cpu.mask_tspace(*(maybe_strided(v, noncontig) for v in (x, log_t, w, mask_id, time_weight, u)), 0)
     for e, g in zip(expected, got):
         assert g.dtype == e.dtype and g.shape == e.shape
 
     # Exclude near-ties of u with t^w (see module docstring).
-    p = torch.exp(w.double()[None, :] * torch.log(clamp_time(t, eps).double())[:, None])
+    p = torch.exp(w.double()[None, :] * log_t.double()[:, None])
     ok = (u.double() - p).abs() > 1e-4 * p
     assert ok.float().mean() > 0.9
     assert torch.equal(got[1][ok], expected[1][ok])
@@ -159,6 +167,23 @@ def test_mask_order_matches_reference(rows, columns, seed, n_mode, noncontig, w_
     torch.testing.assert_close(got[2][c], expected[2][c], rtol=1e-5, atol=0)
     err = (got[3][c].double() - score64[c]).abs()
     assert bool((err <= 2e-5 * scale[c]).all()), float((err / scale[c]).max())
+
+
+@pytest.mark.parametrize("columns", [600, 4096, 10_000])
+def test_mask_order_wide_rows(columns):
+    """As wide as the Triton kernel takes (4,096) and wider: the C++ sort has no width limit.
+    Keys are drawn 1e-4 apart (conftest.order_uniforms), so every position is compared."""
+    gen = torch.Generator().manual_seed(columns)
+    w = log_uniform_w(gen, columns)
+    u = order_uniforms(6, w, gen)
+    n = torch.tensor([0, 1, columns // 3, columns // 2, columns - 2, columns - 1])
+    x, mask_id = torch.randint(0, 7, (6, columns), generator=gen), torch.full((columns,), 7)
+    expected, got = ref.mask_order(x, w, mask_id, u, n, 0), cpu.mask_order(x, w, mask_id, u, n, 0)
+    assert torch.equal(got[1], expected[1]) and torch.equal(got[0], expected[0])
+    torch.testing.assert_close(got[2], expected[2], rtol=1e-5, atol=0)
+    _, score64, scale, _ = order_space_truth(w, u, n)
+    err = (got[3].double() - score64).abs()
+    assert bool((err <= 2e-5 * scale).all()), float((err / scale).max())
 
 
 # ---------------------------------------------------------------------------- weighted_ce
@@ -251,21 +276,22 @@ def test_seeded_masking_is_deterministic_and_thread_independent():
     gen = torch.Generator().manual_seed(1)
     rows = 20200  # rows * L >= 2^18: the kernels use their OpenMP team when it has 2 threads
     x = torch.randint(0, 5, (rows, 13), generator=gen)
-    w, t = log_uniform_w(gen, 13, 0.2, 5.0), torch.rand(rows, generator=gen)
+    w, log_t = log_uniform_w(gen, 13, 0.2, 5.0), log_times(gen, rows, "uniform")
+    time_weight = time_weights(gen, rows)
     mask_id, n = torch.full((13,), 9), torch.randint(0, 13, (rows,), generator=gen)
     threads = _C.num_threads()
     try:
         runs = []
         for count in (1, 2):
             _C.set_num_threads(count)
-            runs.append((cpu.mask_tspace(x, t, w, mask_id, None, 123, 1e-5),
+            runs.append((cpu.mask_tspace(x, log_t, w, mask_id, time_weight, None, 123),
                          cpu.mask_order(x, w, mask_id, None, n, 123)))
     finally:
         _C.set_num_threads(threads)
     for a, b in zip(runs[0], runs[1]):
         for ta, tb in zip(a, b):
             assert torch.equal(ta, tb)
-    other_t = cpu.mask_tspace(x, t, w, mask_id, None, 124, 1e-5)
+    other_t = cpu.mask_tspace(x, log_t, w, mask_id, time_weight, None, 124)
     other_o = cpu.mask_order(x, w, mask_id, None, n, 124)
     assert not torch.equal(other_t[1], runs[0][0][1])
     assert not torch.equal(other_o[1], runs[0][1][1])
@@ -275,8 +301,8 @@ def test_seeded_masking_is_deterministic_and_thread_independent():
     for a, b in zip(cpu.mask_order(x, w, mask_id, u, n, 0), runs[0][1]):
         assert torch.equal(a, b)
     # Large and negative seeds are accepted (taken modulo 2^64).
-    cpu.mask_tspace(x, t, w, mask_id, None, -5, 1e-5)
-    cpu.mask_tspace(x, t, w, mask_id, None, 2**62 + 17, 1e-5)
+    cpu.mask_tspace(x, log_t, w, mask_id, time_weight, None, -5)
+    cpu.mask_tspace(x, log_t, w, mask_id, time_weight, None, 2**62 + 17)
 
 
 def test_seeded_mask_rate_matches_t_pow_w():
@@ -284,10 +310,10 @@ def test_seeded_mask_rate_matches_t_pow_w():
     rows = 20000
     gen = torch.Generator().manual_seed(2)
     w = torch.tensor([0.1, 0.5, 1.0, 3.0, 20.0])
-    t = torch.rand(rows, generator=gen)
+    log_t = log_times(gen, rows, "uniform")
     x = torch.zeros(rows, 5, dtype=torch.int64)
-    _, mask, _, _ = cpu.mask_tspace(x, t, w, torch.ones(5, dtype=torch.int64), None, 77, 1e-5)
-    p = torch.exp(w.double()[None, :] * torch.log(t.double().clamp(min=1e-5))[:, None])
+    _, mask, _, _ = cpu.mask_tspace(x, log_t, w, torch.ones(5, dtype=torch.int64), torch.ones(rows), None, 77)
+    p = torch.exp(w.double()[None, :] * log_t.double()[:, None])
     mean, sd = p.sum(0), (p * (1 - p)).sum(0).sqrt()
     z = (mask.double().sum(0) - mean) / sd
     assert bool((z.abs() < 5).all()), z
@@ -318,11 +344,11 @@ def test_seeded_order_frequencies_match_plackett_luce():
 
 
 # ---------------------------------------------------------------- public API and autograd
-def _grads_through_api(backend, x, t, w, mask_id, u, logits, offsets, n):
+def _grads_through_api(backend, x, log_t, time_weight, w, mask_id, u, logits, offsets, n):
     with ops.use_backend(backend):
         w1 = w.clone().requires_grad_()
         lg = logits.clone().requires_grad_()
-        mb = ops.mask_tspace(x, t, w1, mask_id, u=u)
+        mb = ops.mask_tspace(x, log_t, w1, mask_id, time_weight, u=u)
         mo = ops.mask_order(x, w1, mask_id, n, u=u)
         rows = ops.weighted_ce(lg, x, mb.weight, mb.mask, offsets)
         rows_o = ops.weighted_ce(lg, x, mo.weight, mo.mask, offsets)
@@ -338,14 +364,15 @@ def test_public_api_gradients_match_reference_backend():
     rows, columns = 33, len(sizes)
     logits, targets, _, _, offsets = _problem(gen, rows, sizes, 0.5)
     w = log_uniform_w(gen, columns, 0.3, 3.0)
-    t = torch.rand(rows, generator=gen)
+    log_t, time_weight = log_times(gen, rows, "uniform"), time_weights(gen, rows)
     u = torch.rand(rows, columns, generator=gen)
     mask_id = torch.tensor(sizes) - 1  # any id; targets are the tokens
     n = torch.randint(0, columns, (rows,), generator=gen)
-    p = torch.exp(w.double()[None, :] * torch.log(t.double())[:, None])
+    p = torch.exp(w.double()[None, :] * log_t.double()[:, None])
     u = torch.where((u.double() - p).abs() < 1e-3, (p + 2e-3).clamp(max=0.999).float(), u)  # no near ties
-    got = _grads_through_api("cpp", targets, t, w, mask_id, u, logits, offsets, n)
-    expected = _grads_through_api("reference", targets, t, w, mask_id, u, logits, offsets, n)
+    args = (targets, log_t, time_weight, w, mask_id, u, logits, offsets, n)
+    got = _grads_through_api("cpp", *args)
+    expected = _grads_through_api("reference", *args)
     for name, a, b in zip(("loss_t", "loss_o", "g", "w.grad", "logits.grad"), got, expected):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
 
@@ -355,13 +382,13 @@ def _opcheck_args():
     sizes = [3, 5, 2]
     logits, targets, weight, mask, offsets = _problem(gen, 6, sizes, 0.5)
     w = torch.tensor([0.5, 1.0, 2.0])
-    t = torch.rand(6, generator=gen)
+    log_t, time_weight = log_times(gen, 6, "mixed"), time_weights(gen, 6)
     u = torch.rand(6, 3, generator=gen)
     mask_id = torch.tensor(sizes)
     n = torch.randint(0, 3, (6,), generator=gen)
     f, score = torch.randn(6, 2, generator=gen), torch.randn(6, 2, 3, generator=gen)
     return {
-        "mask_tspace": (targets, t, w.clone().requires_grad_(), mask_id, u, 0, 1e-5),
+        "mask_tspace": (targets, log_t, w.clone().requires_grad_(), mask_id, time_weight.requires_grad_(), u, 0),
         "mask_order": (targets, w.clone().requires_grad_(), mask_id, u, n, 0),
         "weighted_ce": (logits.clone().requires_grad_(), targets, weight.clone().requires_grad_(),
                         mask, offsets, True),

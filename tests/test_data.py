@@ -1,5 +1,6 @@
 """TableCodec and dataset loaders: round trips, bin semantics, error messages, serialisation."""
 import io
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -8,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastmdm.data import DEFAULT_NUM_BINS, TableCodec
+from fastmdm.data import DEFAULT_NUM_BINS, KEY_MIN_VALUES, SAMPLES_PER_BIN, TableCodec, infer_categorical
 from fastmdm.datasets import TARGETS, TASKS, load, load_csv
 
 
@@ -235,8 +236,10 @@ def test_fit_errors(small):
         TableCodec.fit(small.assign(empty=np.nan))
     with pytest.raises(ValueError, match="num_bins must be an integer >= 2"):
         TableCodec.fit(small, num_bins=1)
-    with pytest.raises(TypeError, match="'when' has unsupported dtype"):
-        TableCodec.fit(small.assign(when=pd.Timestamp("2020-01-01")))
+    with pytest.raises(TypeError, match="'when' has unsupported dtype period"):
+        TableCodec.fit(small.assign(when=pd.Period("2020-01", freq="M")))
+    with pytest.raises(ValueError, match="category_cap must be None or an integer >= 2"):
+        TableCodec.fit(small, category_cap=1)
     with pytest.raises(TypeError, match="DataFrame"):
         TableCodec.fit(small.to_numpy())
 
@@ -274,8 +277,14 @@ def frames(draw):
     n = draw(st.integers(1, 40))
     cols = {}
     for i in range(draw(st.integers(1, 4))):
-        kind = draw(st.sampled_from(["int", "float", "str", "float_nan"]))
-        if kind == "int":
+        kind = draw(st.sampled_from(["int", "float", "str", "float_nan", "datetime_tz", "nullable_int"]))
+        if kind == "datetime_tz":
+            seconds = draw(st.lists(st.one_of(st.integers(0, 2**32), st.none()), min_size=n, max_size=n))
+            cols[f"c{i}"] = pd.to_datetime(pd.Series(seconds, dtype="Int64"), unit="s").dt.tz_localize("Asia/Kolkata")
+        elif kind == "nullable_int":
+            cols[f"c{i}"] = pd.array(draw(st.lists(st.one_of(st.integers(-2**62, 2**62), st.none()),
+                                                   min_size=n, max_size=n)), dtype="Int64")
+        elif kind == "int":
             cols[f"c{i}"] = np.array(draw(st.lists(st.integers(-10**6, 10**6), min_size=n, max_size=n)), dtype=np.int64)
         elif kind == "str":
             cols[f"c{i}"] = np.array(draw(st.lists(st.sampled_from(["a", "b", "c", None]), min_size=n, max_size=n)),
@@ -306,3 +315,186 @@ def test_encode_decode_invariants(df, num_bins, seed):
         else:
             assert codec.cardinalities[codec.columns.index(col)] <= num_bins + int(df[col].isna().any())
             assert set(out[col].dropna()) <= set(df[col].dropna())
+
+
+# ------------------------------------------------------------------------------ real-world dtypes
+def dated_table(rows: int = 3000, seed: int = 0) -> pd.DataFrame:
+    """Every dtype users bring: datetimes (tz with summer time, naive in seconds), durations,
+    nullable Int64 beyond 2**53 and boolean, an ordered category with an unused category."""
+    rng = np.random.default_rng(seed)
+    # Departures cluster at 6-9h and 17-20h local time: a within-bin shape a uniform draw would lose.
+    hours = np.where(rng.random(rows) < 0.5, rng.integers(6, 10, rows), rng.integers(17, 21, rows))
+    days = rng.integers(0, 365, rows)
+    local = pd.Timestamp("2013-01-01") + pd.to_timedelta(days, unit="D") + pd.to_timedelta(hours, unit="h")
+    missing = rng.random(rows) < 0.1
+    return pd.DataFrame({
+        "departure": pd.Series(local).dt.tz_localize("America/New_York").mask(missing),
+        "booked": (pd.Timestamp("2012-06-01") + pd.to_timedelta(rng.integers(0, 10**7, rows), unit="s"))
+        .astype("datetime64[s]"),
+        "delay": pd.to_timedelta(rng.exponential(900, rows).round(), unit="s"),
+        "fare": pd.array(np.where(rng.random(rows) < 0.1, None, 2**60 + rng.integers(0, 10**6, rows)), dtype="Int64"),
+        "checked_in": pd.array(np.where(rng.random(rows) < 0.1, None, rng.random(rows) < 0.7), dtype="boolean"),
+        "cabin": pd.Categorical(rng.choice(["economy", "business", "first"], rows, p=[0.8, 0.15, 0.05]),
+                                categories=["economy", "premium", "business", "first"], ordered=True),
+    })
+
+
+@pytest.fixture(scope="module")
+def dated():
+    return dated_table()
+
+
+def test_new_dtypes_round_trip_exactly(dated):
+    codec = TableCodec.fit(dated)
+    assert codec.is_numeric == [True, True, True, True, False, False]
+    tokens = codec.encode(dated)
+    out = codec.decode(tokens, gen())
+    assert out.dtypes.equals(dated.dtypes)  # unit, timezone, nullability, categories and order
+    assert str(out["departure"].dt.tz) == "America/New_York" and out["cabin"].cat.ordered
+    assert list(out["cabin"].cat.categories) == ["economy", "premium", "business", "first"]
+    assert out.isna().equals(dated.isna())
+    assert torch.equal(codec.encode(out), tokens)  # every decoded value lies in its bin
+    for name in ["departure", "booked", "delay", "fare"]:
+        assert set(out[name].dropna()) <= set(dated[name].dropna()), name  # real values, exactly (fare > 2**53)
+    assert out["checked_in"].equals(dated["checked_in"]) and out["cabin"].equals(dated["cabin"])
+
+
+def test_datetime_keeps_its_within_bin_distribution(dated):
+    """32 bins over a year are ~11 days wide; the local hour of day lives inside the bins."""
+    codec = TableCodec.fit(dated)
+    out = codec.decode(codec.encode(dated), gen(1))
+    hours = lambda frame: frame["departure"].dropna().dt.hour.value_counts(normalize=True)  # noqa: E731
+    assert set(hours(out).index) == set(hours(dated).index)  # only 6-9h and 17-20h, no uniform smear
+    assert (hours(out) - hours(dated)).abs().max() < 0.03
+    assert ks_statistic(out["delay"].dt.total_seconds(), dated["delay"].dt.total_seconds()) < 0.03
+
+
+def test_few_distinct_dates_are_categorical_and_exact():
+    days = pd.Series(pd.to_datetime(["2024-01-01", "2024-02-01", "2024-03-01"] * 40), name="day")
+    assert infer_categorical(days)
+    df = pd.DataFrame({"day": days})
+    codec = TableCodec.fit(df)
+    assert codec.is_numeric == [False] and codec.cardinalities == [3]
+    assert codec.decode(codec.encode(df), gen()).equals(df)
+    state = torch.load(_saved(codec.state_dict()), weights_only=True)  # Python ints, not Timestamps
+    assert TableCodec.from_state_dict(state).decode(codec.encode(df), gen()).equals(df)
+
+
+def _saved(obj) -> io.BytesIO:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return buffer
+
+
+def test_datetime_input_is_converted_to_the_fitted_timezone_and_unit(dated):
+    codec = TableCodec.fit(dated)
+    row = dated.iloc[[0]].copy()
+    instant = pd.Timestamp("2013-07-04 08:00", tz="America/New_York")
+    expected = codec.encode(row.assign(departure=instant))
+    as_utc = row.assign(departure=instant.tz_convert("UTC"))
+    as_text = row.assign(departure="2013-07-04T12:00:00Z").astype({"departure": object})
+    assert torch.equal(codec.encode(as_utc), expected) and torch.equal(codec.encode(as_text), expected)
+    with pytest.raises(TypeError, match="'departure' was fitted as datetime64\\[ns, America/New_York\\] and "
+                                        "cannot take datetime64\\[\\w+\\] values.*tz_localize"):
+        codec.encode(row.assign(departure=pd.Timestamp("2013-07-04 08:00")))
+    with pytest.raises(TypeError, match="'departure' .* cannot take object values \\('soon'\\)"):
+        codec.encode(row.assign(departure="soon"))
+    tokens, known = codec.encode_partial(row.assign(departure=None).astype({"departure": object}))
+    assert not known[0, 0] and known[0, 1:].all()
+
+
+def test_state_dict_round_trip_of_new_dtypes(dated):
+    codec = TableCodec.fit(dated, category_cap=2)
+    tokens = codec.encode(dated)
+    loaded = TableCodec.from_state_dict(torch.load(_saved(codec.state_dict()), weights_only=True))
+    assert loaded.decode(tokens, gen(4)).equals(codec.decode(tokens, gen(4)))
+
+
+def test_version_1_state_dicts_still_load(small):
+    codec = TableCodec.fit(small.assign(city=small["city"].astype("category")))
+    state = codec.state_dict()
+    state["version"] = 1
+    for column in state["columns"]:
+        for key in ("other", "domain", "ordered"):
+            column.pop(key, None)
+    tokens = codec.encode(small)
+    assert TableCodec.from_state_dict(state).decode(tokens, gen()).equals(codec.decode(tokens, gen()))
+
+
+# ------------------------------------------------------------------------------ high cardinality
+def tail_numbers(rows: int = 4000, seed: int = 0) -> pd.DataFrame:
+    """A long-tailed ID-like category (Zipf, like flights' tail numbers) and a number."""
+    rng = np.random.default_rng(seed)
+    ids = rng.zipf(1.3, rows) % 2000
+    return pd.DataFrame({"tail": [f"N{i:04d}" for i in ids], "x": rng.normal(size=rows)})
+
+
+def test_category_cap_shares_one_token_among_rare_values():
+    df = tail_numbers()
+    counts = df["tail"].value_counts()
+    assert len(counts) > 200
+    codec = TableCodec.fit(df, category_cap=50)
+    assert codec.cardinalities[0] == 50  # 49 most frequent + "other"
+    tokens = codec.encode(df)
+    other = tokens[:, 0] == 49
+    kept = set(counts.index[:49])
+    assert set(df.loc[(~other).numpy(), "tail"]) == kept  # ties broken by category order
+    out = codec.decode(tokens, gen())
+    assert torch.equal(codec.encode(out), tokens)
+    rare = out.loc[other.numpy(), "tail"]
+    assert set(rare) <= set(counts.index[49:])  # "other" decodes to real rare values...
+    expected = counts.iloc[49:] / counts.iloc[49:].sum()  # ...about as often as in the data
+    assert len(codec.state_dict()["columns"][0]["other"]) == SAMPLES_PER_BIN
+    drawn = rare.value_counts(normalize=True).reindex(expected.index, fill_value=0)
+    assert (drawn - expected).abs().max() < 0.03
+    assert codec.encode(pd.DataFrame({"tail": ["never-seen"], "x": [0.0]}))[0, 0] == 49  # unseen -> other
+    assert TableCodec.fit(df, category_cap=None).cardinalities[0] == len(counts)
+
+
+def test_category_cap_keeps_a_category_dtype():
+    df = tail_numbers(2000)
+    df["tail"] = df["tail"].astype("category")
+    codec = TableCodec.fit(df, category_cap=10)
+    out = codec.decode(codec.encode(df), gen())
+    assert out["tail"].dtype == df["tail"].dtype  # every declared category, also the rare ones
+
+
+def test_unique_key_columns():
+    rng = np.random.default_rng(0)
+    rows = KEY_MIN_VALUES
+    emails = pd.DataFrame({"email": [f"user{i}@example.com" for i in range(rows)], "x": rng.normal(size=rows)})
+    with pytest.raises(ValueError, match="'email' looks like a unique key \\(100 distinct values; 100% of the "
+                                         "rows hold a value seen only once\\).*Drop it before fitting"):
+        TableCodec.fit(emails)
+    TableCodec.fit(emails.iloc[:-1])  # too few rows to call it a key
+    with pytest.warns(UserWarning, match="'rownames' may be a unique key: its 100 integers are all distinct"):
+        TableCodec.fit(pd.DataFrame({"rownames": rng.permutation(10**6)[:rows], "x": rng.normal(size=rows)}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        TableCodec.fit(pd.DataFrame({"count": np.repeat(np.arange(rows), 2)}))  # repeats: not a key
+
+
+# ------------------------------------------------------------------------------ typing rule
+@pytest.mark.parametrize("values, categorical", [
+    (["a", "b"], True),
+    ([True, False], True),
+    ([1, 2, 3], True),                       # few integers
+    (list(range(21)), False),                # more than DEFAULT_MAX_CATEGORIES integers
+    ([0.5, 1.0], False),                     # not integer-valued
+    (pd.array([1, None, 2], dtype="Int64"), True),
+    (pd.to_timedelta(np.arange(30), unit="s"), False),
+])
+def test_infer_categorical(values, categorical):
+    assert infer_categorical(pd.Series(values)) is categorical
+
+
+def test_load_csv_reads_datetimes_back(dated, tmp_path):
+    path = tmp_path / "dated.csv"
+    dated.to_csv(path, index=False)
+    df = load_csv(path)
+    # A zone with summer time is written with two offsets and comes back as the same instants in UTC.
+    assert str(df["departure"].dtype) == "datetime64[ns, UTC]"
+    assert (df["departure"] == dated["departure"]).sum() == dated["departure"].notna().sum()
+    assert df["booked"].dtype == "datetime64[ns]" and df["cabin"].dtype == object
+    assert load_csv(path, parse_dates=False)["departure"].dtype == object

@@ -120,12 +120,27 @@ def test_mask_tspace_semantics():
     x = tokens(64, SIZES)
     w = torch.tensor([0.1, 0.5, 1.0, 3.0, 30.0])
     t = torch.rand(64)
+    time_weight = torch.rand(64) * 10
     u = torch.rand(64, 5)
-    out = ops.mask_tspace(x, t, w, sizes, u=u)
+    out = ops.mask_tspace(x, torch.log(t), w, sizes, time_weight, u=u)
     expected_mask = u < t[:, None] ** w[None, :]
     assert torch.equal(out.mask, expected_mask)
     assert torch.equal(out.x_t, torch.where(expected_mask, sizes[None, :], x))
-    torch.testing.assert_close(out.weight, torch.where(expected_mask, w / t[:, None], torch.zeros(())))
+    torch.testing.assert_close(out.weight, torch.where(expected_mask, w * time_weight[:, None], torch.zeros(())))
+
+
+def test_mask_tspace_takes_times_below_float32_range():
+    """log t = -1e4 (t = e^-10000 underflows): a column with w = 1e-3 is masked with probability
+    e^-10, its score is log t where masked; larger w are never masked there."""
+    rows = 20
+    w = torch.tensor([1e-3, 1.0, 1e3])
+    u = torch.full((rows, 3), 0.5)
+    u[::2, 0] = 1e-5                       # below e^-10 ~ 4.5e-5: masked
+    out = ops.mask_tspace(tokens(rows, [2, 2, 2]), torch.full((rows,), -1e4), w, torch.tensor([2, 2, 2]),
+                          torch.full((rows,), 3.0), u=u)
+    assert torch.equal(out.mask[:, 0], torch.arange(rows) % 2 == 0) and not out.mask[:, 1:].any()
+    assert (out.score[::2, 0] == -1e4).all() and (out.weight[::2, 0] == 3e-3).all()
+    assert torch.isfinite(out.score).all()
 
 
 def test_mask_order_semantics():
@@ -163,11 +178,12 @@ def test_mask_weight_gradcheck_in_w(space):
     x = tokens(12, SIZES, seed=2)
     u = torch.rand(12, 5, dtype=torch.float64)
     t = torch.rand(12, dtype=torch.float64)
+    time_weight = 1 / t
     n = torch.randint(0, 5, (12,))
     probe = torch.randn(12, 5, dtype=torch.float64)
 
     def weighted(w):
-        out = (ops.mask_tspace(x, t, w, sizes, u=u) if space == "tspace"
+        out = (ops.mask_tspace(x, torch.log(t), w, sizes, time_weight, u=u) if space == "tspace"
                else ops.mask_order(x, w, sizes, n, u=u))
         return (out.weight * probe).sum()
 
@@ -175,14 +191,26 @@ def test_mask_weight_gradcheck_in_w(space):
     assert torch.autograd.gradcheck(weighted, (w,))
 
 
+def test_mask_tspace_weight_gradcheck_in_time_weight():
+    x = tokens(12, SIZES, seed=3)
+    u = torch.rand(12, 5, dtype=torch.float64)
+    log_t = torch.log(torch.rand(12, dtype=torch.float64))
+    w = torch.tensor([0.3, 0.5, 1.0, 3.0, 7.0], dtype=torch.float64)
+    probe = torch.randn(12, 5, dtype=torch.float64)
+    time_weight = torch.rand(12, dtype=torch.float64).requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda tw: (ops.mask_tspace(x, log_t, w, torch.tensor(SIZES), tw, u=u).weight * probe).sum(),
+        (time_weight,))
+
+
 def test_seeded_masking_is_deterministic():
     sizes = torch.tensor(SIZES)
     x = tokens(50, SIZES)
     w = torch.ones(5)
-    t = torch.rand(50)
-    a = ops.mask_tspace(x, t, w, sizes, seed=7)
-    b = ops.mask_tspace(x, t, w, sizes, seed=7)
-    c = ops.mask_tspace(x, t, w, sizes, seed=8)
+    log_t, time_weight = torch.log(torch.rand(50)), torch.ones(50)
+    a = ops.mask_tspace(x, log_t, w, sizes, time_weight, seed=7)
+    b = ops.mask_tspace(x, log_t, w, sizes, time_weight, seed=7)
+    c = ops.mask_tspace(x, log_t, w, sizes, time_weight, seed=8)
     assert torch.equal(a.mask, b.mask) and not torch.equal(a.mask, c.mask)
 
 
@@ -190,14 +218,19 @@ def test_seeded_masking_is_deterministic():
     (dict(w=torch.tensor([1.0, -1.0, 1, 1, 1])), ValueError, "positive"),
     (dict(w=torch.tensor([1.0, float("nan"), 1, 1, 1])), ValueError, "NaN"),
     (dict(w=torch.ones(4)), ValueError, "columns"),
-    (dict(t=torch.full((8,), 1.5)), ValueError, r"\[0, 1\]"),
-    (dict(t=torch.rand(7)), ValueError, "entries"),
+    (dict(log_t=torch.full((8,), 0.5)), ValueError, "<= 0"),
+    (dict(log_t=torch.full((8,), -float("inf"))), ValueError, "infinite"),
+    (dict(log_t=torch.zeros(7)), ValueError, "entries"),
+    (dict(time_weight=torch.zeros(8)), ValueError, "positive"),
+    (dict(time_weight=torch.full((8,), float("nan"))), ValueError, "NaN"),
+    (dict(time_weight=torch.ones(8, 1)), ValueError, "dimension"),
     (dict(x=tokens(8, SIZES).float()), TypeError, "dtype"),
     (dict(u=torch.ones(8, 5)), ValueError, r"\[0, 1\)"),
     (dict(mask_id=torch.tensor(SIZES[:4])), ValueError, "mask_id"),
 ])
 def test_mask_tspace_errors(kwargs, error, match):
-    args = dict(x=tokens(8, SIZES), t=torch.rand(8), w=torch.ones(5), mask_id=torch.tensor(SIZES))
+    args = dict(x=tokens(8, SIZES), log_t=-torch.rand(8), w=torch.ones(5), mask_id=torch.tensor(SIZES),
+                time_weight=torch.ones(8))
     args.update(kwargs)
     u = args.pop("u", None)
     with pytest.raises(error, match=match):
@@ -236,7 +269,8 @@ def test_custom_ops_pass_opcheck():
     sizes = torch.tensor(SIZES)
     torch.library.opcheck(torch.ops.fastmdm.weighted_ce.default,
                           (logits.requires_grad_(True), targets, weight, mask, offsets, True))
-    torch.library.opcheck(torch.ops.fastmdm.mask_tspace.default, (x, torch.rand(3), w, sizes, u, 0, 1e-5))
+    torch.library.opcheck(torch.ops.fastmdm.mask_tspace.default,
+                          (x, -torch.rand(3), w, sizes, torch.rand(3).requires_grad_(True), u, 0))
     torch.library.opcheck(torch.ops.fastmdm.mask_order.default, (x, w, sizes, u, torch.tensor([0, 2, 4]), 0))
     torch.library.opcheck(torch.ops.fastmdm.rloo_grad.default, (torch.rand(3, 2), torch.rand(3, 2, 5)))
 

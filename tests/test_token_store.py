@@ -144,6 +144,24 @@ def test_small_reservoir_keeps_categories_and_missing_exact(table, files):
     assert decoded.dtypes.equals(table.dtypes)
 
 
+def test_datetimes_and_capped_categories(tmp_path):
+    """A datetime column (binned) and a 60-value text column under category_cap=10: equal to
+    TableCodec.fit when the reservoir holds the table; with a small reservoir the kept
+    categories are still the 9 most frequent by exact count."""
+    rng = np.random.default_rng(0)
+    rows = 3000
+    df = pd.DataFrame({"when": pd.Timestamp("2024-01-01") + pd.to_timedelta(rng.integers(0, 10**6, rows), "s"),
+                       "tag": rng.choice([f"t{k:02d}" for k in range(60)], rows, p=np.arange(60, 0, -1) / 1830),
+                       "x": rng.normal(size=rows)})
+    df.to_parquet(tmp_path / "t.parquet", row_group_size=400)
+    chunks = lambda: read_chunks(table_files(tmp_path / "t.parquet"), chunk_rows=256)  # noqa: E731
+    assert_same_codec(fit_codec(chunks(), category_cap=10), TableCodec.fit(df, category_cap=10))
+    small = {c["name"]: c for c in fit_codec(chunks(), category_cap=10, reservoir_rows=300).state_dict()["columns"]}
+    top = df["tag"].value_counts().sort_index().sort_values(ascending=False, kind="stable").index[:9]
+    assert small["tag"]["categories"] == sorted(top) and set(small["tag"]["other"]).isdisjoint(top)
+    assert small["when"]["kind"] == "numeric"
+
+
 def test_unseen_category_at_encode_time_raises(files):
     codec = fit_codec(read_chunks(table_files(files / "one.parquet")))
     with pytest.raises(ValueError, match="not seen"):

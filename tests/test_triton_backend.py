@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import fastmdm.triton as tb  # noqa: E402
-from conftest import ragged_problem  # noqa: E402
+from conftest import order_uniforms, ragged_problem  # noqa: E402
 from fastmdm import ops  # noqa: E402
 from fastmdm.ops import reference  # noqa: E402
 
@@ -53,24 +53,12 @@ def log_uniform_w(num_columns, generator, low=1e-3, high=1e3):
     return log_w.exp()
 
 
-def tspace_uniforms(t, w, generator):
+def tspace_uniforms(log_t, w, generator):
     """Uniforms at least 1e-3 from the threshold t^w: (u + 1/2) mod 1 is far from it."""
-    p = torch.exp(w[None, :].double() * torch.log(t.double().clamp(1e-5, 1))[:, None])
+    p = torch.exp(w[None, :].double() * log_t.double()[:, None])
     u = torch.rand(p.shape, generator=generator, dtype=torch.float64)
     u = torch.where((u - p).abs() < 1e-3, (u + 0.5) % 1.0, u)
     return u.float()
-
-
-def order_uniforms(rows, w, generator):
-    """Uniforms whose keys -log(u)/w differ by > 1e-4 relatively within each row (redraw rows)."""
-    u = torch.rand(rows, w.shape[0], generator=generator)
-    for _ in range(100):
-        keys = (-torch.log(u.double()) / w.double()[None, :]).sort(1).values
-        close = ((keys[:, 1:] - keys[:, :-1]) <= 1e-4 * keys[:, 1:]).any(1)
-        if not close.any():
-            return u
-        u[close] = torch.rand(int(close.sum()), w.shape[0], generator=generator)
-    raise AssertionError("could not draw separated keys")
 
 
 def to_device(*tensors):
@@ -91,17 +79,18 @@ def assert_close_scaled(actual, expected, scale, rtol=RTOL):
 def test_mask_tspace_matches_reference(rows, cols, seed):
     generator = gen(seed)
     w = log_uniform_w(cols, generator)
-    # Times include the edges: 0 (clamped to eps), tiny, 1 and just below 1.
-    edges = torch.tensor([0.0, 1e-7, 1e-5, 1.0, 1 - 1e-7, 0.999])
-    t = torch.where(torch.rand(rows, generator=generator) < 0.4,
-                    edges[torch.randint(0, len(edges), (rows,), generator=generator)],
-                    torch.rand(rows, generator=generator))
+    # log t includes the edges: far below float32's range of t, tiny t, t = 1 and just below 1.
+    edges = torch.tensor([-3e4, -1e3, -16.0, -1e-7, 0.0, -1e-3])
+    log_t = torch.where(torch.rand(rows, generator=generator) < 0.4,
+                        edges[torch.randint(0, len(edges), (rows,), generator=generator)],
+                        torch.log1p(-torch.rand(rows, generator=generator)))
+    time_weight = torch.exp(torch.empty(rows).uniform_(-7.0, 14.0, generator=generator))
     x = torch.randint(0, 5, (rows, cols), generator=generator)
     mask_id = torch.randint(5, 9, (cols,), generator=generator)
-    u = tspace_uniforms(t, w, generator)
-    args = to_device(x, t, w, mask_id, u)
-    got = tb.mask_tspace(*args, 0, 1e-5)
-    want = reference.mask_tspace(*args, 0, 1e-5)
+    u = tspace_uniforms(log_t, w, generator)
+    args = to_device(x, log_t, w, mask_id, time_weight, u)
+    got = tb.mask_tspace(*args, 0)
+    want = reference.mask_tspace(*args, 0)
     for g, r in zip(got, want):
         assert g.dtype == r.dtype and g.shape == r.shape
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
@@ -112,10 +101,11 @@ def test_mask_tspace_matches_reference(rows, cols, seed):
 def test_mask_tspace_several_tiles():
     """300 x 140: several row tiles and two column tiles of the t-space grid."""
     generator = gen(9)
-    w, t = log_uniform_w(140, generator, 0.1, 10), torch.rand(300, generator=generator)
+    w, log_t = log_uniform_w(140, generator, 0.1, 10), torch.log1p(-torch.rand(300, generator=generator))
     x, mask_id = torch.randint(0, 5, (300, 140), generator=generator), torch.full((140,), 7)
-    args = to_device(x, t, w, mask_id, tspace_uniforms(t, w, generator))
-    got, want = tb.mask_tspace(*args, 0, 1e-5), reference.mask_tspace(*args, 0, 1e-5)
+    time_weight = torch.rand(300, generator=generator) + 0.5
+    args = to_device(x, log_t, w, mask_id, time_weight, tspace_uniforms(log_t, w, generator))
+    got, want = tb.mask_tspace(*args, 0), reference.mask_tspace(*args, 0)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     torch.testing.assert_close(got[2], want[2], rtol=RTOL, atol=0)
     torch.testing.assert_close(got[3], want[3], rtol=RTOL, atol=0)
@@ -128,16 +118,28 @@ def test_tspace_score_across_series_switch():
     u = torch.full((a.shape[0], 1), 1 - 2**-24)        # largest float32 below 1: visible iff t^w < u
     x, mask_id = torch.zeros(a.shape[0], 1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
     for w in (0.001, 1.0, 1000.0):
-        t = torch.exp(a / w)                             # so that w log t = a
-        _, mask, _, score = tb.mask_tspace(*to_device(x, t, torch.tensor([w]), mask_id, u), 0, 1e-5)
-        t64 = t.double().clamp(1e-5, 1)
-        visible = torch.where(t64 == 1, 1 / w, t64**w * torch.log(t64) / (t64**w - 1))   # limit 1/w at t = 1
-        truth = torch.where(mask[:, 0].cpu(), torch.log(t64), visible)
+        log_t = a / w                                    # so that w log t = a
+        time_weight = torch.ones_like(log_t)
+        _, mask, _, score = tb.mask_tspace(*to_device(x, log_t, torch.tensor([w]), mask_id, time_weight, u), 0)
+        a64 = w * log_t.double()
+        visible = torch.where(a64 == 0, 1 / w, torch.exp(a64) * log_t.double() / torch.expm1(a64))  # 1/w at t = 1
+        truth = torch.where(mask[:, 0].cpu(), log_t.double(), visible)
         assert int((~mask).sum()) > 40     # t^w rounds to >= u only for |a| < ~1e-7
         torch.testing.assert_close(score[:, 0].cpu().double(), truth, rtol=RTOL, atol=0)
 
 
 # ---------------------------------------------------------------- masking, order space
+
+def check_mask_order(x, w, mask_id, u, n):
+    args = to_device(x, w, mask_id, u, n)
+    got, want = tb.mask_order(*args, 0), reference.mask_order(*args, 0)
+    for g, r in zip(got, want):
+        assert g.dtype == r.dtype and g.shape == r.shape
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    torch.testing.assert_close(got[2], want[2], rtol=RTOL, atol=0)
+    # score = 1[revealed]/w - C with C >= 0: 2*1[revealed]/w - score = 1[revealed]/w + C bounds both terms.
+    assert_close_scaled(got[3], want[3], 2 * (~want[1]) / args[1][None, :] - want[3])
+
 
 @FEW
 @given(rows=st.integers(1, 40), cols=st.integers(1, 40), seed=st.integers(0, 2**16))
@@ -149,22 +151,11 @@ def test_mask_order_matches_reference(rows, cols, seed):
     n = torch.randint(0, cols, (rows,), generator=generator)
     n[0] = 0
     n[-1] = cols - 1                     # both ends of n_revealed in every example
-    u = order_uniforms(rows, w, generator)
-    args = to_device(x, w, mask_id, u, n)
-    got = tb.mask_order(*args, 0)
-    want = reference.mask_order(*args, 0)
-    for g, r in zip(got, want):
-        assert g.dtype == r.dtype and g.shape == r.shape
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-    torch.testing.assert_close(got[2], want[2], rtol=RTOL, atol=0)
-    # score = 1[revealed]/w - C with C >= 0: 2*1[revealed]/w - score = 1[revealed]/w + C bounds both terms.
-    revealed = ~want[1]
-    scale = 2 * revealed / args[1][None, :] - want[3]
-    assert_close_scaled(got[3], want[3], scale)
+    check_mask_order(x, w, mask_id, order_uniforms(rows, w, generator), n)
 
 
-def test_mask_order_single_column_and_wide_rows():
-    """L = 1 (all hidden, weight 1, score 0) and L = 200 (one row per program, 256-wide tile)."""
+def test_mask_order_single_column():
+    """L = 1: all hidden, weight 1, score 0."""
     w = torch.tensor([2.5])
     got = tb.mask_order(*to_device(torch.tensor([[3], [4]]), w, torch.tensor([9]), None,
                                    torch.tensor([0, 0])), 1)
@@ -172,15 +163,18 @@ def test_mask_order_single_column_and_wide_rows():
     torch.testing.assert_close(got[2].cpu(), torch.ones(2, 1))
     torch.testing.assert_close(got[3].cpu(), torch.zeros(2, 1))
 
-    generator = gen(1)
-    w = log_uniform_w(200, generator, 0.1, 10)
-    u = order_uniforms(2, w, generator)
-    args = to_device(torch.zeros(2, 200, dtype=torch.int64), w, torch.ones(200, dtype=torch.int64), u,
-                     torch.tensor([0, 199]))
-    got, want = tb.mask_order(*args, 0), reference.mask_order(*args, 0)
-    assert torch.equal(got[1], want[1])
-    torch.testing.assert_close(got[2], want[2], rtol=RTOL, atol=0)
-    assert_close_scaled(got[3], want[3], 2 * (~want[1]) / args[1][None, :] - want[3])
+
+@pytest.mark.parametrize("cols, n_revealed", [(200, [0, 199]), (600, [1, 400]), (tb.MAX_ORDER_COLUMNS, [2731])],
+                         ids=["L200", "L600", "Lmax"])
+def test_mask_order_wide_rows(cols, n_revealed):
+    """Wide rows, one program each (a 256-, 1,024- and 4,096-wide sort), w over 1e-3..1e3.
+    The interpreter runs Triton's sort slowly (~15 s a 4,096-wide row), hence so few rows."""
+    generator = gen(cols)
+    w = log_uniform_w(cols, generator)
+    n = torch.tensor(n_revealed)
+    x = torch.randint(0, 5, (n.shape[0], cols), generator=generator)
+    check_mask_order(x, w, torch.randint(5, 9, (cols,), generator=generator),
+                     order_uniforms(n.shape[0], w, generator), n)
 
 
 def test_mask_order_ties_break_by_column_index():
@@ -197,19 +191,19 @@ def test_mask_order_ties_break_by_column_index():
 
 def test_seeded_masks_are_deterministic_and_seed_dependent():
     x = torch.zeros(64, 10, dtype=torch.int64)
-    w, mask_id, t = torch.linspace(0.5, 2, 10), torch.ones(10, dtype=torch.int64), torch.full((64,), 0.5)
-    n = torch.full((64,), 5)
-    args_t, args_o = to_device(x, t, w, mask_id), to_device(x, w, mask_id)
+    w, mask_id, log_t = torch.linspace(0.5, 2, 10), torch.ones(10, dtype=torch.int64), torch.full((64,), -0.7)
+    n, time_weight = torch.full((64,), 5), torch.ones(64)
+    args_t, args_o = to_device(x, log_t, w, mask_id, time_weight), to_device(x, w, mask_id)
     (n,) = to_device(n)
-    for draw in (lambda s: tb.mask_tspace(*args_t, None, s, 1e-5),
+    for draw in (lambda s: tb.mask_tspace(*args_t, None, s),
                  lambda s: tb.mask_order(*args_o, None, n, s)):
         first, again, other = draw(7), draw(7), draw(2**40 + 7)
         for a, b in zip(first, again):
             assert torch.equal(a, b)
         assert not torch.equal(first[1], other[1])
     # Counter-based: row b's draw does not depend on the batch size (or the launch tiling).
-    small = tb.mask_tspace(*to_device(x[:3], t[:3], w, mask_id), None, 7, 1e-5)
-    assert torch.equal(small[1], tb.mask_tspace(*args_t, None, 7, 1e-5)[1][:3])
+    small = tb.mask_tspace(*to_device(x[:3], log_t[:3], w, mask_id, time_weight[:3]), None, 7)
+    assert torch.equal(small[1], tb.mask_tspace(*args_t, None, 7)[1][:3])
 
 
 def test_seeded_mask_rate_is_t_to_the_w():
@@ -218,8 +212,8 @@ def test_seeded_mask_rate_is_t_to_the_w():
     w = torch.tensor([0.3, 1.0, 3.0, 10.0])
     x, mask_id = torch.zeros(rows, 4, dtype=torch.int64), torch.zeros(4, dtype=torch.int64)
     for t_value in (0.2, 0.5, 0.9):
-        t = torch.full((rows,), t_value)
-        _, mask, _, _ = tb.mask_tspace(*to_device(x, t, w, mask_id), None, 123, 1e-5)
+        log_t = torch.full((rows,), t_value).log()
+        _, mask, _, _ = tb.mask_tspace(*to_device(x, log_t, w, mask_id, torch.ones(rows)), None, 123)
         p = t_value ** w
         sigma = torch.sqrt(p * (1 - p) / rows)
         assert bool(((mask.float().mean(0).cpu() - p).abs() <= 5 * sigma + 1e-12).all())
@@ -346,7 +340,7 @@ def test_supports_declines_what_it_cannot_run(monkeypatch):
     assert tb.supports("weighted_ce", f32.bfloat16(), ints, f32, ints.bool(), ints[0])
     assert not tb.supports("weighted_ce", f32.half(), ints, f32, ints.bool(), ints[0])
     assert not tb.supports("weighted_ce", f32, ints.int(), f32, ints.bool(), ints[0])
-    assert not tb.supports("mask_tspace", ints, f32[:, 0], f32[0].bfloat16(), None)
+    assert not tb.supports("mask_tspace", ints, f32[:, 0], f32[0].bfloat16(), f32[:, 0], None)
     assert tb.supports("mask_order", ints, f32[0], None, ints[:, 0])
     wide = torch.zeros(1, tb.MAX_ORDER_COLUMNS + 1, dtype=torch.int64, device=DEVICE)
     assert not tb.supports("mask_order", wide, torch.ones(wide.shape[1], device=DEVICE), None, wide[:, 0])

@@ -5,6 +5,7 @@ The data ship inside the package so demos, tests and benchmarks run offline.
 from __future__ import annotations
 
 import os
+import warnings
 from importlib import resources
 
 import numpy as np
@@ -43,10 +44,36 @@ def load(name: str, *, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
     raise ValueError(f"unknown dataset {name!r}; available: {', '.join(NAMES)}")
 
 
-def load_csv(path: str | os.PathLike, *, target: str | None = None) -> pd.DataFrame:
+def _iso_dates(column: pd.Series) -> pd.Series:
+    """datetime64 from ISO 8601 text; ValueError when the text is not dates. A zone with summer
+    time writes two offsets (-05:00, -04:00); such a column is read as UTC instants."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # pandas' warning for mixed offsets
+        try:
+            return pd.to_datetime(column, format="ISO8601")
+        except (FutureWarning, ValueError):
+            return pd.to_datetime(column, format="ISO8601", utc=True)
+
+
+def _parse_iso_dates(df: pd.DataFrame) -> pd.DataFrame:
+    """Text columns whose every value is an ISO 8601 date or time become datetime64 (tz-aware when
+    the text carries offsets, as a tz-aware column written by to_csv does)."""
+    for name in df.columns:
+        if df[name].dtype != object or df[name].isna().all():
+            continue
+        try:
+            df[name] = _iso_dates(df[name])
+        except (ValueError, TypeError):  # not dates: keep the text
+            pass
+    return df
+
+
+def load_csv(path: str | os.PathLike, *, target: str | None = None, parse_dates: bool = True) -> pd.DataFrame:
     """Read a user CSV (header row required; empty fields become NaN; spaces after commas ignored).
 
     `target`, if given, must name a column: checked here so a typo fails before training.
+    `parse_dates`: text columns holding only ISO 8601 dates/times ("2013-01-01 05:00:00+00:00")
+    become datetime64 columns, so a table written with to_csv reads back with its datetimes.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -63,4 +90,4 @@ def load_csv(path: str | os.PathLike, *, target: str | None = None) -> pd.DataFr
         raise ValueError(f"CSV file {path!r} has a header but no data rows")
     if target is not None and target not in df.columns:
         raise ValueError(f"target column {target!r} not in {path!r}; columns: {list(df.columns)}")
-    return df
+    return _parse_iso_dates(df) if parse_dates else df

@@ -6,15 +6,22 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import INT_DTYPES, check_tensor
-from ..ops import weighted_ce
+from ..ops import ragged_head_ce, ragged_head_sample, weighted_ce
 from ..ops.reference import segment_layout
 from .layers import Block
 
 
 class RaggedHeads(nn.Module):
     """One linear head per column, stored ragged: column l owns rows offsets[l]:offsets[l+1]
-    of a [V, d] weight. `logits` evaluates them as one batched product against a padded
-    [L, Kmax, d] view and gathers the valid entries back to [N, V]."""
+    of a [V, d] weight.
+
+    Training (`loss`) and sampling (`sample`) go through fused ops that evaluate each cell
+    against its own column's head only, in vocabulary chunks, and never build logits: the
+    work is sum_l K_l per cell instead of L * Kmax. `logits` evaluates every head on every
+    column state as one batched product against a padded [L, Kmax, d] view and gathers the
+    valid entries back to [N, V]; `fused = False` makes `loss` use it too (the pre-fusion
+    path, kept for comparisons).
+    """
 
     def __init__(self, offsets: Tensor, d_model: int):
         super().__init__()
@@ -22,17 +29,37 @@ class RaggedHeads(nn.Module):
         pad_index, valid = segment_layout(offsets, vocab)          # [L, Kmax]
         width = pad_index.shape[1]
         flat = torch.arange(len(offsets) - 1)[:, None] * width + torch.arange(width)[None, :]
+        self.register_buffer("offsets", offsets.clone(), persistent=False)
         self.register_buffer("_pad_index", pad_index, persistent=False)
         self.register_buffer("_flat_index", flat[valid], persistent=False)  # [V] into L*Kmax
         self.weight = nn.Parameter(torch.empty(vocab, d_model))
         self.bias = nn.Parameter(torch.zeros(vocab))
         nn.init.normal_(self.weight, std=d_model ** -0.5)
+        self.fused = True
 
     def logits(self, h: Tensor) -> Tensor:
         """h [N, L, d] (column l's state at position l) -> ragged logits [N, V]."""
         # Padding slots duplicate a real row and are dropped by the gather: no gradient.
         padded = torch.einsum("nld,lkd->nlk", h, self.weight[self._pad_index])
         return padded.reshape(h.shape[0], -1).index_select(1, self._flat_index) + self.bias
+
+    def loss(self, h: Tensor, targets: Tensor, weight: Tensor, mask: Tensor) -> Tensor:
+        """Per-row sum_l mask * weight * -log p(targets_l | h_l), shape [N], for h [N, L, d]."""
+        if not self.fused:
+            return weighted_ce(self.logits(h), targets, weight, mask, self.offsets)
+        return ragged_head_ce(h, self.weight, self.bias, self.offsets, targets, weight, mask)
+
+    def sample(self, h: Tensor, columns: Tensor, temperature: float = 1.0,
+               generator: torch.Generator | None = None) -> Tensor:
+        """Values [M] (int64, 0..K_l-1) for M cells with states h [M, d] in columns [M].
+
+        Each is drawn from softmax(logits / temperature) of its own column by Gumbel-max
+        over vocabulary chunks, without logits; temperature 0 takes the argmax. The noise
+        comes from one seed drawn from `generator`, so a seeded generator reproduces a draw.
+        """
+        device = generator.device if generator is not None else torch.device("cpu")
+        seed = int(torch.randint(0, 2**62, (), generator=generator, device=device))
+        return ragged_head_sample(h, columns, self.weight, self.bias, self.offsets, temperature, seed)
 
 
 class TableDenoiser(nn.Module):
@@ -113,11 +140,11 @@ class TableDenoiser(nn.Module):
 
     def loss_or_logits(self, h: Tensor, targets: Tensor | None, weight: Tensor | None,
                        mask: Tensor | None) -> Tensor:
-        """Logits [N, V] of column-ordered states h [N, L, d], or the per-row weighted CE."""
-        logits = self.heads.logits(h)
+        """Logits [N, V] of column-ordered states h [N, L, d], or the per-row weighted CE
+        (fused with the heads: no logits are built)."""
         if targets is None:
-            return logits
-        return weighted_ce(logits, targets, weight, mask, self.offsets)
+            return self.heads.logits(h)
+        return self.heads.loss(h, targets, weight, mask)
 
     def extra_repr(self) -> str:
         return f"columns={self.num_columns}, vocab={int(self.offsets[-1])}"

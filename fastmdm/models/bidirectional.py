@@ -21,11 +21,15 @@ class ColumnTransformer(TableDenoiser):
     models.
     """
 
-    def forward(self, x_t: Tensor, targets: Tensor | None = None, weight: Tensor | None = None,
-                mask: Tensor | None = None) -> Tensor:
+    def states(self, x_t: Tensor) -> Tensor:
+        """Final states [N, L, d] of masked rows x_t [N, L], column l at position l."""
         self.check_tokens("x_t", x_t, allow_mask=True)
         columns = torch.arange(self.num_columns, device=x_t.device)
         h = self.embed_values(x_t, columns)
         for block in self.blocks:
             h = block(h)
-        return self.loss_or_logits(self.norm_out(h), targets, weight, mask)
+        return self.norm_out(h)
+
+    def forward(self, x_t: Tensor, targets: Tensor | None = None, weight: Tensor | None = None,
+                mask: Tensor | None = None) -> Tensor:
+        return self.loss_or_logits(self.states(x_t), targets, weight, mask)

@@ -27,6 +27,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from .._checks import INT_DTYPES, check_tensor
 from .base import TableDenoiser
 from .layers import attend
 
@@ -145,7 +146,6 @@ class CausalTransformer(TableDenoiser):
 
 def check_order(order: Tensor, rows: int, num_columns: int) -> None:
     """order [rows, L] must hold a permutation of 0..L-1 in every row."""
-    from .._checks import INT_DTYPES, check_tensor
     check_tensor("order", order, ndim=2, dtypes=INT_DTYPES)
     if tuple(order.shape) != (rows, num_columns):
         raise ValueError(f"order must have shape ({rows}, {num_columns}), got {tuple(order.shape)}")

@@ -15,15 +15,12 @@ def attend(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None = None) -> Te
     """softmax(q k^T / sqrt(d) | allowed) v for [N, H, T, dh] queries and [N, H, S, dh] keys.
 
     `allowed` is boolean, True = may attend, broadcastable to [N, H, T, S]; every query must
-    be allowed at least one key. Which kernel is faster was measured on 2 CPU cores for
-    tables of 15-60 columns (`python benchmarks/attention.py`): torch's SDPA wins whenever
-    autograd is on or there is no mask, explicit batched matmuls win 2-7x for the masked,
-    few-query calls of KV-cached sampling. SDPA is kept on GPUs (not measured there).
+    be allowed at least one key. torch's SDPA against explicit batched matmuls, on CPU for
+    15 and 60 columns (`python benchmarks/attention.py`, benchmarks/results/attention.md):
+    SDPA is 1.2-2.7x faster for training, forward and backward, and within 11% either way
+    for a masked KV-cached decoding step, so SDPA is used everywhere (GPU: not measured).
     """
-    if allowed is None or q.device.type != "cpu" or torch.is_grad_enabled():
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
-    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
-    return scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
 
 
 class Block(nn.Module):

@@ -2,7 +2,8 @@
 from ._dispatch import available_backends, use_backend
 from .elbo import weighted_ce
 from .masking import MaskedBatch, mask_order, mask_tspace
+from .ragged_head import ragged_head_ce, ragged_head_sample
 from .rloo import rloo_grad
 
 __all__ = ["available_backends", "use_backend", "weighted_ce", "MaskedBatch", "mask_order",
-           "mask_tspace", "rloo_grad"]
+           "mask_tspace", "ragged_head_ce", "ragged_head_sample", "rloo_grad"]

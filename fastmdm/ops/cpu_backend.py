@@ -1,4 +1,4 @@
-"""C++ CPU backend: the four kernels of `fastmdm.ops.reference` running in fastmdm._C.
+"""C++ CPU backend: the kernels of `fastmdm.ops.reference` running in fastmdm._C.
 
 The extension takes numpy views of contiguous CPU tensors (zero copy) and writes into
 outputs allocated here with torch, so nothing depends on the torch C++ ABI. It computes in
@@ -60,11 +60,11 @@ def uniforms(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return out
 
 
-def mask_tspace(x, t, w, mask_id, u, seed, eps):
+def mask_tspace(x, log_t, w, mask_id, time_weight, u, seed):
     outputs = _mask_outputs(x)
-    _C.mask_tspace(_np(x, torch.int64), _np(t, torch.float32), _np(w, torch.float32),
-                   _np(mask_id, torch.int64), None if u is None else _np(u, torch.float32),
-                   _seed(seed), float(eps), *(o.numpy() for o in outputs))
+    _C.mask_tspace(_np(x, torch.int64), _np(log_t, torch.float32), _np(w, torch.float32),
+                   _np(mask_id, torch.int64), _np(time_weight, torch.float32),
+                   None if u is None else _np(u, torch.float32), _seed(seed), *(o.numpy() for o in outputs))
     return outputs
 
 
@@ -92,3 +92,23 @@ def rloo_grad(f, score):
     g = torch.empty(score.shape[2], dtype=torch.float32)
     _C.rloo_grad(_np(f, torch.float32), _np(score, torch.float32), g.numpy())
     return g
+
+
+def ragged_head_ce(h, head_weight, head_bias, offsets, targets, weight, mask, compute_grad):
+    rows, num_columns, _ = h.shape
+    loss = torch.empty(rows, dtype=torch.float32)
+    ce = torch.empty(rows, num_columns, dtype=torch.float32)
+    # Zero-filled: the kernel adds into the heads' gradients and leaves unmasked cells alone.
+    grads = [torch.zeros(t.shape if compute_grad else (0,), dtype=torch.float32)
+             for t in (h, head_weight, head_bias)]
+    _C.ragged_head_ce(_np(h), _np(head_weight), _np(head_bias), _np(offsets), _np(targets, torch.int64),
+                      _np(weight, torch.float32), _np(mask, torch.bool), bool(compute_grad),
+                      loss.numpy(), ce.numpy(), *(g.numpy() for g in grads))
+    return (loss, ce, *grads)
+
+
+def ragged_head_sample(h, columns, head_weight, head_bias, offsets, temperature, seed):
+    values = torch.empty(h.shape[0], dtype=torch.int64)
+    _C.ragged_head_sample(_np(h), _np(columns, torch.int64), _np(head_weight), _np(head_bias),
+                          _np(offsets), float(temperature), _seed(seed), values.numpy())
+    return values

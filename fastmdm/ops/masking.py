@@ -2,7 +2,8 @@
 
 One pass over the [B, L] tokens draws the mask, writes the masked tokens, the NELBO weight
 of every position and the score d/dw log q(mask) that RLOO needs. The weight is
-differentiable in w (the pathwise part of the w-gradient); the score is a constant.
+differentiable in w (the pathwise part of the w-gradient) and in the t-space time weight;
+the score is a constant.
 """
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import torch
 from torch import Tensor
 
 from .._checks import FLOAT_DTYPES, INT_DTYPES, check_finite, check_positive_weights, check_same_device, check_tensor
-from ..schedules import TIME_EPS, clamp_time
 from ._dispatch import select
 
 
@@ -37,28 +37,29 @@ def _empty_outputs(x: Tensor, w: Tensor):
 
 
 @torch.library.custom_op("fastmdm::mask_tspace", mutates_args=())
-def _mask_tspace(x: Tensor, t: Tensor, w: Tensor, mask_id: Tensor, u: Optional[Tensor],
-                 seed: int, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _float_first(*select("mask_tspace", x, t, w, u).mask_tspace(x, t, w, mask_id, u, seed, eps))
+def _mask_tspace(x: Tensor, log_t: Tensor, w: Tensor, mask_id: Tensor, time_weight: Tensor,
+                 u: Optional[Tensor], seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    backend = select("mask_tspace", x, log_t, w, time_weight, u)
+    return _float_first(*backend.mask_tspace(x, log_t, w, mask_id, time_weight, u, seed))
 
 
 @_mask_tspace.register_fake
-def _(x, t, w, mask_id, u, seed, eps):
+def _(x, log_t, w, mask_id, time_weight, u, seed):
     return _empty_outputs(x, w)
 
 
 def _mask_tspace_setup(ctx, inputs, output):
-    ctx.eps = inputs[6]
-    ctx.save_for_backward(inputs[1], output[3])
+    ctx.save_for_backward(inputs[2], inputs[4], output[3])
 
 
 def _mask_tspace_backward(ctx, grad_weight, grad_score, grad_x_t, grad_mask):
-    t, mask = ctx.saved_tensors
-    grad_w = None
-    if grad_weight is not None:   # weight = mask * w / t
-        t = clamp_time(t, ctx.eps).to(grad_weight.dtype)
-        grad_w = torch.where(mask, grad_weight / t[:, None], torch.zeros_like(grad_weight)).sum(0)
-    return None, None, grad_w, None, None, None, None
+    w, time_weight, mask = ctx.saved_tensors
+    grad_w = grad_time_weight = None
+    if grad_weight is not None:   # weight = mask * w_l * time_weight_b
+        masked_grad = torch.where(mask, grad_weight, torch.zeros_like(grad_weight))
+        grad_w = (masked_grad * time_weight.to(grad_weight.dtype)[:, None]).sum(0)
+        grad_time_weight = (masked_grad * w.to(grad_weight.dtype)[None, :]).sum(1).to(time_weight.dtype)
+    return None, None, grad_w, None, grad_time_weight, None, None
 
 
 _mask_tspace.register_autograd(_mask_tspace_backward, setup_context=_mask_tspace_setup)
@@ -121,24 +122,29 @@ def _default_seed(seed: int | None) -> int:
     return int(seed)
 
 
-def mask_tspace(x: Tensor, t: Tensor, w: Tensor, mask_id: Tensor, *, u: Tensor | None = None,
-                seed: int | None = None, eps: float = TIME_EPS) -> MaskedBatch:
-    """Mask column l of row b with probability t_b^{w_l} (the paper's t-space estimator).
+def mask_tspace(x: Tensor, log_t: Tensor, w: Tensor, mask_id: Tensor, time_weight: Tensor, *,
+                u: Tensor | None = None, seed: int | None = None) -> MaskedBatch:
+    """Mask column l of row b with probability t_b^{w_l}, t_b = exp(log_t[b]) (t-space estimator).
 
-    Pass `u` (uniforms, [B, L]) to fix the draw, else the backend draws from `seed`
-    (default: from torch's global generator). t is clamped to [eps, 1].
+    The NELBO weight of a masked position is w_l * time_weight[b]: pass time_weight =
+    1 / (t p(t)) for t drawn from density p (`schedules.sample_tspace_times` draws both;
+    exp(-log_t) is the paper's uniform t, whose estimate has infinite variance when w <= 1).
+    Times are taken as log t so that t far below float32's range stays exact. Pass `u`
+    (uniforms, [B, L]) to fix the draw, else the backend draws from `seed` (default: from
+    torch's global generator).
     """
     _check_common(x, w, mask_id, u)
-    check_tensor("t", t, ndim=1, dtypes=FLOAT_DTYPES)
-    if t.shape[0] != x.shape[0]:
-        raise ValueError(f"t has {t.shape[0]} entries but x has {x.shape[0]} rows")
-    check_finite("t", t)
-    if bool(((t < 0) | (t > 1)).any()):
-        raise ValueError("t must lie in [0, 1]")
-    if not 0 < eps < 1:
-        raise ValueError(f"eps must lie in (0, 1), got {eps}")
-    check_same_device(x=x, t=t)
-    weight, score, x_t, mask = _mask_tspace(x, t, w, mask_id, u, _default_seed(seed), float(eps))
+    for name, per_row in (("log_t", log_t), ("time_weight", time_weight)):
+        check_tensor(name, per_row, ndim=1, dtypes=FLOAT_DTYPES)
+        if per_row.shape[0] != x.shape[0]:
+            raise ValueError(f"{name} has {per_row.shape[0]} entries but x has {x.shape[0]} rows")
+        check_finite(name, per_row)
+    if bool((log_t > 0).any()):
+        raise ValueError("log_t must be <= 0 (t in (0, 1])")
+    if bool((time_weight <= 0).any()):
+        raise ValueError("time_weight must be positive")
+    check_same_device(x=x, log_t=log_t, time_weight=time_weight)
+    weight, score, x_t, mask = _mask_tspace(x, log_t, w, mask_id, time_weight, u, _default_seed(seed))
     return MaskedBatch(x_t, mask, weight, score)
 
 

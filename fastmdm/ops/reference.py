@@ -5,11 +5,12 @@ wrap whichever backend dispatch picks into torch.library custom ops with gradien
 The C++ (`fastmdm.ops.cpu_backend`) and Triton (`fastmdm.triton`) backends implement the
 same four functions with the same signatures and return dtypes:
 
-mask_tspace(x, t, w, mask_id, u, seed, eps) -> (x_t, mask, weight, score)
-    x [B,L] int64 tokens, t [B] float times, w [L] float, mask_id [L] int64,
-    u [B,L] float uniforms or None (then drawn from `seed`). Column l of row b is masked
-    iff u < t^{w_l} (t clamped to [eps, 1]). weight = w_l / t on masked positions, 0 elsewhere;
-    score = d/dw_l log q(mask | t) (see `fastmdm.schedules.tspace_score`).
+mask_tspace(x, log_t, w, mask_id, time_weight, u, seed) -> (x_t, mask, weight, score)
+    x [B,L] int64 tokens, log_t [B] float log-times (finite, <= 0), w [L] float, mask_id [L]
+    int64, time_weight [B] float, u [B,L] float uniforms or None (then drawn from `seed`).
+    Column l of row b is masked iff u < exp(w_l log_t). weight = w_l * time_weight on masked
+    positions, 0 elsewhere (time_weight = 1 / (t p(t)) for t drawn from density p; 1/t for
+    uniform t); score = d/dw_l log q(mask | t) (see `fastmdm.schedules.tspace_score`).
 mask_order(x, w, mask_id, u, n_revealed, seed) -> (x_t, mask, weight, score)
     the order-space estimator: order pi ~ PL(w) from keys -log(u)/w (smallest first), the
     first n_revealed[b] columns of pi visible, the rest masked; weight = L w_l / sum_{hidden} w
@@ -22,12 +23,24 @@ weighted_ce(logits, targets, weight, mask, offsets, compute_grad) -> (loss, ce, 
 rloo_grad(f, score) -> g [L] float32
     f [B,K] per-sample losses, score [B,K,L]; g = mean_{b,k} (f_bk - mean_{j!=k} f_bj) s_bk,
     the leave-one-out score-function gradient for w.
+ragged_head_ce(h, head_weight, head_bias, offsets, targets, weight, mask, compute_grad)
+        -> (loss, ce, grad_h, grad_head_weight, grad_head_bias)
+    weighted_ce of the ragged heads' logits without the [B,V] logits: h [B,L,d] column states,
+    head_weight [V,d] and head_bias [V] (column l's head is rows offsets[l]:offsets[l+1]).
+    logits_bl = head_weight_l @ h_bl + head_bias_l, evaluated for masked cells only; loss [B]
+    and ce [B,L] as in weighted_ce (float32, float64 for float64 inputs). With compute_grad
+    the gradients of sum(loss) w.r.t. h, head_weight, head_bias, in that same compute dtype
+    (zero for unmasked cells and for columns nothing is masked in); else empty tensors.
+ragged_head_sample(h, columns, head_weight, head_bias, offsets, temperature, seed) -> values [M]
+    one value per cell from softmax(logits / temperature) of cell m's column columns[m]
+    (h [M,d]), by Gumbel-max with noise drawn from `seed`; temperature 0 takes the argmax.
+    int64 values in 0..K_l-1. Backends draw different noise streams for the same seed.
 """
 from __future__ import annotations
 
 import torch
 
-from ..schedules import (clamp_time, exponential_keys, order_from_keys,
+from ..schedules import (exponential_keys, order_from_keys,
                          plackett_luce_prefix_score, tspace_score)
 
 
@@ -47,13 +60,14 @@ def _apply_mask(x: torch.Tensor, mask: torch.Tensor, mask_id: torch.Tensor) -> t
     return torch.where(mask, mask_id[None, :].to(x.dtype), x)
 
 
-def mask_tspace(x, t, w, mask_id, u, seed, eps):
+def mask_tspace(x, log_t, w, mask_id, time_weight, u, seed):
     if u is None:
         u = uniforms(tuple(x.shape), seed, x.device)
-    t = clamp_time(t.to(w.dtype), eps)
-    mask = u.to(w.dtype) < torch.exp(w[None, :] * torch.log(t)[:, None])
-    weight = torch.where(mask, w[None, :] / t[:, None], torch.zeros((), dtype=w.dtype, device=w.device))
-    return _apply_mask(x, mask, mask_id), mask, weight, tspace_score(w, t, mask)
+    log_t = log_t.to(w.dtype)
+    mask = u.to(w.dtype) < torch.exp(w[None, :] * log_t[:, None])
+    weight = torch.where(mask, w[None, :] * time_weight.to(w.dtype)[:, None],
+                         torch.zeros((), dtype=w.dtype, device=w.device))
+    return _apply_mask(x, mask, mask_id), mask, weight, tspace_score(w, log_t, mask)
 
 
 def mask_order(x, w, mask_id, u, n_revealed, seed):
@@ -68,6 +82,11 @@ def mask_order(x, w, mask_id, u, n_revealed, seed):
     return _apply_mask(x, mask, mask_id), mask, weight, score
 
 
+def compute_dtype_of(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels compute (and return losses) in: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def segment_layout(offsets: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Index [L, Kmax] of every column's logits in the flat [V] axis, and which are real."""
     sizes = offsets[1:] - offsets[:-1]
@@ -79,7 +98,7 @@ def segment_layout(offsets: torch.Tensor, vocab: int) -> tuple[torch.Tensor, tor
 
 
 def weighted_ce(logits, targets, weight, mask, offsets, compute_grad):
-    compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    compute_dtype = compute_dtype_of(logits.dtype)
     index, valid = segment_layout(offsets, logits.shape[1])
     padded = logits.to(compute_dtype)[:, index].masked_fill(~valid, float("-inf"))  # [B,L,Kmax]
     log_probs = torch.log_softmax(padded, dim=-1)
@@ -102,3 +121,51 @@ def rloo_grad(f, score):
     baseline = (f.sum(1, keepdim=True) - f) / (num_samples - 1)
     advantage = f - baseline
     return (advantage[:, :, None] * score).mean(dim=(0, 1))
+
+
+def ragged_head_ce(h, head_weight, head_bias, offsets, targets, weight, mask, compute_grad):
+    compute_dtype = compute_dtype_of(h.dtype)
+    rows, num_columns, _ = h.shape
+    ce = torch.zeros(rows, num_columns, dtype=compute_dtype, device=h.device)
+    grads = [torch.zeros(t.shape, dtype=compute_dtype, device=h.device) if compute_grad
+             else t.new_empty(0, dtype=compute_dtype) for t in (h, head_weight, head_bias)]
+    grad_h, grad_head_weight, grad_head_bias = grads
+    bounds = offsets.tolist()
+    for column in range(num_columns):
+        cells = mask[:, column].nonzero().squeeze(1)
+        if cells.numel() == 0:
+            continue
+        lo, hi = bounds[column], bounds[column + 1]
+        states = h[cells, column].to(compute_dtype)                                   # [M, d]
+        column_weight = head_weight[lo:hi].to(compute_dtype)                         # [K, d]
+        logits = states @ column_weight.T + head_bias[lo:hi].to(compute_dtype)      # [M, K]
+        log_probs = torch.log_softmax(logits, 1)
+        target = targets[cells, column].long()[:, None]
+        ce[cells, column] = -log_probs.gather(1, target).squeeze(1)
+        if compute_grad:
+            dlogits = log_probs.exp().scatter_add_(1, target, torch.full_like(logits[:, :1], -1.0))
+            dlogits = dlogits * weight[cells, column].to(compute_dtype)[:, None]
+            grad_h[cells, column] = dlogits @ column_weight
+            grad_head_weight[lo:hi] = dlogits.T @ states
+            grad_head_bias[lo:hi] = dlogits.sum(0)
+    loss = (weight.to(compute_dtype) * ce).sum(1)
+    return loss, ce, grad_h, grad_head_weight, grad_head_bias
+
+
+def ragged_head_sample(h, columns, head_weight, head_bias, offsets, temperature, seed):
+    compute_dtype = compute_dtype_of(h.dtype)
+    generator = torch.Generator(device=h.device)
+    generator.manual_seed(seed)
+    values = torch.empty(h.shape[0], dtype=torch.int64, device=h.device)
+    bounds = offsets.tolist()
+    for column in columns.unique().tolist():
+        cells = (columns == column).nonzero().squeeze(1)
+        lo, hi = bounds[column], bounds[column + 1]
+        logits = h[cells].to(compute_dtype) @ head_weight[lo:hi].to(compute_dtype).T
+        logits = logits + head_bias[lo:hi].to(compute_dtype)
+        if temperature > 0:
+            u = torch.rand(logits.shape, generator=generator, dtype=compute_dtype, device=h.device)
+            gumbel = -torch.log(-torch.log(u.clamp(min=torch.finfo(compute_dtype).tiny)))
+            logits = logits / temperature + gumbel
+        values[cells] = logits.argmax(1)
+    return values

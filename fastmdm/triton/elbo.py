@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import Launch
+
 
 @triton.jit
 def _weighted_ce_kernel(logits_ptr, stride_row, stride_col, targets_ptr, weight_ptr, mask_ptr,
@@ -59,26 +61,33 @@ def _weighted_ce_kernel(logits_ptr, stride_row, stride_col, targets_ptr, weight_
                      mask=row_ok[:, None] & in_segment[None, :])
 
 
-def _blocks(rows: int, num_columns: int, vocab: int) -> tuple[int, int]:
-    """Chunk width from the mean column width (known without a device sync), rows to fill ~4K lanes."""
+def ce_tiles(rows: int, num_columns: int, vocab: int) -> tuple[int, int]:
+    """(BLOCK_B, BLOCK_K): chunk width from the mean column width (known without a device sync),
+    rows to fill 1,024 lanes, 8 a thread at 4 warps. 2,048 and 4,096 lanes spilled in some
+    (width, dtype, grad, sm) corners: see benchmarks/results/triton_resources.md."""
     block_k = min(max(triton.next_power_of_2(triton.cdiv(vocab, num_columns)), 16), 1024)
-    block_b = max(1, min(triton.next_power_of_2(rows), 64, 4096 // block_k))
+    block_b = max(1, min(triton.next_power_of_2(rows), 64, 1024 // block_k))
     return block_b, block_k
 
 
-def weighted_ce(logits, targets, weight, mask, offsets, compute_grad):
+def plan_weighted_ce(logits, targets, weight, mask, offsets, compute_grad):
     rows, vocab = logits.shape
     num_columns = targets.shape[1]
     weight = weight.contiguous()
     ce = torch.empty((rows, num_columns), dtype=torch.float32, device=logits.device)
     # Written in full by the kernel (zeros outside masked segments): no memset pass.
     dlogits = torch.empty((rows, vocab) if compute_grad else (0,), dtype=logits.dtype, device=logits.device)
-    block_b, block_k = _blocks(rows, num_columns, vocab)
-    grid = (num_columns, triton.cdiv(rows, block_b))
-    _weighted_ce_kernel[grid](
+    block_b, block_k = ce_tiles(rows, num_columns, vocab)
+    launch = Launch(_weighted_ce_kernel, (num_columns, triton.cdiv(rows, block_b)), (
         logits, logits.stride(0), logits.stride(1), targets.contiguous(), weight,
         mask.contiguous().view(torch.uint8), offsets.contiguous(), ce, dlogits if compute_grad else ce,
-        rows, num_columns, vocab, COMPUTE_GRAD=compute_grad, BLOCK_B=block_b, BLOCK_K=block_k)
+        rows, num_columns, vocab), dict(COMPUTE_GRAD=compute_grad, BLOCK_B=block_b, BLOCK_K=block_k))
+    return (weight, ce, dlogits), launch
+
+
+def weighted_ce(logits, targets, weight, mask, offsets, compute_grad):
+    (weight, ce, dlogits), launch = plan_weighted_ce(logits, targets, weight, mask, offsets, compute_grad)
+    launch()
     # A second deterministic pass (no atomics); [B, L] is small next to the logits.
     loss = (weight * ce).sum(1)
     return loss, ce, dlogits

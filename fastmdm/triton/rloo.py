@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import Launch
+
 _MAX_PARTS = 256
 
 
@@ -36,15 +38,26 @@ def _rloo_partial_kernel(f_ptr, score_ptr, partial_ptr, R, L, K, rows_per_part,
     tl.store(partial_ptr + part * L + cols, tl.sum(acc, axis=0), mask=col_ok)
 
 
-def rloo_grad(f, score):
+def rloo_tiles(flat_rows: int, num_columns: int) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_L): column tiles up to 128 wide, sample rows to fill 4,096 lanes."""
+    block_l = min(max(triton.next_power_of_2(num_columns), 16), 128)
+    return max(1, min(triton.next_power_of_2(flat_rows), 4096 // block_l)), block_l
+
+
+def plan_rloo_grad(f, score):
     rows, samples, num_columns = score.shape
     flat_rows = rows * samples
-    block_l = min(max(triton.next_power_of_2(num_columns), 16), 128)
-    block_r = max(1, min(triton.next_power_of_2(flat_rows), 4096 // block_l))
+    block_r, block_l = rloo_tiles(flat_rows, num_columns)
     num_parts = min(triton.cdiv(flat_rows, block_r), _MAX_PARTS)
     rows_per_part = triton.cdiv(triton.cdiv(flat_rows, num_parts), block_r) * block_r
     partial = torch.empty((num_parts, num_columns), dtype=torch.float32, device=score.device)
-    grid = (triton.cdiv(num_columns, block_l), num_parts)
-    _rloo_partial_kernel[grid](f.contiguous(), score.contiguous(), partial, flat_rows, num_columns,
-                               samples, rows_per_part, BLOCK_R=block_r, BLOCK_L=block_l)
-    return partial.sum(0) / flat_rows
+    launch = Launch(_rloo_partial_kernel, (triton.cdiv(num_columns, block_l), num_parts), (
+        f.contiguous(), score.contiguous(), partial, flat_rows, num_columns, samples, rows_per_part),
+        dict(BLOCK_R=block_r, BLOCK_L=block_l))
+    return partial, launch
+
+
+def rloo_grad(f, score):
+    partial, launch = plan_rloo_grad(f, score)
+    launch()
+    return partial.sum(0) / (score.shape[0] * score.shape[1])

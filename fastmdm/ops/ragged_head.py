@@ -1,0 +1,178 @@
+"""Ragged per-column output heads fused with the schedule-weighted cross entropy, and the
+matching sampler: neither ever builds the [N, V] (or padded [N, L, Kmax]) logits.
+
+Column l's head is rows offsets[l]:offsets[l+1] of head_weight [V, d] and head_bias [V]; the
+logits of cell (n, l) are head_weight_l @ h[n, l] + head_bias_l. Only masked cells are
+evaluated, so the work is sum over masked cells of K_l * d instead of N * L * Kmax * d.
+
+Gradients are produced in the forward pass (Liger style: the kernels already hold each
+cell's softmax there) for a unit upstream gradient. Backward scales them when the upstream
+gradient is the same for every row (a mean or a sum of the rows, what training does), and
+otherwise runs the kernel again with the upstream gradient folded into the cell weights:
+exact either way. Measured against recomputing in backward always, see
+benchmarks/results/ragged_head.md.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._checks import FLOAT_DTYPES, INT_DTYPES, check_offsets, check_same_device, check_tensor
+from ._dispatch import select
+from .reference import compute_dtype_of
+
+
+@torch.library.custom_op("fastmdm::ragged_head_ce", mutates_args=())
+def _ragged_head_ce(h: Tensor, head_weight: Tensor, head_bias: Tensor, offsets: Tensor,
+                    targets: Tensor, weight: Tensor, mask: Tensor,
+                    compute_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    backend = select("ragged_head_ce", h, head_weight, head_bias, offsets, targets, weight, mask)
+    return tuple(backend.ragged_head_ce(h, head_weight, head_bias, offsets, targets, weight, mask,
+                                        compute_grad))
+
+
+@_ragged_head_ce.register_fake
+def _(h, head_weight, head_bias, offsets, targets, weight, mask, compute_grad):
+    dtype = compute_dtype_of(h.dtype)
+    grads = [h.new_empty(t.shape if compute_grad else (0,), dtype=dtype) for t in (h, head_weight, head_bias)]
+    return (h.new_empty(h.shape[0], dtype=dtype), h.new_empty(targets.shape, dtype=dtype), *grads)
+
+
+@torch.library.custom_op("fastmdm::ragged_head_ce_backward", mutates_args=())
+def _ragged_head_ce_backward(grad_loss: Tensor, grad_h: Tensor, grad_head_weight: Tensor,
+                             grad_head_bias: Tensor, h: Tensor, head_weight: Tensor,
+                             head_bias: Tensor, offsets: Tensor, targets: Tensor, weight: Tensor,
+                             mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients for h, head_weight, head_bias given d out / d loss [N] (see module docstring)."""
+    grad_loss = grad_loss.to(compute_dtype_of(h.dtype))
+    if grad_h.numel() and bool((grad_loss == grad_loss[0]).all()):
+        scale = grad_loss[0]
+    else:
+        _, _, grad_h, grad_head_weight, grad_head_bias = _ragged_head_ce(
+            h, head_weight, head_bias, offsets, targets, weight * grad_loss[:, None].to(weight.dtype),
+            mask, True)
+        scale = 1
+    return ((grad_h * scale).to(h.dtype), (grad_head_weight * scale).to(head_weight.dtype),
+            (grad_head_bias * scale).to(head_bias.dtype))
+
+
+@_ragged_head_ce_backward.register_fake
+def _(grad_loss, grad_h, grad_head_weight, grad_head_bias, h, head_weight, head_bias, offsets,
+      targets, weight, mask):
+    return torch.empty_like(h), torch.empty_like(head_weight), torch.empty_like(head_bias)
+
+
+def _setup(ctx, inputs, output):
+    h, head_weight, head_bias, offsets, targets, weight, mask, _ = inputs
+    _, ce, grad_h, grad_head_weight, grad_head_bias = output
+    ctx.mark_non_differentiable(grad_h, grad_head_weight, grad_head_bias)
+    ctx.save_for_backward(h, head_weight, head_bias, offsets, targets, weight, mask, ce,
+                          grad_h, grad_head_weight, grad_head_bias)
+
+
+def _backward(ctx, grad_loss, grad_ce, *unused):
+    h, head_weight, head_bias, offsets, targets, weight, mask, ce, *forward_grads = ctx.saved_tensors
+    if grad_loss is None:
+        return (None,) * 8
+    grad_h = grad_head_weight = grad_head_bias = None
+    if any(ctx.needs_input_grad[:3]):
+        grad_h, grad_head_weight, grad_head_bias = _ragged_head_ce_backward(
+            grad_loss, *forward_grads, h, head_weight, head_bias, offsets, targets, weight, mask)
+    grad_weight = (ce * grad_loss[:, None].to(ce.dtype)).to(weight.dtype)
+    return grad_h, grad_head_weight, grad_head_bias, None, None, grad_weight, None, None
+
+
+_ragged_head_ce.register_autograd(_backward, setup_context=_setup)
+
+
+def _check_heads(h: Tensor, head_weight: Tensor, head_bias: Tensor, offsets: Tensor,
+                 validate: bool) -> None:
+    """h [..., d] against head_weight [V, d], head_bias [V] and offsets [L+1]."""
+    check_tensor("head_weight", head_weight, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor("head_bias", head_bias, ndim=1, dtypes=FLOAT_DTYPES)
+    if not h.dtype == head_weight.dtype == head_bias.dtype:
+        raise TypeError(f"h, head_weight and head_bias must share a dtype, got {h.dtype}, "
+                        f"{head_weight.dtype}, {head_bias.dtype}")
+    if head_bias.shape[0] != head_weight.shape[0]:
+        raise ValueError(f"head_bias has {head_bias.shape[0]} entries, head_weight {head_weight.shape[0]} rows")
+    if h.shape[-1] != head_weight.shape[1]:
+        raise ValueError(f"h has width {h.shape[-1]} but head_weight has {head_weight.shape[1]} columns")
+    check_tensor("offsets", offsets, ndim=1, dtypes=(torch.int64,))
+    if validate:
+        check_offsets(offsets, offsets.shape[0] - 1, head_weight.shape[0])
+
+
+def ragged_head_ce(h: Tensor, head_weight: Tensor, head_bias: Tensor, offsets: Tensor,
+                   targets: Tensor, weight: Tensor, mask: Tensor, *, validate: bool = True) -> Tensor:
+    """Per-row sum_l mask * weight * -log softmax(head_l(h[:, l]))[targets], shape [N].
+
+    h [N, L, d] (any strides), head_weight [V, d], head_bias [V], offsets [L+1] int64,
+    targets [N, L] int, weight [N, L] float, mask [N, L] bool. Differentiable in h,
+    head_weight, head_bias and weight (d loss / d weight = CE on masked cells). Equals
+    `weighted_ce(logits, targets, weight, mask, offsets)` of the logits [N, V] the heads
+    would produce, which it never builds. `validate=False` skips the value checks (targets
+    in range, offsets well formed), which cost a device sync on GPU.
+    """
+    check_tensor("h", h, ndim=3, dtypes=FLOAT_DTYPES)
+    check_tensor("targets", targets, ndim=2, dtypes=INT_DTYPES)
+    check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor("mask", mask, ndim=2, dtypes=(torch.bool,))
+    rows, num_columns, _ = h.shape
+    for name, value in (("targets", targets), ("weight", weight), ("mask", mask)):
+        if tuple(value.shape) != (rows, num_columns):
+            raise ValueError(f"{name} must have shape {(rows, num_columns)} (h's first two), "
+                             f"got {tuple(value.shape)}")
+    if rows == 0:
+        raise ValueError("no rows")
+    check_same_device(h=h, head_weight=head_weight, head_bias=head_bias, offsets=offsets,
+                      targets=targets, weight=weight, mask=mask)
+    if offsets.shape[0] != num_columns + 1:
+        raise ValueError(f"offsets must have L+1 = {num_columns + 1} entries, got {offsets.shape[0]}")
+    _check_heads(h, head_weight, head_bias, offsets, validate)
+    if validate:
+        sizes = offsets[1:] - offsets[:-1]
+        if bool(((targets < 0) | (targets >= sizes[None, :])).any()):
+            raise ValueError("targets out of range: column l takes values in [0, offsets[l+1]-offsets[l])")
+    compute_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (h, head_weight, head_bias))
+    loss, _, _, _, _ = _ragged_head_ce(h, head_weight, head_bias, offsets, targets.long(), weight,
+                                       mask, compute_grad)
+    return loss
+
+
+@torch.library.custom_op("fastmdm::ragged_head_sample", mutates_args=())
+def _ragged_head_sample(h: Tensor, columns: Tensor, head_weight: Tensor, head_bias: Tensor,
+                        offsets: Tensor, temperature: float, seed: int) -> Tensor:
+    backend = select("ragged_head_sample", h, columns, head_weight, head_bias, offsets)
+    return backend.ragged_head_sample(h, columns, head_weight, head_bias, offsets, temperature, seed)
+
+
+@_ragged_head_sample.register_fake
+def _(h, columns, head_weight, head_bias, offsets, temperature, seed):
+    return h.new_empty(h.shape[0], dtype=torch.int64)
+
+
+def ragged_head_sample(h: Tensor, columns: Tensor, head_weight: Tensor, head_bias: Tensor,
+                       offsets: Tensor, temperature: float, seed: int, *,
+                       validate: bool = True) -> Tensor:
+    """One value per cell, drawn from softmax(head_{columns[m]}(h[m]) / temperature), shape [M].
+
+    h [M, d] states of the cells to draw, columns [M] int their column ids. Gumbel-max over
+    the column's values in chunks: no logits are kept. temperature 0 takes the argmax. The
+    noise comes from `seed` (a different stream per backend, deterministic for each).
+    """
+    check_tensor("h", h, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor("columns", columns, ndim=1, dtypes=INT_DTYPES)
+    if columns.shape[0] != h.shape[0]:
+        raise ValueError(f"columns has {columns.shape[0]} entries for {h.shape[0]} cells")
+    check_same_device(h=h, columns=columns, head_weight=head_weight, head_bias=head_bias, offsets=offsets)
+    _check_heads(h, head_weight, head_bias, offsets, validate)
+    if not temperature >= 0 or temperature == float("inf"):
+        raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
+    if validate and columns.numel() and bool(((columns < 0) | (columns >= offsets.shape[0] - 1)).any()):
+        raise ValueError(f"columns must lie in 0..{offsets.shape[0] - 2}")
+    if h.shape[0] == 0:
+        return torch.empty(0, dtype=torch.int64, device=h.device)
+    # Draws are not differentiable: detached, so parameters that require grad can be passed.
+    return _ragged_head_sample(h.detach(), columns.long(), head_weight.detach(), head_bias.detach(),
+                               offsets, float(temperature), int(seed) & ((1 << 63) - 1))

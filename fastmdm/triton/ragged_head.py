@@ -1,0 +1,228 @@
+"""Ragged output heads fused with the weighted cross entropy, and the Gumbel-max sampler.
+
+The selected cells (masked ones for the loss, requested ones for sampling) are sorted by
+column and cut into tiles of BLOCK_M cells of one column; one program takes one tile. It
+holds the tile's states [BLOCK_M, d] and walks its column's vocabulary in BLOCK_K chunks:
+logits = states @ W_chunk^T + b on tensor cores (fp32 accumulation, bf16 or fp32 inputs),
+an online logsumexp (or a running Gumbel max), never more than one [BLOCK_M, BLOCK_K] chunk
+of logits. With gradients, a second walk forms G = weight * (softmax - onehot) per chunk
+and accumulates grad_h = G W in registers and grad_W += G^T states, grad_b += sum G with
+fp32 atomics (tiles of one column add into the same rows, so their order is not fixed).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import Launch
+
+#: Widest state the kernels keep in registers; wider models go to the reference.
+MAX_HEAD_WIDTH = 256
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def ragged_head_config(d_model: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_K, BLOCK_D, num_warps) for states of width d_model <= MAX_HEAD_WIDTH.
+
+    A program keeps its states and grad_h [BLOCK_M, BLOCK_D] (fp32) and one chunk of W and
+    of logits in registers: narrower states afford more cells and wider chunks.
+    """
+    if not 1 <= d_model <= MAX_HEAD_WIDTH:
+        raise ValueError(f"d_model must lie in 1..{MAX_HEAD_WIDTH}, got {d_model}")
+    block_d = max(16, triton.next_power_of_2(d_model))
+    if block_d <= 64:
+        return 64, 64, block_d, 4
+    if block_d <= 128:
+        return 32, 64, block_d, 4
+    return 32, 32, block_d, 8
+
+
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b with fp32 accumulation. UPCAST multiplies the (already rounded) operands in fp32:
+    the same products as bf16 tensor cores, for Triton's interpreter, whose bf16 dot is wrong."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _load_states(h_ptr, stride_cell, stride_feature, cells, ok, d, BLOCK_D: tl.constexpr):
+    """The tile's states [BLOCK_M, BLOCK_D] (zeros past d and for padding cells)."""
+    feature = tl.arange(0, BLOCK_D)
+    return tl.load(h_ptr + cells[:, None] * stride_cell + feature[None, :] * stride_feature,
+                   mask=ok[:, None] & (feature < d)[None, :], other=0.0)
+
+
+@triton.jit
+def _logits_chunk(states, w_ptr, b_ptr, start, k, size, d, BLOCK_D: tl.constexpr,
+                  PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Logits [BLOCK_M, BLOCK_K] of values k of the column starting at row `start` (fp32, -inf
+    past the column), and the weight chunk [BLOCK_K, BLOCK_D] they were computed from."""
+    feature = tl.arange(0, BLOCK_D)
+    in_column = k < size
+    w = tl.load(w_ptr + (start + k)[:, None] * d + feature[None, :],
+                mask=in_column[:, None] & (feature < d)[None, :], other=0.0)
+    bias = tl.load(b_ptr + start + k, mask=in_column, other=0.0).to(tl.float32)
+    logits = _dot(states, tl.trans(w), PRECISION, UPCAST) + bias[None, :]
+    return tl.where(in_column[None, :], logits, float("-inf")), w
+
+
+@triton.jit
+def _tile(tile_column_ptr, tile_start_ptr, tile_stop_ptr, cells_ptr, offsets_ptr, BLOCK_M: tl.constexpr):
+    """This program's column, its first vocabulary row and size, its cells and which are real."""
+    tile = tl.program_id(0)
+    column = tl.load(tile_column_ptr + tile)
+    index = tl.load(tile_start_ptr + tile) + tl.arange(0, BLOCK_M)
+    ok = index < tl.load(tile_stop_ptr + tile)
+    cells = tl.load(cells_ptr + index, mask=ok, other=0)
+    start = tl.load(offsets_ptr + column)
+    size = tl.load(offsets_ptr + column + 1) - start
+    return column, start, size, cells, ok
+
+
+@triton.jit
+def _ragged_head_ce_kernel(h_ptr, stride_row, stride_column, stride_feature, w_ptr, b_ptr,
+                           offsets_ptr, rows_ptr, tile_column_ptr, tile_start_ptr, tile_stop_ptr,
+                           targets_ptr, weight_ptr, ce_ptr, grad_h_ptr, grad_w_ptr, grad_b_ptr,
+                           L, d, COMPUTE_GRAD: tl.constexpr, PRECISION: tl.constexpr,
+                           UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                           BLOCK_D: tl.constexpr):
+    column, start, size, rows, ok = _tile(tile_column_ptr, tile_start_ptr, tile_stop_ptr, rows_ptr,
+                                          offsets_ptr, BLOCK_M)
+    states = _load_states(h_ptr + column * stride_column, stride_row, stride_feature, rows, ok, d, BLOCK_D)
+    cell = rows * L + column
+    target = tl.load(targets_ptr + cell, mask=ok, other=0)
+    within = tl.arange(0, BLOCK_K)
+
+    running_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    running_sum = tl.zeros([BLOCK_M], tl.float32)
+    target_logit = tl.zeros([BLOCK_M], tl.float32)
+    for k0 in range(0, size, BLOCK_K):
+        k = k0 + within
+        logits, w = _logits_chunk(states, w_ptr, b_ptr, start, k, size, d, BLOCK_D, PRECISION, UPCAST)
+        new_max = tl.maximum(running_max, tl.max(logits, axis=1))   # finite: every chunk has a value
+        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), axis=1)
+        running_max = new_max
+        target_logit += tl.sum(tl.where(k[None, :] == target[:, None], logits, 0.0), axis=1)
+    lse = running_max + tl.log(running_sum)
+    tl.store(ce_ptr + cell, lse - target_logit, mask=ok)
+
+    if COMPUTE_GRAD:
+        weight = tl.load(weight_ptr + cell, mask=ok, other=0.0)
+        feature = tl.arange(0, BLOCK_D)
+        grad_h = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for k0 in range(0, size, BLOCK_K):
+            k = k0 + within
+            logits, w = _logits_chunk(states, w_ptr, b_ptr, start, k, size, d, BLOCK_D, PRECISION, UPCAST)
+            onehot = tl.where(k[None, :] == target[:, None], 1.0, 0.0)
+            g = weight[:, None] * (tl.exp(logits - lse[:, None]) - onehot)   # 0 past the column
+            g_in = g.to(w.dtype)
+            grad_h += _dot(g_in, w, PRECISION, UPCAST)
+            in_column = k < size
+            tl.atomic_add(grad_w_ptr + (start + k)[:, None] * d + feature[None, :],
+                          _dot(tl.trans(g_in), states, PRECISION, UPCAST),
+                          mask=in_column[:, None] & (feature < d)[None, :], sem="relaxed")
+            tl.atomic_add(grad_b_ptr + start + k, tl.sum(g, axis=0), mask=in_column, sem="relaxed")
+        tl.store(grad_h_ptr + cell[:, None] * d + feature[None, :], grad_h,
+                 mask=ok[:, None] & (feature < d)[None, :])
+
+
+@triton.jit
+def _ragged_head_sample_kernel(h_ptr, stride_cell, stride_feature, w_ptr, b_ptr, offsets_ptr,
+                               cells_ptr, tile_column_ptr, tile_start_ptr, tile_stop_ptr, out_ptr,
+                               inv_temperature, seed, tiny, V, d, GREEDY: tl.constexpr,
+                               PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+                               BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    column, start, size, cells, ok = _tile(tile_column_ptr, tile_start_ptr, tile_stop_ptr, cells_ptr,
+                                           offsets_ptr, BLOCK_M)
+    states = _load_states(h_ptr, stride_cell, stride_feature, cells, ok, d, BLOCK_D)
+    within = tl.arange(0, BLOCK_K)
+    best = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    best_index = tl.zeros([BLOCK_M], tl.int64)
+    for k0 in range(0, size, BLOCK_K):
+        k = k0 + within
+        logits, w = _logits_chunk(states, w_ptr, b_ptr, start, k, size, d, BLOCK_D, PRECISION, UPCAST)
+        if not GREEDY:
+            # Philox counter per (cell, vocabulary row): the same draw for any tiling.
+            u = tl.rand(seed, cells[:, None] * V + (start + k)[None, :])
+            logits = logits * inv_temperature - tl.log(-tl.log(tl.maximum(u, tiny)))
+        chunk_best = tl.max(logits, axis=1)
+        chunk_index = tl.argmax(logits, axis=1).to(tl.int64)
+        better = chunk_best > best
+        best_index = tl.where(better, k0 + chunk_index, best_index)
+        best = tl.where(better, chunk_best, best)
+    tl.store(out_ptr + cells, best_index, mask=ok)
+
+
+def _tiles(sorted_columns: torch.Tensor, num_columns: int, block_m: int):
+    """Tiles of at most block_m consecutive cells of one column, for cells sorted by column:
+    (column, first cell, end) per tile, int64 on the cells' device."""
+    device = sorted_columns.device
+    counts = torch.bincount(sorted_columns, minlength=num_columns)
+    column_start = counts.cumsum(0) - counts
+    tiles_per_column = (counts + block_m - 1) // block_m
+    tile_column = torch.repeat_interleave(torch.arange(num_columns, device=device), tiles_per_column)
+    first_tile = tiles_per_column.cumsum(0) - tiles_per_column
+    rank = torch.arange(tile_column.numel(), device=device) - first_tile[tile_column]
+    tile_start = column_start[tile_column] + rank * block_m
+    tile_stop = torch.minimum(tile_start + block_m, (column_start + counts)[tile_column])
+    return tile_column, tile_start, tile_stop
+
+
+def _dot_options(tensor: torch.Tensor) -> dict:
+    """float32 inputs keep full float32 products, as torch's matmul does by default (no TF32);
+    on CPU tensors (the interpreter) products are formed in float32, see `_dot`."""
+    return dict(PRECISION="ieee" if tensor.dtype == torch.float32 else "tf32",
+                UPCAST=tensor.device.type == "cpu")
+
+
+def plan_ragged_head_ce(h, head_weight, head_bias, offsets, cell_rows, tiles, targets, weight32, compute_grad):
+    """Outputs (ce, grad_h, grad_W, grad_b) and the launch over `tiles` (see `_tiles`)."""
+    rows, num_columns, d = h.shape
+    block_m, block_k, block_d, num_warps = ragged_head_config(d)
+    ce = torch.zeros(rows, num_columns, dtype=torch.float32, device=h.device)
+    grads = [torch.zeros(t.shape if compute_grad else (0,), dtype=torch.float32, device=h.device)
+             for t in (h, head_weight, head_bias)]
+    launch = Launch(_ragged_head_ce_kernel, (tiles[0].numel(),), (
+        h, h.stride(0), h.stride(1), h.stride(2), head_weight.contiguous(), head_bias.contiguous(),
+        offsets.contiguous(), cell_rows.contiguous(), *tiles, targets.contiguous(), weight32, ce,
+        *(g if compute_grad else ce for g in grads), num_columns, d),
+        dict(COMPUTE_GRAD=compute_grad, **_dot_options(h), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_D=block_d),
+        num_warps)
+    return (ce, *grads), launch
+
+
+def ragged_head_ce(h, head_weight, head_bias, offsets, targets, weight, mask, compute_grad):
+    cell_columns, cell_rows = mask.t().nonzero(as_tuple=True)      # sorted by column, then row
+    tiles = _tiles(cell_columns, h.shape[1], ragged_head_config(h.shape[2])[0])
+    weight32 = weight.to(torch.float32).contiguous()
+    (ce, *grads), launch = plan_ragged_head_ce(h, head_weight, head_bias, offsets, cell_rows, tiles, targets,
+                                               weight32, compute_grad)
+    if tiles[0].numel():
+        launch()
+    loss = (weight32 * ce).sum(1)
+    return (loss, ce, *grads)
+
+
+def plan_ragged_head_sample(h, order, tiles, head_weight, head_bias, offsets, temperature, seed):
+    """Output values and the launch over `tiles` of the cells in `order` (sorted by column)."""
+    block_m, block_k, block_d, num_warps = ragged_head_config(h.shape[1])
+    values = torch.zeros(h.shape[0], dtype=torch.int64, device=h.device)
+    launch = Launch(_ragged_head_sample_kernel, (tiles[0].numel(),), (
+        h, h.stride(0), h.stride(1), head_weight.contiguous(), head_bias.contiguous(),
+        offsets.contiguous(), order, *tiles, values,
+        1.0 / temperature if temperature > 0 else 1.0, int(seed), _TINY, head_weight.shape[0], h.shape[1]),
+        dict(GREEDY=temperature == 0, **_dot_options(h), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_D=block_d),
+        num_warps)
+    return values, launch
+
+
+def ragged_head_sample(h, columns, head_weight, head_bias, offsets, temperature, seed):
+    order = torch.argsort(columns, stable=True)
+    tiles = _tiles(columns[order], offsets.shape[0] - 1, ragged_head_config(h.shape[1])[0])
+    values, launch = plan_ragged_head_sample(h, order, tiles, head_weight, head_bias, offsets, temperature, seed)
+    if tiles[0].numel():
+        launch()
+    return values

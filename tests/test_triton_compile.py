@@ -1,0 +1,74 @@
+"""Every Triton kernel compiles for sm_80 and sm_90, in every configuration dispatch picks, without spills.
+
+The interpreter (TRITON_INTERPRET=1, how the other Triton tests run without a GPU) checks what
+the kernels compute; only a compile checks that they build for a real GPU and fit its registers.
+`python -m fastmdm.triton.aot` compiles each launch the ops' own plan functions make (on meta
+tensors, specialized as a real launch would be) and reads registers, stack and shared memory
+from the cubin with the cuobjdump that ships in the triton wheel. It runs in a subprocess
+because this session has set TRITON_INTERPRET=1, under which kernels cannot be compiled.
+
+Representative shapes only (the largest tile of every width class, about 75 compiles: a few
+minutes on 2 cores the first time, seconds from Triton's on-disk cache afterwards). The
+exhaustive sweep over every power-of-two shape (about 930 compiles) is
+`python -m fastmdm.triton.aot --exhaustive --jobs N`. This test rewrites
+benchmarks/results/triton_resources.md.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+triton = pytest.importorskip("triton", reason="triton is not installed")
+if not hasattr(triton.runtime.jit, "native_specialize_impl"):
+    pytest.skip(f"triton {triton.__version__} lacks the specialization API fastmdm.triton.aot uses",
+                allow_module_level=True)
+cuobjdump = Path(triton.knobs.nvidia.cuobjdump.path)
+if not cuobjdump.exists():
+    pytest.skip(f"no cuobjdump at {cuobjdump} (triton without its NVIDIA backend)", allow_module_level=True)
+
+ROOT = Path(__file__).resolve().parents[1]
+KERNELS = {"_mask_tspace_kernel", "_mask_order_kernel", "_weighted_ce_kernel", "_rloo_partial_kernel"}
+
+
+def compile_in_subprocess(*args: str, code: str | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    command = [sys.executable, "-c", code] if code else [sys.executable, "-m", "fastmdm.triton.aot", *args]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+
+
+def test_every_dispatched_configuration_compiles_without_spills(tmp_path):
+    raw = tmp_path / "resources.json"
+    table = ROOT / "benchmarks" / "results" / "triton_resources.md"
+    run = compile_in_subprocess("--json", str(raw), "--markdown", str(table))
+    assert raw.exists(), f"aot did not finish:\n{run.stderr[-3000:]}"
+    results = json.loads(raw.read_text())
+    failing = [r for r in results if r["error"] or r["stack"] or r["local"]]
+    assert not failing, "compile errors or spills:\n" + "\n".join(
+        f"{r['kernel']} [{r['config']}] sm_{r['arch']} ({r['shapes']}): "
+        + (r["error"] or f"{r['registers']} registers, {r['stack']} B stack") for r in failing)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert {r["kernel"] for r in results} == KERNELS
+    assert {r["arch"] for r in results} == {80, 90}
+    # The widest tables mask_order takes on the GPU are among the configurations compiled.
+    assert any(r["kernel"] == "_mask_order_kernel" and "BLOCK_L=4096" in r["config"] for r in results)
+
+
+def test_a_spilling_configuration_is_reported():
+    """The check can fail: the RLOO kernel with its [64, 128] accumulator on one warp (256 values
+    a thread) must show stack use."""
+    code = """
+import dataclasses, json
+import torch
+from fastmdm.triton import aot
+from fastmdm.triton.rloo import plan_rloo_grad
+launch = plan_rloo_grad(aot._meta((4096, 2)), aot._meta((4096, 2, 128)))[1]
+launch = dataclasses.replace(launch, constexprs=dict(launch.constexprs, BLOCK_R=64), num_warps=1)
+print(json.dumps(aot.compile_job(aot.job_for(launch), 90)))
+"""
+    run = compile_in_subprocess(code=code)
+    assert run.returncode == 0, run.stderr[-3000:]
+    usage = json.loads(run.stdout.strip().splitlines()[-1])
+    assert usage.get("error") is None and usage["stack"] > 0, usage
