@@ -12,7 +12,7 @@ time of both measured back to back. Then, per model:
   (16 draws per validation row, std per row, averaged over rows);
 - sampling rows/s at S = L, S = ceil(L/4) and (causal) speculative decoding with k = 4,
   with the mean number of columns revealed per speculative round;
-- fidelity of as many rows as the real train split, sampled at S = L (fastmdm.metrics.evaluate).
+- fidelity of as many rows as the real train split, sampled at S = L (fastmdm.metrics.score).
 
 One JSON line per (dataset, seed, architecture) goes to benchmarks/results/architectures_runs.jsonl
 as soon as it is measured; --report rebuilds benchmarks/results/architectures.md from it.
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from fastmdm import TabularMDM, datasets
-from fastmdm.metrics import evaluate
+from fastmdm.metrics import score
 from fastmdm.objective import model_loss
 from fastmdm.sample import DecodeStats
 
@@ -44,9 +44,10 @@ REPORT = os.path.join(HERE, "results", "architectures.md")
 ARCHITECTURES = ("bidirectional", "causal")
 
 
-def step_seconds(architecture: str, train, seed: int, steps: int = 15) -> float:
-    """Median seconds of one training step (forward, backward, update) on real batches."""
-    model = TabularMDM(architecture=architecture, epochs=1, seed=seed, progress=False)
+def step_seconds(train, seed: int, steps: int = 15, **options) -> float:
+    """Median seconds of one training step (forward, backward, update) on real batches of a
+    TabularMDM built with `options`."""
+    model = TabularMDM(epochs=1, seed=seed, progress=False, **options)
     model.fit(train.head(1024 * (steps + 1)), validation=None)
     trainer = model._trainer
     tokens = model.codec.encode(train.head(1024))
@@ -80,7 +81,7 @@ def run(dataset: str, seed: int, epochs: int, max_rows: int | None, sample_rows:
     train, test = datasets.load(dataset)
     if max_rows:
         train = train.head(max_rows)
-    probe = {arch: step_seconds(arch, train, seed) for arch in ARCHITECTURES}
+    probe = {arch: step_seconds(train, seed, architecture=arch) for arch in ARCHITECTURES}
     budget_epochs = {"bidirectional": epochs,
                      "causal": max(1, round(epochs * probe["bidirectional"] / probe["causal"]))}
     records = []
@@ -99,7 +100,7 @@ def run(dataset: str, seed: int, epochs: int, max_rows: int | None, sample_rows:
         if arch == "causal":
             rates["speculative k=4"] = sampling_rate(model, n, speculative=4)
         synth = model.sample(len(train), seed=seed)
-        fidelity = evaluate(train, synth, test=test, target=datasets.TARGETS[dataset],
+        fidelity = score(train, synth, test=test, target=datasets.TARGETS[dataset],
                             task=datasets.TASKS[dataset], seed=seed)
         record = dict(
             dataset=dataset, seed=seed, architecture=arch, parameters=model.denoiser.num_parameters(),

@@ -11,8 +11,8 @@ import pandas as pd
 import torch
 
 from .data import DEFAULT_CATEGORY_CAP, DEFAULT_NUM_BINS, TableCodec
-from .models import ARCHITECTURES, TableDenoiser, architecture_of, build_denoiser
-from .sample import sample_tokens
+from .models import ARCHITECTURES, ORDERS, TableDenoiser, architecture_of, build_denoiser
+from .sample import DecodeStats, known_first_order, sample_tokens
 from .schedules import PowerSchedule
 from .streaming import BlockPlan, fresh_seed, shard_path
 from .table_files import TableWriter
@@ -37,7 +37,10 @@ class TabularMDM:
     >>> synth = model.sample(10_000)
     >>> filled = model.impute(df_with_nans)
 
-    Arguments: `architecture` "bidirectional" or "causal" (see fastmdm.models);
+    Arguments: `architecture` "bidirectional" or "causal" (see fastmdm.models); `order`
+    "static" (one learned order distribution PL(w) for the table) or "contextual" (the next
+    column depends on the values generated so far; causal architecture, which it selects
+    when `architecture` is not given; see fastmdm.models.orders);
     `num_bins` quantile bins per numeric column; `category_cap` most tokens per
     categorical column (rarer values share an "other" token; see TableCodec.fit); `learn_schedule` learns w
     (False keeps w = 1, the linear MDM); `estimator` "order" (order-space, low variance) or
@@ -45,12 +48,21 @@ class TabularMDM:
     num_layers, ...); the rest are TrainConfig fields (epochs, batch_size, lr, seed, ...).
     """
 
-    def __init__(self, *, architecture: str = DEFAULT_ARCHITECTURE, num_bins: int = DEFAULT_NUM_BINS,
+    def __init__(self, *, architecture: str | None = None, order: str = "static",
+                 num_bins: int = DEFAULT_NUM_BINS,
                  category_cap: int | None = DEFAULT_CATEGORY_CAP, learn_schedule: bool = True,
                  device: str | torch.device = "auto", model: Mapping | None = None, **train_options):
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+        if architecture is None:
+            architecture = "causal" if order == "contextual" else DEFAULT_ARCHITECTURE
         if architecture not in ARCHITECTURES:
             raise ValueError(f"architecture must be one of {sorted(ARCHITECTURES)}, got {architecture!r}")
+        if order == "contextual" and architecture != "causal":
+            raise ValueError("contextual orders need the causal architecture (its content stream feeds "
+                             f"the order policy), not {architecture!r}")
         self.architecture = architecture
+        self.order = order
         self.num_bins = num_bins
         self.category_cap = category_cap
         self.learn_schedule = learn_schedule
@@ -93,6 +105,7 @@ class TabularMDM:
             self.config = dataclasses.replace(TrainConfig(**state["train_config"]), epochs=self.config.epochs)
             self.learn_schedule = state["learn_schedule"]
             self.architecture = state["architecture"]
+            self.order = self.model_options.pop("order", "static")
         with contextlib.ExitStack() as cleanup:
             if from_files:
                 self.codec, train_tokens, val_tokens = prepare_token_store(
@@ -103,7 +116,7 @@ class TabularMDM:
             else:
                 train_tokens, val_tokens = self._encode_frame(data, validation, categorical, fit_codec=state is None)
             torch.manual_seed(self.config.seed)
-            self.denoiser = build_denoiser(self.architecture, self.codec.cardinalities, **self.model_options)
+            self.denoiser = build_denoiser(self.architecture, self.codec.cardinalities, **self._denoiser_options())
             self.schedule = PowerSchedule(self.codec.num_columns, learnable=self.learn_schedule)
             trainer = Trainer(self.denoiser, self.schedule, self.codec.mask_ids, self.codec.offsets,
                               self.config, self.device)
@@ -113,6 +126,12 @@ class TabularMDM:
             self.history = trainer.fit(train_tokens, val_tokens, checkpoint, extra_state=self._metadata)
         self._use_ema(trainer)
         return self
+
+    def _denoiser_options(self) -> dict:
+        """The denoiser's keyword arguments: the `model` options, plus the order for causal models."""
+        if self.architecture == "causal":
+            return {**self.model_options, "order": self.order}
+        return dict(self.model_options)
 
     def _encode_frame(self, df: pd.DataFrame, validation, categorical, fit_codec: bool):
         """(train tokens, validation tokens or None) of an in-memory table, fitting the codec first if asked."""
@@ -155,9 +174,28 @@ class TabularMDM:
 
     @property
     def weights(self) -> pd.Series:
-        """Learned schedule weights w per column (higher = revealed earlier in generation)."""
+        """Learned schedule weights w per column (higher = revealed earlier in generation).
+
+        For a contextual model these are the policy's prior scores: its preference before
+        the values move it (see `generation_orders` for the orders it actually takes)."""
         self._require_fitted()
         return pd.Series(self.schedule.w.detach().cpu().numpy(), index=self.codec.columns, name="w")
+
+    def generation_orders(self, num_rows: int = 2000, *, seed: int = 0) -> pd.DataFrame:
+        """The order in which generation reveals the columns, for num_rows sampled rows: a
+        frame whose column i names the column revealed i-th (1 = first). For a static model
+        these are draws from PL(w); a contextual model's depend on each row's values, so they
+        come from sampling rows."""
+        self._require_fitted()
+        generator = torch.Generator().manual_seed(seed)
+        if self.order == "contextual":
+            stats = DecodeStats(orders=[])
+            self._sample_tokens(num_rows, None, None, generator=generator, stats=stats)
+            orders = torch.cat(stats.orders)
+        else:
+            orders, _ = known_first_order(self.schedule.w.detach().cpu(), num_rows, generator=generator)
+        names = np.asarray(self.codec.columns, dtype=object)[orders.numpy()]
+        return pd.DataFrame(names, columns=range(1, orders.shape[1] + 1))
 
     def sample(self, num_rows: int, *, steps: int | None = None, speculative: int | None = None,
                temperature: float = 1.0,
@@ -312,7 +350,8 @@ class TabularMDM:
                    **state["train_config"])
         self.codec = TableCodec.from_state_dict(state["codec"])
         self.denoiser = build_denoiser(self.architecture, **model_config)
-        self.model_options = {k: v for k, v in model_config.items() if k != "cardinalities"}
+        self.model_options = {k: v for k, v in model_config.items() if k not in ("cardinalities", "order")}
+        self.order = model_config.get("order", "static")
         self.schedule = PowerSchedule(self.codec.num_columns, learnable=False)
         # A checkpoint holds the live and the EMA weights: prefer the EMA ones.
         self.denoiser.load_state_dict(state.get("ema", state["denoiser"]))

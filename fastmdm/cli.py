@@ -12,9 +12,12 @@ DEMO_SAMPLE_ROWS = 10_000
 
 
 def _add_training_options(parser: argparse.ArgumentParser, epochs: int) -> None:
-    parser.add_argument("--architecture", choices=["bidirectional", "causal"], default="bidirectional",
-                        help="denoiser: bidirectional (re-encodes the row every step) or causal "
+    parser.add_argument("--architecture", choices=["bidirectional", "causal"], default=None,
+                        help="denoiser: bidirectional (re-encodes the row every step; the default) or causal "
                              "(two-stream, KV-cached sampling, exact speculative decoding)")
+    parser.add_argument("--order", choices=["static", "contextual"], default="static",
+                        help="generation order: one learned PL(w) for the table (default), or contextual: "
+                             "the next column depends on the values so far (implies --architecture causal)")
     parser.add_argument("--epochs", type=int, default=epochs)
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -40,7 +43,7 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
 def _model_from_args(args):
     from .api import TabularMDM
     from .data import DEFAULT_NUM_BINS
-    return TabularMDM(architecture=args.architecture, num_bins=args.num_bins or DEFAULT_NUM_BINS,
+    return TabularMDM(architecture=args.architecture, order=args.order, num_bins=args.num_bins or DEFAULT_NUM_BINS,
                       learn_schedule=not args.fixed_schedule,
                       device=args.device, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                       estimator=args.estimator, seed=args.seed)
@@ -104,7 +107,10 @@ def cmd_evaluate(args) -> None:
 def cmd_plot(args) -> None:
     from .api import TabularMDM
     from .plots import plot_schedule
-    plot_schedule(TabularMDM.load(args.model, device="cpu").weights, args.output)
+    model = TabularMDM.load(args.model, device="cpu")
+    # A contextual model's orders depend on the values: show those of sampled rows.
+    orders = model.generation_orders() if model.order == "contextual" else None
+    plot_schedule(model.weights, args.output, orders=orders)
     print(f"wrote {args.output}")
 
 
@@ -187,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="XGBoost threads; use 1 on a busy machine (spin-waiting threads can run 10x slower)")
     evaluate.set_defaults(func=cmd_evaluate)
 
-    plot = sub.add_parser("plot", help="PNG of the learned schedule of a model")
+    plot = sub.add_parser("plot", help="PNG of the learned schedule of a model (and, for a contextual "
+                                       "model, the orders its sampled rows took)")
     plot.add_argument("model")
     plot.add_argument("-o", "--output", required=True)
     plot.set_defaults(func=cmd_plot)

@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .schedules import (PowerSchedule, exponential_keys, order_from_keys, plackett_luce_prefix_score,
-                        sample_tspace_times)
+from .schedules import (PowerSchedule, exponential_keys, order_from_keys, plackett_luce_log_prob,
+                        plackett_luce_prefix_score, sample_tspace_times)
 
 ESTIMATORS = ("order", "tspace")
 
@@ -87,6 +87,38 @@ def causal_loss(denoiser: Callable[..., Tensor], x: Tensor, schedule: PowerSched
     return _with_rloo(per_sample, score, schedule, rows, num_samples)
 
 
+def contextual_loss(denoiser: Callable[..., Tensor], x: Tensor, schedule: PowerSchedule, *,
+                    num_samples: int = 2, generator: torch.Generator | None = None) -> LossOutput:
+    """Negative LoMDM bound (DESIGN.md section 9) of a contextual causal model, K orders per row.
+
+    Orders come from the model's posterior q_phi(pi | x) = PL(w_phi(x)); each sample's value
+    is f = -log p_theta(x | pi) - log p_psi(pi | x) + log q_phi(pi | x), whose mean bounds
+    -log p(x). theta and psi (which includes the schedule's w as its prior scores) learn
+    pathwise; phi learns by RLOO over the K orders with the per-row Plackett-Luce score,
+    through the fused op. With q = p_psi = PL(w) the order terms cancel and this is
+    `causal_loss`.
+    """
+    if num_samples < 2:
+        raise ValueError(f"the contextual order posterior learns by RLOO: num_samples must be >= 2, got {num_samples}")
+    model = getattr(denoiser, "module", denoiser)   # seen through DDP
+    rows, num_columns = x.shape
+    w_rows = model.order_posterior(x)                                        # [B, L], phi's output
+    x_rep = x.repeat_interleave(num_samples, dim=0)
+    w_rep = w_rows.detach().repeat_interleave(num_samples, dim=0)
+    u = torch.rand(x_rep.shape, generator=generator).to(device=x.device, dtype=w_rep.dtype)
+    order, rank = order_from_keys(exponential_keys(w_rep, u))
+    everywhere = torch.ones(x_rep.shape, dtype=torch.bool, device=x.device)
+    joint = denoiser(x_rep, order, targets=x_rep, weight=everywhere.to(w_rep.dtype), mask=everywhere,
+                     order_prior=schedule.w)                                 # -log p(x, pi), pathwise
+    log_q = plackett_luce_log_prob(w_rep, order).to(joint.dtype)
+    per_sample = joint + log_q
+    score = plackett_luce_prefix_score(w_rep, rank, torch.full((x_rep.shape[0],), num_columns, device=x.device))
+    surrogate = _rloo_surrogate(per_sample.detach().view(rows, num_samples),
+                                score.view(rows, num_samples, -1), w_rows)
+    samples = per_sample.detach().view(rows, num_samples)
+    return LossOutput(joint.mean() + log_q.mean() + surrogate, samples.mean(1), samples)
+
+
 def model_loss(denoiser: Callable[..., Tensor], x: Tensor, schedule: PowerSchedule, mask_id: Tensor,
                offsets: Tensor, *, estimator: str = "order", num_samples: int = 2,
                generator: torch.Generator | None = None) -> LossOutput:
@@ -96,6 +128,8 @@ def model_loss(denoiser: Callable[..., Tensor], x: Tensor, schedule: PowerSchedu
         if estimator != "order":
             raise ValueError("the causal denoiser is trained with the order-space estimator "
                              f"(whole orders), not {estimator!r}")
+        if getattr(denoiser, "module", denoiser).contextual:
+            return contextual_loss(denoiser, x, schedule, num_samples=num_samples, generator=generator)
         return causal_loss(denoiser, x, schedule, num_samples=num_samples, generator=generator)
     return diffusion_loss(denoiser, x, schedule, mask_id, offsets, estimator=estimator,
                           num_samples=num_samples, generator=generator)
@@ -106,9 +140,21 @@ def _with_rloo(per_sample: Tensor, score: Tensor, schedule: PowerSchedule, rows:
     """Mean loss plus, for a learnable schedule, the zero-valued RLOO surrogate for w."""
     loss = per_sample.mean()
     if schedule.learnable and num_samples >= 2:
-        g = ops.rloo_grad(per_sample.detach().view(rows, num_samples),
-                          score.view(rows, num_samples, -1))
-        surrogate = (g.detach().to(schedule.w.dtype) * schedule.w).sum()
-        loss = loss + (surrogate - surrogate.detach())
+        loss = loss + _rloo_surrogate(per_sample.detach().view(rows, num_samples),
+                                      score.view(rows, num_samples, -1), schedule.w)
     samples = per_sample.detach().view(rows, num_samples)
     return LossOutput(loss, samples.mean(1), samples)
+
+
+def _rloo_surrogate(f: Tensor, score: Tensor, w: Tensor) -> Tensor:
+    """A zero-valued term whose gradient is the RLOO estimate of d/dw mean_rows E[f].
+
+    f [B, K] per-sample losses, score [B, K, L] = d/dw log q of each sample, w the scores
+    they were drawn with: shared [L] (a schedule) or one row each [B, L] (a posterior).
+    """
+    if w.dim() == 1:
+        g = ops.rloo_grad(f, score)
+    else:
+        g = ops.rloo_grad(f, score, per_row=True) / f.shape[0]
+    surrogate = (g.detach().to(w.dtype) * w).sum()
+    return surrogate - surrogate.detach()

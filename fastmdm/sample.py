@@ -82,14 +82,19 @@ def reveal_steps(w: Tensor, num_rows: int, steps: int, known_mask: Tensor | None
     return torch.empty_like(order).scatter_(1, order, step_by_position)
 
 
+def gumbel_noise(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """Standard Gumbel noise (float32): argmax(logits + noise) draws from softmax(logits)."""
+    u = _uniform(shape, generator, device)
+    return -torch.log(-torch.log(u.clamp(min=torch.finfo(u.dtype).tiny)))  # u < 1: finite
+
+
 def gumbel_max(segments: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
     """One draw per row of segments [M, Kmax] (logits, padding at -inf) at a temperature;
     temperature 0 takes the argmax."""
     segments = segments.float()
     if temperature > 0:
-        u = _uniform(tuple(segments.shape), generator, segments.device)
-        gumbel = -torch.log(-torch.log(u.clamp(min=torch.finfo(u.dtype).tiny)))  # u < 1: finite
-        segments = segments + temperature * gumbel  # = T * (logits / T + gumbel): same argmax
+        # = T * (logits / T + gumbel): the same argmax.
+        segments = segments + temperature * gumbel_noise(tuple(segments.shape), generator, segments.device)
     return segments.argmax(-1)
 
 
@@ -179,6 +184,7 @@ class DecodeStats:
     rows: int = 0
     rounds: int = 0          # per-row draft-and-verify rounds, summed over rows
     columns: int = 0         # columns revealed by those rounds
+    orders: list[Tensor] | None = None   # set to [] to collect contextual models' orders [n, L] per batch
 
     @property
     def columns_per_round(self) -> float:
@@ -232,14 +238,18 @@ def sample_tokens(denoiser: Callable[[Tensor], Tensor], w: Tensor | PowerSchedul
     temperature: logits are divided by it before sampling; 0 takes the argmax.
     known [num_rows, L] with known_mask ([num_rows, L] or [L], default known != mask_id):
     columns to condition on; they come first in the order and are returned unchanged.
-    stats: a DecodeStats to add counts to (columns accepted per speculative round).
+    stats: a DecodeStats to add counts to (columns accepted per speculative round; the
+    generation orders of a contextual model when stats.orders is a list).
     """
     from . import causal_decoding
     w, steps = _validate(w, mask_id, offsets, num_rows, steps, temperature, batch_size)
     causal = getattr(denoiser, "causal", False)
+    contextual = getattr(denoiser, "contextual", False)
     if speculative is not None:
         if not causal:
             raise ValueError("speculative decoding needs the causal denoiser (architecture='causal')")
+        if contextual:
+            raise ValueError("speculative decoding needs a static order; this model's order is contextual")
         if not (isinstance(speculative, int) and speculative >= 1):
             raise ValueError(f"speculative must be an int >= 1 (columns drafted per round), got {speculative!r}")
         if steps != w.numel():
@@ -267,7 +277,8 @@ def sample_tokens(denoiser: Callable[[Tensor], Tensor], w: Tensor | PowerSchedul
                         denoiser, w, layout, speculative, temperature, stop - start, batch_known,
                         batch_mask, generator, stats))
                 else:
-                    decode = causal_decoding.sample_chunks if causal else _sample_bidirectional
+                    decode = (causal_decoding.sample_contextual if contextual
+                              else causal_decoding.sample_chunks if causal else _sample_bidirectional)
                     out.append(decode(denoiser, w, layout, steps, temperature, stop - start, batch_known,
                                       batch_mask, generator, stats))
                 stats.rows += stop - start

@@ -93,9 +93,16 @@ def order_from_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def exponential_keys(w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """-log t*_l = -log(u_l) / w_l ~ Exponential(w_l); the smallest key is revealed first."""
+    """-log t*_l = -log(u_l) / w_l ~ Exponential(w_l); the smallest key is revealed first.
+
+    w is [L] (one schedule) or [B, L] (a row's own scores, as the contextual order posterior gives)."""
     tiny = torch.finfo(u.dtype).tiny
-    return -torch.log(u.clamp(min=tiny)) / w[None, :]
+    return -torch.log(u.clamp(min=tiny)) / w
+
+
+def _in_order(w: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """w_{pi_k} per row, [B, L], for shared scores w [L] or per-row scores [B, L]."""
+    return w[order] if w.dim() == 1 else w.gather(1, order)
 
 
 def _suffix_sums(w_perm: torch.Tensor) -> torch.Tensor:
@@ -107,11 +114,12 @@ def plackett_luce_log_prob(w: torch.Tensor, order: torch.Tensor,
                            prefix_len: torch.Tensor | None = None) -> torch.Tensor:
     """log P(pi_1..pi_n) under Plackett-Luce(w) for each row; n = L (whole order) by default.
 
-    P(prefix) = prod_{k<n} w_{pi_k} / sum_{j>=k} w_{pi_j}. Differentiable in w.
+    P(prefix) = prod_{k<n} w_{pi_k} / sum_{j>=k} w_{pi_j}. Differentiable in w, which is
+    [L] or, one per row, [B, L].
     """
-    check_positive_weights(w)
+    check_positive_weights(w.reshape(-1))
     check_tensor("order", order, ndim=2, dtypes=INT_DTYPES)
-    w_perm = w[order]                                         # [B, L]
+    w_perm = _in_order(w, order)                              # [B, L]
     terms = torch.log(w_perm) - torch.log(_suffix_sums(w_perm))
     if prefix_len is not None:
         steps = torch.arange(order.shape[1], device=order.device)
@@ -125,15 +133,16 @@ def plackett_luce_prefix_score(w: torch.Tensor, rank: torch.Tensor,
 
     With D_k = sum of w over columns of rank >= k and C_r = sum_{k<=r, k<n} 1/D_k:
     score_l = 1[rank_l < n] / w_l - C_{rank_l}. Only the revealed prefix matters.
+    w is [L] or, one per row, [B, L].
     """
     order = torch.argsort(rank, dim=1)
-    suffix = _suffix_sums(w[order])                          # D_k
+    suffix = _suffix_sums(_in_order(w, order))               # D_k
     steps = torch.arange(rank.shape[1], device=rank.device)
     in_prefix = steps[None, :] < prefix_len[:, None]
     inv = torch.where(in_prefix, 1.0 / suffix, torch.zeros_like(suffix))
     cumulative = torch.cumsum(inv, 1)                        # C_k, indexed by step k
     revealed = rank < prefix_len[:, None]
-    return revealed.to(w.dtype) / w[None, :] - cumulative.gather(1, rank)
+    return revealed.to(w.dtype) / w - cumulative.gather(1, rank)
 
 
 class PowerSchedule(nn.Module):

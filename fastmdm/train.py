@@ -32,7 +32,7 @@ class TrainConfig:
     epochs: int = 30
     batch_size: int = 1024          # rows per step (all processes together)
     lr: float = 2e-3
-    schedule_lr: float = 1e-2       # learning rate for log w (the schedule)
+    schedule_lr: float = 1e-2       # learning rate for log w (the schedule) and a contextual order's parameters
     weight_decay: float = 0.0
     estimator: str = "order"        # "order" (ours, low variance) or "tspace" (the paper's)
     num_samples: int = 2            # masks per row (K); RLOO needs >= 2
@@ -101,7 +101,13 @@ class Trainer:
         self.offsets = offsets.to(self.device)
         self.ema = copy.deepcopy(self.denoiser).requires_grad_(False)
         self.ema_schedule = copy.deepcopy(self.schedule).requires_grad_(False)
-        groups = [{"params": list(self.denoiser.parameters()), "lr": config.lr}]
+        # The order's parameters (a contextual model's policy and posterior, like the
+        # schedule's w) learn at schedule_lr.
+        named = list(self.denoiser.named_parameters())
+        order_params = [p for name, p in named if name.startswith("order_")]
+        groups = [{"params": [p for name, p in named if not name.startswith("order_")], "lr": config.lr}]
+        if order_params:
+            groups.append({"params": order_params, "lr": config.schedule_lr})
         if self.schedule.learnable:
             groups.append({"params": [self.schedule.log_w], "lr": config.schedule_lr, "weight_decay": 0.0})
         self.optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)

@@ -134,12 +134,14 @@ def test_other_training_modes_run(estimator, learn):
     assert (w == 1.0).all() if not learn else (w != 1.0).any()
 
 
-def test_torchrun_ddp_two_processes_stay_in_sync(tmp_path):
-    """Launched by torchrun with gloo on CPU: both ranks end with identical, trained weights."""
+@pytest.mark.parametrize("order", ["static", "contextual"])
+def test_torchrun_ddp_two_processes_stay_in_sync(tmp_path, order):
+    """Launched by torchrun with gloo on CPU: both ranks end with identical, trained weights
+    (for a contextual model, its order posterior's too: it is called outside DDP's forward)."""
     worker = os.path.join(os.path.dirname(__file__), "_ddp_train.py")
     env = dict(os.environ, PYTHONPATH=os.path.dirname(__file__) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                             "--nproc_per_node=2", worker, str(tmp_path)],
+                             "--nproc_per_node=2", worker, str(tmp_path), "-", order],
                             env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))

@@ -1,8 +1,9 @@
 """Denoisers: `bidirectional` (re-encodes the masked row every step) and `causal` (two-stream,
-one pass per order, KV-cached sampling). Both share embeddings, blocks and ragged heads (base)."""
+one pass per order, KV-cached sampling; its order may be static or contextual, see orders).
+Both share embeddings, blocks and ragged heads (base)."""
 from .base import RaggedHeads, TableDenoiser
 from .bidirectional import ColumnTransformer
-from .causal import CausalTransformer
+from .causal import ORDERS, CausalTransformer
 
 ARCHITECTURES = {"bidirectional": ColumnTransformer, "causal": CausalTransformer}
 
@@ -18,5 +19,5 @@ def architecture_of(denoiser: TableDenoiser) -> str:
     return next(name for name, cls in ARCHITECTURES.items() if type(denoiser) is cls)
 
 
-__all__ = ["ARCHITECTURES", "CausalTransformer", "ColumnTransformer", "RaggedHeads", "TableDenoiser",
+__all__ = ["ARCHITECTURES", "ORDERS", "CausalTransformer", "ColumnTransformer", "RaggedHeads", "TableDenoiser",
            "architecture_of", "build_denoiser"]

@@ -30,6 +30,9 @@ from torch import Tensor, nn
 from .._checks import INT_DTYPES, check_tensor
 from .base import TableDenoiser
 from .layers import attend
+from .orders import DEFAULT_ORDER_SCALE, OrderPolicy, OrderPosterior
+
+ORDERS = ("static", "contextual")
 
 
 class KVCache(NamedTuple):
@@ -51,20 +54,34 @@ class CausalTransformer(TableDenoiser):
 
     causal = True
 
-    def __init__(self, cardinalities: list[int], **options):
+    def __init__(self, cardinalities: list[int], order: str = "static",
+                 order_scale: tuple[float, float] = DEFAULT_ORDER_SCALE, **options):
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
         super().__init__(cardinalities, **options)
         d_model = self._config["d_model"]
         self.start = nn.Parameter(torch.zeros(d_model))
         self.query_embedding = nn.Parameter(torch.zeros(d_model))
         nn.init.normal_(self.start, std=0.02)
         nn.init.normal_(self.query_embedding, std=0.02)
+        self._config.update(order=order)
+        if order == "contextual":
+            self._config.update(order_scale=tuple(float(v) for v in order_scale))
+            self.order_policy = OrderPolicy(d_model, self.num_columns)
+            self.order_posterior = OrderPosterior(self.cardinalities, scale=order_scale)
+
+    @property
+    def contextual(self) -> bool:
+        """True when the generation order depends on the values (fastmdm.models.orders)."""
+        return self._config["order"] == "contextual"
 
     @property
     def trash_slot(self) -> int:
         return self.num_columns + 1
 
-    def _start_states(self) -> tuple[list[Tensor], list[Tensor]]:
-        """Keys and values [1, H, 1, d / H] of the start token in every layer (it sees only itself)."""
+    def _start_states(self) -> tuple[list[Tensor], list[Tensor], Tensor]:
+        """Keys and values [1, H, 1, d / H] of the start token in every layer (it sees only
+        itself), and its final state [d] (what the order policy reads before any value)."""
         keys, values = [], []
         h = self.start.view(1, 1, -1)
         for block in self.blocks:
@@ -72,7 +89,10 @@ class CausalTransformer(TableDenoiser):
             keys.append(k)
             values.append(v)
             h = block.mix(h, attend(q, k, v))
-        return keys, values
+        return keys, values, self.norm_out(h).view(-1)
+
+    def start_state(self) -> Tensor:
+        return self._start_states()[2]
 
     def empty_cache(self, rows: int) -> KVCache:
         """A cache of L + 2 slots per row holding only the start token (slot 0)."""
@@ -80,11 +100,11 @@ class CausalTransformer(TableDenoiser):
             shape = (rows, start.shape[1], self.num_columns + 2, start.shape[3])
             return torch.cat([start.expand(rows, -1, -1, -1),
                               start.new_zeros(shape[0], shape[1], shape[2] - 1, shape[3])], 2)
-        keys, values = self._start_states()
+        keys, values, _ = self._start_states()
         return KVCache([slots(k) for k in keys], [slots(v) for v in values])
 
     def extend(self, cache: KVCache | None, values: Tensor, value_columns: Tensor, value_positions: Tensor,
-               query_columns: Tensor, query_sees: Tensor) -> tuple[KVCache, Tensor]:
+               query_columns: Tensor, query_sees: Tensor, content_states: bool = False) -> tuple[KVCache, Tensor]:
         """Append content tokens to the cache and answer query tokens; returns (cache, h).
 
         values, value_columns [N, Tc] and value_positions ([N, Tc] or [Tc]): tokens
@@ -95,6 +115,8 @@ class CausalTransformer(TableDenoiser):
         cache=None is an empty cache whose content arrives at positions 0..Tc-1 in this
         call (training): keys are then concatenated, not scattered. The returned cache
         replaces the given one; without autograd the given one is updated in place.
+        With `content_states`, h is [N, Tc + Tq, d]: the content tokens' final states (which
+        the order policy reads) come first.
         """
         content = self.embed_values(values, value_columns)
         query = self.query_embedding + self.column_embedding[query_columns]
@@ -108,7 +130,7 @@ class CausalTransformer(TableDenoiser):
         allowed = torch.arange(num_slots, device=values.device) <= sees[..., None]    # [(N,) T, S]
         allowed = allowed.unsqueeze(-3)                                               # heads axis
         if cache is None:
-            start_keys, start_values = self._start_states()
+            start_keys, start_values, _ = self._start_states()
         split = content.shape[1]
         h = torch.cat([content, query.to(content.dtype)], 1)
         keys, vals = [], []
@@ -125,23 +147,44 @@ class CausalTransformer(TableDenoiser):
                 update = "scatter" if torch.is_grad_enabled() else "scatter_"
                 keys.append(getattr(cache.keys[index].to(k.dtype), update)(2, slot, k))
                 vals.append(getattr(cache.values[index].to(v.dtype), update)(2, slot, v))
-            if index == last:   # the content stream's last outputs are never read
+            if index == last and not content_states:   # the content stream's last outputs are unused
                 h = block.mix(h[:, split:], attend(q[:, :, split:], keys[-1], vals[-1], allowed[..., split:, :]))
             else:
                 h = block.mix(h, attend(q, keys[-1], vals[-1], allowed))
-        if not self.blocks:
+        if not self.blocks and not content_states:
             h = h[:, split:]
         return KVCache(keys, vals), self.norm_out(h)
 
     def forward(self, x: Tensor, order: Tensor, targets: Tensor | None = None,
-                weight: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+                weight: Tensor | None = None, mask: Tensor | None = None,
+                order_prior: Tensor | None = None) -> Tensor:
+        """Logits [N, V], or with targets the per-row loss -log p(x | order). Given
+        `order_prior` (the schedule's w: the policy's prior scores), a contextual model adds
+        -log p_psi(order | x), so that the loss is -log p(x, order)."""
         self.check_tokens("x", x, allow_mask=False)
         check_order(order, x.shape[0], self.num_columns)
         rows, length = x.shape
         positions = torch.arange(length, device=x.device)
-        _, h = self.extend(None, x.gather(1, order), order, positions, order, positions)
+        scores_order = self.contextual and targets is not None and order_prior is not None
+        _, h = self.extend(None, x.gather(1, order), order, positions, order, positions,
+                           content_states=scores_order)
+        content, h = h[:, :-length], h[:, -length:]
         h_by_column = torch.empty_like(h).scatter_(1, order[..., None].expand_as(h), h)
-        return self.loss_or_logits(h_by_column, targets, weight, mask)
+        loss = self.loss_or_logits(h_by_column, targets, weight, mask)
+        if scores_order:
+            loss = loss - self.order_log_prob(order_prior, content, order).to(loss.dtype)
+        return loss
+
+    def order_log_prob(self, order_prior: Tensor, content: Tensor, order: Tensor) -> Tensor:
+        """log p_psi(order | x) per row from the content states [N, L, d] of one pass: step i
+        reads the state at position i - 1 (the start token's for i = 0)."""
+        rows, length = order.shape
+        before = torch.cat([self.start_state().to(content.dtype).expand(rows, 1, -1), content[:, :-1]], 1)
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(length, device=order.device).expand_as(order))
+        steps = torch.arange(length, device=order.device)
+        revealed = rank[:, None, :] < steps[None, :, None]                   # [N, step, column]
+        log_probs = self.order_policy.log_probs(torch.log(order_prior), before, revealed)
+        return log_probs.gather(2, order[..., None]).squeeze(2).sum(1)
 
 
 def check_order(order: Tensor, rows: int, num_columns: int) -> None:

@@ -1,0 +1,70 @@
+"""Context-dependent generation orders (LoMDM for tables, DESIGN.md section 9).
+
+A contextual causal model carries two extra pieces:
+- `OrderPolicy` p_psi(next column | values revealed so far): logits log w_l + a linear map
+  of the causal model's content state at the last revealed position, over the columns not
+  yet revealed. With the linear map at zero (its initialization) this is static PL(w);
+  in the causal model the content state at position i - 1 has seen exactly x_{pi_<i}, so
+  one pass scores every step of an order.
+- `OrderPosterior` q_phi(pi | x) = PL(w_phi(x)) from the whole clean row, used only in
+  training: w_l(x) = c1 + c2 (sigmoid(g(x))_l - mean_j sigmoid(g(x))_j), c1 > c2 > 0, so
+  every score stays in [c1 - c2, c1 + c2] and only their ratios (which are what PL
+  uses) are learned. g starts at zero: the posterior starts uniform.
+
+The bound, E_q[sum_i log p_theta(x_pi_i | .) + sum_i (log p_psi(pi_i | .) - log q(pi_i | .))],
+is in `fastmdm.objective.contextual_loss`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .layers import Block
+
+#: LoMDM's reported best scale (c1, c2) of the posterior's scores.
+DEFAULT_ORDER_SCALE = (0.7, 0.65)
+
+
+class OrderPolicy(nn.Module):
+    """p_psi(next column | prefix): log-probabilities over columns from a content state."""
+
+    def __init__(self, d_model: int, num_columns: int):
+        super().__init__()
+        self.context = nn.Linear(d_model, num_columns, bias=False)
+        nn.init.zeros_(self.context.weight)
+
+    def log_probs(self, log_prior: Tensor, state: Tensor, revealed: Tensor) -> Tensor:
+        """log p_psi over columns [..., L] from states [..., d]; revealed columns [..., L]
+        (True) get -inf, so each row is a distribution over the columns still hidden."""
+        logits = log_prior.to(state.dtype) + self.context(state)
+        return torch.log_softmax(logits.masked_fill(revealed, float("-inf")), -1)
+
+
+class OrderPosterior(nn.Module):
+    """q_phi(pi | x) = PL(w_phi(x)): per-row Plackett-Luce scores [B, L] from clean rows [B, L].
+
+    One transformer block over the row's column tokens (a value embedding per (column,
+    value), as the denoiser has), then a scalar per column.
+    """
+
+    def __init__(self, cardinalities: list[int], d_model: int = 32, num_heads: int = 4,
+                 scale: tuple[float, float] = DEFAULT_ORDER_SCALE):
+        super().__init__()
+        center, spread = (float(v) for v in scale)
+        if not 0 < spread < center:
+            raise ValueError(f"order_scale (c1, c2) needs c1 > c2 > 0 so that scores stay positive, got {scale}")
+        self.center, self.spread = center, spread
+        sizes = torch.tensor(cardinalities, dtype=torch.int64)
+        self.register_buffer("_value_offsets", torch.cumsum(sizes, 0) - sizes, persistent=False)
+        self.value_embedding = nn.Embedding(int(sizes.sum()), d_model)
+        self.block = Block(d_model, num_heads, 2 * d_model, 0.0)
+        self.norm = nn.LayerNorm(d_model)
+        self.out = nn.Linear(d_model, 1)
+        nn.init.normal_(self.value_embedding.weight, std=0.02)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.block(self.value_embedding(x + self._value_offsets))
+        gate = torch.sigmoid(self.out(self.norm(h)).squeeze(-1))
+        return self.center + self.spread * (gate - gate.mean(-1, keepdim=True))

@@ -1,0 +1,197 @@
+"""Context-dependent orders (LoMDM): the policy p_psi, the posterior q_phi, the bound, the sampler.
+
+On a tiny table everything is enumerable. The model's forward gives -log p(x, pi) =
+-log p_theta(x | pi) - log p_psi(pi | x) for every order, so
+- the bound is sum_pi q(pi | x) [-log p(x, pi) + log q(pi | x)] (compared with the
+  Monte-Carlo estimate within 5 standard errors, and its phi-gradient with RLOO's);
+- the sampler must draw (x, pi) pairs from p(x, pi) itself: a chi-square test on all
+  (row, order) cells, at p > 1e-4 (seeded, so deterministic); one-step sampling, which is
+  approximate, must be rejected, which shows the test has power.
+"""
+import pytest
+import torch
+
+from fastmdm import ops
+from fastmdm.models import CausalTransformer
+from fastmdm.objective import causal_loss, contextual_loss, model_loss
+from fastmdm.sample import DecodeStats, sample_tokens
+from fastmdm.schedules import plackett_luce_log_prob
+from test_causal import SIZES, all_orders, all_rows, chi_square_p, peaky_model, schedule_with
+
+ROWS = torch.tensor([[0, 2, 1], [1, 0, 0], [1, 1, 1]])
+
+
+def contextual_model(seed=0):
+    return peaky_model(SIZES, seed=seed, order="contextual")
+
+
+def neg_log_joint(model, x, order, w):
+    """-log p(x, pi) per row: the model's loss with every column scored."""
+    everywhere = torch.ones(x.shape, dtype=torch.bool)
+    return model(x, order, targets=x, weight=everywhere.double(), mask=everywhere, order_prior=w)
+
+
+def enumerated_bound(model, w, rows=ROWS):
+    """Mean over rows of sum_pi q(pi | x) [-log p(x, pi) + log q(pi | x)] (differentiable in phi)."""
+    orders = all_orders(model.num_columns)
+    x = rows.repeat_interleave(len(orders), 0)
+    order = orders.repeat(len(rows), 1)
+    log_q = plackett_luce_log_prob(model.order_posterior(x), order)
+    with torch.no_grad():
+        joint = neg_log_joint(model, x, order, w)
+    return (log_q.exp() * (joint + log_q)).view(len(rows), -1).sum(1).mean()
+
+
+# ----------------------------------------------------------------------------- the bound
+@pytest.mark.parametrize("w", [[1.0, 1.0, 1.0], [0.2, 1.0, 5.0], [0.05, 1.0, 20.0]])
+def test_static_special_case_is_the_static_nelbo(w, monkeypatch):
+    """With q = PL(w) for every row and the policy's context map at zero, every order's
+    policy and posterior terms cancel: the bound is the static model's NELBO, sample by sample."""
+    model = contextual_model()
+    schedule = schedule_with(w).double()
+    w_t = schedule.w.detach()
+    with torch.no_grad():
+        model.order_policy.context.weight.zero_()
+    monkeypatch.setattr(model.order_posterior, "forward", lambda x: w_t.expand(x.shape[0], -1))
+    x = ROWS.repeat(50, 1)
+    with torch.no_grad():
+        got = contextual_loss(model, x, schedule, generator=torch.Generator().manual_seed(5))
+        want = causal_loss(model, x, schedule, generator=torch.Generator().manual_seed(5))
+        torch.testing.assert_close(got.samples, want.samples, rtol=1e-12, atol=1e-12)
+        orders = all_orders(3)
+        log_pl = plackett_luce_log_prob(w_t, orders)
+        # -log p_theta(x | pi) = -log p(x, pi) + log p_psi(pi), and here p_psi = PL(w).
+        exact_static = sum((log_pl.exp() * (neg_log_joint(model, r.expand(6, -1), orders, w_t) + log_pl)).sum()
+                           for r in ROWS)
+    torch.testing.assert_close(enumerated_bound(model, w_t).detach(), exact_static / len(ROWS), rtol=1e-12, atol=1e-12)
+
+
+def test_estimate_is_unbiased_for_the_bound():
+    model = contextual_model()
+    w = torch.tensor([0.5, 1.0, 3.0], dtype=torch.float64)
+    exact = enumerated_bound(model, w).item()
+    with torch.no_grad():
+        out = model_loss(model, ROWS.repeat(8_000, 1), schedule_with(w.tolist()).double(), model.mask_ids,
+                         model.offsets, num_samples=2, generator=torch.Generator().manual_seed(3))
+    samples = out.samples.flatten()
+    stderr = samples.std() / samples.numel() ** 0.5
+    assert abs(samples.mean() - exact) < 5 * stderr, (samples.mean(), exact, stderr)
+
+
+def test_posterior_rloo_gradient_matches_enumerated_gradient():
+    model = contextual_model(seed=1)
+    w = torch.tensor([0.5, 1.0, 3.0], dtype=torch.float64)
+    parameter = model.order_posterior.out.weight
+    (exact_grad,) = torch.autograd.grad(enumerated_bound(model, w), parameter)
+    schedule = schedule_with(w.tolist()).double()
+    generator = torch.Generator().manual_seed(4)
+    grads = []
+    with ops.use_backend("reference"):
+        for _ in range(16):
+            model.zero_grad()
+            contextual_loss(model, ROWS.repeat(1_000, 1), schedule, num_samples=2, generator=generator).loss.backward()
+            grads.append(parameter.grad.flatten().clone())
+    grads = torch.stack(grads)
+    stderr = grads.std(0) / len(grads) ** 0.5
+    exact_grad = exact_grad.flatten()
+    assert exact_grad.abs().max() > 10 * stderr.max()          # the comparison below is not vacuous
+    assert ((grads.mean(0) - exact_grad).abs() < 5 * stderr + 1e-9).all(), (grads.mean(0), exact_grad, stderr)
+
+
+def test_gradient_reaches_policy_posterior_and_prior():
+    model = contextual_model()
+    model.train()
+    schedule = schedule_with([0.5, 1.0, 3.0]).double()
+    contextual_loss(model, ROWS, schedule, generator=torch.Generator().manual_seed(0)).loss.backward()
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is not None and bool(parameter.grad.abs().sum() > 0), name
+    assert bool(schedule.log_w.grad.abs().sum() > 0)
+
+
+# ----------------------------------------------------------------------------- the sampler
+NUM_SAMPLES = 40_000
+
+
+def draw_with_orders(model, w, **options):
+    stats = DecodeStats(orders=[])
+    tokens = sample_tokens(model, w, model.mask_ids, model.offsets, NUM_SAMPLES, batch_size=NUM_SAMPLES // 2,
+                           generator=torch.Generator().manual_seed(0), stats=stats, **options)
+    return tokens, torch.cat(stats.orders)
+
+
+def pair_index(tokens, orders, sizes):
+    """One cell per (row value, order) pair: row index * L! + order index."""
+    table = {tuple(o.tolist()): i for i, o in enumerate(all_orders(len(sizes)))}
+    order_index = torch.tensor([table[tuple(o)] for o in orders.tolist()])
+    return row_index(tokens, sizes) * len(table) + order_index
+
+
+def row_index(tokens, sizes):
+    index = torch.zeros(tokens.shape[0], dtype=torch.long)
+    for col, k in enumerate(sizes):
+        index = index * k + tokens[:, col]
+    return index
+
+
+def exact_pairs(model, w):
+    """p(x, pi) for every (row, order) cell, in pair_index's layout."""
+    rows, orders = all_rows(SIZES), all_orders(3)
+    x = rows.repeat_interleave(len(orders), 0)
+    with torch.no_grad():
+        return torch.exp(-neg_log_joint(model, x, orders.repeat(len(rows), 1), w))
+
+
+@pytest.mark.parametrize("steps, exact", [(3, True), (1, False)], ids=["steps=L", "steps=1 (rejected)"])
+def test_sampled_rows_and_orders_follow_the_joint(steps, exact):
+    model = contextual_model()
+    w = torch.tensor([0.5, 1.0, 3.0], dtype=torch.float64)
+    tokens, orders = draw_with_orders(model, w, steps=steps)
+    cells = pair_index(tokens, orders, SIZES)
+    probs = exact_pairs(model, w)
+    counts = torch.bincount(cells, minlength=probs.numel()).double()
+    assert (chi_square_p(counts, probs) > 1e-4) == exact
+
+
+def test_order_depends_on_the_values():
+    """The point of the model: the first revealed column is fixed by the policy's start
+    state, but the second one's distribution changes with the first value."""
+    model = contextual_model()
+    w = torch.ones(3, dtype=torch.float64)
+    tokens, orders = draw_with_orders(model, w)
+    first = orders[:, 0] == 1                       # rows that revealed column 1 first
+    second = orders[first, 1]
+    value = tokens[first, 1]
+    shares = [(second[value == v] == 0).double().mean().item() for v in range(3)]
+    assert max(shares) - min(shares) > 0.1, shares
+
+
+def test_conditioned_sampling_puts_known_columns_first():
+    """Known column 1 = 2: it is revealed first, kept, and the rest follows
+    p(x_0, x_2, order | x_1) = p(x, pi) / p(pi_0 = 1) (the start state is value-free)."""
+    model = contextual_model()
+    w = torch.tensor([0.5, 1.0, 3.0], dtype=torch.float64)
+    known = torch.tensor([[0, 2, 0]]).expand(NUM_SAMPLES, -1)
+    known_mask = torch.tensor([False, True, False])
+    tokens, orders = draw_with_orders(model, w, known=known, known_mask=known_mask)
+    assert bool((tokens[:, 1] == 2).all()) and bool((orders[:, 0] == 1).all())
+    cells = pair_index(tokens, orders, SIZES)
+    probs = exact_pairs(model, w)
+    keep = torch.zeros_like(probs, dtype=torch.bool)
+    rows, all_o = all_rows(SIZES), all_orders(3)
+    keep.view(len(rows), len(all_o))[:] = (rows[:, 1] == 2)[:, None] & (all_o[:, 0] == 1)[None, :]
+    counts = torch.bincount(cells, minlength=probs.numel()).double()
+    assert counts[~keep].sum() == 0
+    assert chi_square_p(counts[keep], probs[keep]) > 1e-4
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="order must be one of"):
+        CausalTransformer(SIZES, order="dynamic")
+    with pytest.raises(ValueError, match="c1 > c2"):
+        CausalTransformer(SIZES, order="contextual", order_scale=(0.5, 0.6))
+    model = contextual_model()
+    x = ROWS
+    with pytest.raises(ValueError, match="contextual"):
+        sample_tokens(model, torch.ones(3).double(), model.mask_ids, model.offsets, 4, speculative=2)
+    with pytest.raises(ValueError, match="num_samples"):
+        contextual_loss(model, x, schedule_with([1.0, 1.0, 1.0]).double(), num_samples=1)
