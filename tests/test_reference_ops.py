@@ -242,21 +242,22 @@ def test_mask_order_rejects_nothing_hidden():
         ops.mask_order(tokens(3, SIZES), torch.ones(5), torch.tensor(SIZES), torch.tensor([0, 5, 1]))
 
 
-def test_rloo_matches_loop_and_checks_inputs():
+@pytest.mark.parametrize("per_row", [False, True])
+def test_rloo_matches_loop_and_checks_inputs(per_row):
     f = torch.rand(6, 3, dtype=torch.float64)
     score = torch.randn(6, 3, 4, dtype=torch.float64)
-    expected = torch.zeros(4, dtype=torch.float64)
+    expected = torch.zeros(6, 4, dtype=torch.float64)
     for b in range(6):
         for k in range(3):
             others = [f[b, j] for j in range(3) if j != k]
-            expected += (f[b, k] - sum(others) / 2) * score[b, k]
-    torch.testing.assert_close(ops.rloo_grad(f, score), expected / 18)
+            expected[b] += (f[b, k] - sum(others) / 2) * score[b, k] / 3
+    torch.testing.assert_close(ops.rloo_grad(f, score, per_row=per_row), expected if per_row else expected.mean(0))
     with pytest.raises(ValueError, match="K >= 2"):
-        ops.rloo_grad(f[:, :1], score[:, :1])
+        ops.rloo_grad(f[:, :1], score[:, :1], per_row=per_row)
     with pytest.raises(ValueError, match=r"\[B, K, L\]"):
-        ops.rloo_grad(f, score[:, :2])
+        ops.rloo_grad(f, score[:, :2], per_row=per_row)
     with pytest.raises(ValueError, match="NaN"):
-        ops.rloo_grad(torch.full((2, 2), float("nan")), torch.zeros(2, 2, 1))
+        ops.rloo_grad(torch.full((2, 2), float("nan")), torch.zeros(2, 2, 1), per_row=per_row)
 
 
 def test_custom_ops_pass_opcheck():
@@ -273,6 +274,7 @@ def test_custom_ops_pass_opcheck():
                           (x, -torch.rand(3), w, sizes, torch.rand(3).requires_grad_(True), u, 0))
     torch.library.opcheck(torch.ops.fastmdm.mask_order.default, (x, w, sizes, u, torch.tensor([0, 2, 4]), 0))
     torch.library.opcheck(torch.ops.fastmdm.rloo_grad.default, (torch.rand(3, 2), torch.rand(3, 2, 5)))
+    torch.library.opcheck(torch.ops.fastmdm.rloo_grad.default, (torch.rand(3, 2), torch.rand(3, 2, 5), True))
 
 
 def test_segment_layout_covers_every_logit_once():

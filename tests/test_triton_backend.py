@@ -12,7 +12,8 @@ Tolerances (float32 unless said otherwise):
   terms computed in a different order than torch (tiles instead of cumsum / log_softmax), so
   a few ulp (~1e-7 each) accumulate; 1e-5 leaves room for the GPU's approximate exp/log/div.
   Where a result is a difference of larger terms (PL score = 1/w - C, RLOO advantages that sum
-  to zero per row, softmax - onehot) the absolute tolerance is 1e-5 times those terms' size.
+  to zero per row, softmax - onehot) the absolute tolerance is 1e-5 times those terms' size
+  (for the per-row RLOO gradient, the size of that row's terms).
 * bfloat16 logits: both sides upcast to float32 and compute in float32, so loss and CE keep
   the float32 tolerance; only dlogits is rounded to bfloat16 at the end, where the two fp32
   values may straddle a rounding boundary: one bf16 ulp, rtol 2^-7 ~ 7.8e-3 (we use 1e-2).
@@ -31,6 +32,7 @@ import fastmdm.triton as tb  # noqa: E402
 from conftest import order_uniforms, ragged_problem  # noqa: E402
 from fastmdm import ops  # noqa: E402
 from fastmdm.ops import reference  # noqa: E402
+from fastmdm.triton.rloo import plan_rloo_grad  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 if DEVICE.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -307,18 +309,35 @@ def test_weighted_ce_nothing_masked():
 
 # ---------------------------------------------------------------- RLOO
 
+@pytest.mark.parametrize("per_row", [False, True])
 @FEW
-@given(rows=st.integers(1, 40), samples=st.integers(2, 4), cols=st.integers(1, 20), seed=st.integers(0, 2**16))
-def test_rloo_grad_matches_reference(rows, samples, cols, seed):
+@given(rows=st.integers(1, 40), samples=st.integers(2, 5), cols=st.integers(1, 20), seed=st.integers(0, 2**16),
+       magnitude=st.sampled_from([1e-3, 1.0, 1e3]), noncontig=st.booleans())
+def test_rloo_grad_matches_reference(per_row, rows, samples, cols, seed, magnitude, noncontig):
     generator = gen(seed)
-    f = torch.randn(rows, samples, generator=generator) * 10 + 50     # large common offset cancels
-    score = torch.randn(rows, samples, cols, generator=generator)
+    f = (torch.randn(rows, samples, generator=generator) * 10 + 50) * magnitude  # large common offset cancels
+    score = torch.randn(rows, samples, cols, generator=generator) / magnitude
     f, score = to_device(f, score)
-    got, want = tb.rloo_grad(f, score), reference.rloo_grad(f, score)
+    if noncontig:                                   # the same values in transposed storage
+        f, score = f.t().contiguous().t(), score.transpose(0, 2).contiguous().transpose(0, 2)
+    got, want = tb.rloo_grad(f, score, per_row), reference.rloo_grad(f, score, per_row)
     assert got.dtype == want.dtype == torch.float32 and got.shape == want.shape
     # The advantages cancel per row; the error scales with the mean |f| |score| of the terms.
-    scale = (f.abs().mean() * score.abs().mean()).expand_as(want)
+    if per_row:
+        scale = f.abs().mean(1, keepdim=True) * score.abs().mean(1)
+        assert_close_scaled(got.mean(0), tb.rloo_grad(f, score), scale.mean(0))
+    else:
+        scale = (f.abs().mean() * score.abs().mean()).expand_as(want)
     assert_close_scaled(got, want, scale)
+
+
+def test_rloo_grad_per_row_spans_tiles():
+    """K = 40 samples per row: two row tiles of 32 (the second part-masked), two column blocks."""
+    generator = gen(5)
+    f, score = to_device(torch.randn(3, 40, generator=generator), torch.randn(3, 40, 130, generator=generator))
+    got = tb.rloo_grad(f, score, per_row=True)
+    assert plan_rloo_grad(f, score, per_row=True)[1].constexprs == dict(BLOCK_R=32, BLOCK_L=128)
+    assert_close_scaled(got, reference.rloo_grad(f, score, per_row=True), f.abs().mean() * score.abs().mean(1))
 
 
 def test_rloo_grad_many_rows_is_deterministic():

@@ -88,9 +88,10 @@ def weighted_ce(logits, targets, weight, mask, offsets, compute_grad):
     return loss, ce, dlogits
 
 
-def rloo_grad(f, score):
-    g = torch.empty(score.shape[2], dtype=torch.float32)
-    _C.rloo_grad(_np(f, torch.float32), _np(score, torch.float32), g.numpy())
+def rloo_grad(f, score, per_row=False):
+    rows, _, num_columns = score.shape
+    g = torch.empty((rows, num_columns) if per_row else (num_columns,), dtype=torch.float32)
+    _C.rloo_grad(_np(f, torch.float32), _np(score, torch.float32), g.numpy(), per_row)
     return g
 
 

@@ -20,9 +20,10 @@ weighted_ce(logits, targets, weight, mask, offsets, compute_grad) -> (loss, ce, 
     sum over masked l of weight * CE_l; ce [B,L] float32 = CE on masked positions, 0 elsewhere;
     dlogits [B,V] (logits dtype) = d loss / d logits = weight * (softmax - onehot) on masked
     segments, 0 elsewhere; an empty tensor when compute_grad is False.
-rloo_grad(f, score) -> g [L] float32
+rloo_grad(f, score, per_row) -> g [L] float32, or [B,L] with per_row
     f [B,K] per-sample losses, score [B,K,L]; g = mean_{b,k} (f_bk - mean_{j!=k} f_bj) s_bk,
-    the leave-one-out score-function gradient for w.
+    the leave-one-out score-function gradient for w. per_row keeps the rows apart (mean over
+    k only): the gradient for a w that differs per row, such as a contextual order posterior.
 ragged_head_ce(h, head_weight, head_bias, offsets, targets, weight, mask, compute_grad)
         -> (loss, ce, grad_h, grad_head_weight, grad_head_bias)
     weighted_ce of the ragged heads' logits without the [B,V] logits: h [B,L,d] column states,
@@ -116,11 +117,11 @@ def weighted_ce(logits, targets, weight, mask, offsets, compute_grad):
     return loss, ce, dlogits.to(logits.dtype)
 
 
-def rloo_grad(f, score):
+def rloo_grad(f, score, per_row=False):
     num_samples = f.shape[1]
     baseline = (f.sum(1, keepdim=True) - f) / (num_samples - 1)
     advantage = f - baseline
-    return (advantage[:, :, None] * score).mean(dim=(0, 1))
+    return (advantage[:, :, None] * score).mean(dim=1 if per_row else (0, 1))
 
 
 def ragged_head_ce(h, head_weight, head_bias, offsets, targets, weight, mask, compute_grad):

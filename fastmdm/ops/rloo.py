@@ -9,20 +9,23 @@ from ._dispatch import select
 
 
 @torch.library.custom_op("fastmdm::rloo_grad", mutates_args=())
-def _rloo_grad(f: Tensor, score: Tensor) -> Tensor:
-    return select("rloo_grad", f, score).rloo_grad(f, score)
+def _rloo_grad(f: Tensor, score: Tensor, per_row: bool = False) -> Tensor:
+    return select("rloo_grad", f, score).rloo_grad(f, score, per_row)
 
 
 @_rloo_grad.register_fake
-def _(f, score):
-    return score.new_empty(score.shape[2])
+def _(f, score, per_row=False):
+    rows, _, num_columns = score.shape
+    return score.new_empty((rows, num_columns) if per_row else (num_columns,))
 
 
-def rloo_grad(f: Tensor, score: Tensor) -> Tensor:
+def rloo_grad(f: Tensor, score: Tensor, per_row: bool = False) -> Tensor:
     """g = mean_{b,k} (f_bk - mean_{j!=k} f_bj) * score_bk, shape [L].
 
     f: [B, K] per-sample losses (treated as constants), K >= 2; score: [B, K, L]
     d/dw log q of each sample. Add (g.detach() * w).sum() to a loss to inject it.
+    per_row: average over the K samples only, g [B, L]: the gradient for a w that differs
+    per row (w_phi(x_b) of a contextual order posterior); g.mean(0) is the default result.
     """
     check_tensor("f", f, ndim=2, dtypes=FLOAT_DTYPES)
     check_tensor("score", score, ndim=3, dtypes=FLOAT_DTYPES)
@@ -34,4 +37,4 @@ def rloo_grad(f: Tensor, score: Tensor) -> Tensor:
         raise ValueError("no rows")
     check_same_device(f=f, score=score)
     check_finite("f", f)
-    return _rloo_grad(f.detach(), score.detach())
+    return _rloo_grad(f.detach(), score.detach(), per_row)

@@ -103,6 +103,9 @@ def problems(exhaustive: bool):
                                 _meta(cells, torch.bool), _meta((num_columns + 1,), torch.int64), grad)[1])
     for rows, num_columns in product(rows_classes, widths):
         yield f"B={rows} K=2 L={num_columns}", plan_rloo_grad(_meta((rows, 2)), _meta((rows, 2, num_columns)))[1]
+    for rows, samples, num_columns in product(rows_classes, (2, 5, 64), widths):   # K = 64: the capped tile
+        yield (f"B={rows} K={samples} L={num_columns} per row",
+               plan_rloo_grad(_meta((rows, samples)), _meta((rows, samples, num_columns)), per_row=True)[1])
 
 
 def job_for(launch) -> Job:
