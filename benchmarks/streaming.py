@@ -194,11 +194,11 @@ def _sample_row(name: str, r: dict) -> str:
 
 def _train_row(name: str, r: dict) -> str:
     # runs recorded before --train-steps existed timed 10 steps and did not store the count
-    return (f"| {name} | {r['rows']:,} | {r['prepare_s']:.1f} | {r['prepare_rows_per_s']:,.0f} | {r['token_mb']:.1f} "
-            f"| {r['bytes_per_row']:.0f} | {r['baseline_rss_mb']:.0f} | {r['prepared_rss_mb']:.0f} "
+    return (f"| {name} | {r['rows']:,} | {r['prepare_s']:.1f} | {r['prepare_rows_per_s']:,.0f} | {r['token_mb']:,.1f} "
+            f"| {r['bytes_per_row']:.0f} | {r['baseline_rss_mb']:.0f} | {r['prepared_rss_mb']:,.0f} "
             f"| {r['s_per_step']:.2f} ({r['gather_s_per_step'] * 1000:.1f} ms) | {r.get('timed_steps', 10)} "
             f"| {r['steps_per_epoch']:,} "
-            f"| {r['epoch_s_estimate']:,.0f} | {r['peak_rss_mb']:.0f} | {r['load_avg_1min']:.1f} |")
+            f"| {r['epoch_s_estimate']:,.0f} | {r['peak_rss_mb']:,.0f} | {r['load_avg_1min']:.1f} |")
 
 
 # (title, header, routes as (kind, name), row formatter)
