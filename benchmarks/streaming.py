@@ -12,15 +12,18 @@ would keep the peak of the parent that forked the process), and that starting RS
 - train: UCI Adult resampled with replacement to N rows, written to Parquet a chunk at a
   time. Then `build_token_store` (reservoir codec fit and chunked encoding into the
   memory-mapped store: seconds and rows/s) and training steps of the default model
-  reading its batches from the store (s/step, of which the gather from the store; epoch
-  time = steps per epoch x s/step); peak RSS over both. For contrast, the in-memory route
-  (read_parquet, TableCodec.fit, encode to int64, the same steps) in another process.
+  reading its batches from the store (s/step over --train-steps timed steps, of which the
+  gather from the store; epoch time = steps per epoch x s/step, an estimate); peak RSS over
+  both. For contrast, the in-memory route (read_parquet, TableCodec.fit, encode to int64,
+  the same steps) in another process (--train-routes picks the routes).
 
 Results go to benchmarks/results/streaming_runs.jsonl (one line per measurement) and the
 report to benchmarks/results/streaming.md.
 
     nice -n 10 python benchmarks/streaming.py        # defaults: the first run of results/streaming.md
     nice -n 10 python benchmarks/streaming.py --sample-rows 640000 --memory-sample-rows 160000 --train-rows 500000
+    nice -n 10 python benchmarks/streaming.py --sample-rows --memory-sample-rows --train-rows 10000000 \
+        --train-routes store-train --train-steps 40
     python benchmarks/streaming.py --report
 """
 from __future__ import annotations
@@ -43,7 +46,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "streaming_runs.jsonl"
 REPORT = HERE / "results" / "streaming.md"
-TRAIN_STEPS = 10            # timed training steps per run (after 2 warm-up steps)
+WARMUP_STEPS = 2            # untimed training steps before the timed ones
 WRITE_CHUNK_ROWS = 200_000  # rows per chunk when writing the resampled Parquet file
 
 
@@ -73,10 +76,13 @@ def write_resampled_adult(path: Path, rows: int, seed: int = 0) -> None:
     from fastmdm.table_files import TableWriter
     train, _ = datasets.load("adult")
     rng = np.random.default_rng(seed)
+    start_time = time.perf_counter()
     with TableWriter(path, train.dropna().head(1)) as writer:
         for start in range(0, rows, WRITE_CHUNK_ROWS):
             picks = rng.integers(0, len(train), min(WRITE_CHUNK_ROWS, rows - start))
             writer.write(train.iloc[picks].reset_index(drop=True))
+    print(f"wrote {path}: {rows:,} rows, {path.stat().st_size / 2**20:.0f} MB, "
+          f"{time.perf_counter() - start_time:.0f} s", flush=True)
 
 
 # --------------------------------------------------------------------------- measurements (child)
@@ -111,25 +117,34 @@ def _trainer(codec):
     return trainer, sum(p.numel() for p in denoiser.parameters())
 
 
-def _time_steps(trainer, tokens, rows: int) -> dict:
-    """Training steps as Trainer.fit takes them: batches of a random permutation, gathered from `tokens`."""
+def _time_steps(trainer, tokens, rows: int, timed_steps: int) -> dict:
+    """Training steps as Trainer.fit takes them: batches of a random permutation, gathered from `tokens`.
+
+    Also the peak RSS after each step (to see it settle) and the file-backed RSS before and
+    after the steps (memory-mapped store pages count there, and the OS may drop them).
+    """
     batch = trainer.config.batch_size
     trainer.total_steps = rows // batch
     order = torch.randperm(rows, generator=torch.Generator().manual_seed(0))
+    file_rss_before = rss_mb("RssFile")
     gather = step = 0.0
-    for i in range(TRAIN_STEPS + 2):
+    peaks = []
+    for i in range(WARMUP_STEPS + timed_steps):
         start = time.perf_counter()
         rows_of_batch = tokens[order[i * batch:(i + 1) * batch]]
         gathered = time.perf_counter()
         trainer._train_step(rows_of_batch)
-        if i >= 2:
+        if i >= WARMUP_STEPS:
             gather += gathered - start
             step += time.perf_counter() - start
-    return {"s_per_step": step / TRAIN_STEPS, "gather_s_per_step": gather / TRAIN_STEPS,
-            "steps_per_epoch": rows // batch, "epoch_s_estimate": rows // batch * step / TRAIN_STEPS}
+        peaks.append(round(rss_mb("VmHWM")))
+    return {"peak_rss_by_step_mb": peaks, "file_rss_before_steps_mb": file_rss_before,
+            "file_rss_after_steps_mb": rss_mb("RssFile"), "timed_steps": timed_steps,
+            "s_per_step": step / timed_steps, "gather_s_per_step": gather / timed_steps,
+            "steps_per_epoch": rows // batch, "epoch_s_estimate": rows // batch * step / timed_steps}
 
 
-def measure_train(kind: str, rows: int, workdir: Path) -> dict:
+def measure_train(kind: str, rows: int, workdir: Path, timed_steps: int) -> dict:
     from fastmdm.table_files import table_files
     from fastmdm.token_store import build_token_store
     path = workdir / f"adult-{rows}.parquet"
@@ -151,15 +166,16 @@ def measure_train(kind: str, rows: int, workdir: Path) -> dict:
     trainer, parameters = _trainer(codec)
     return {"rows": rows, "columns": codec.num_columns, "prepare_s": prepare, "prepare_rows_per_s": rows / prepare,
             "token_mb": stored_bytes / 2**20, "bytes_per_row": stored_bytes / rows, "parameters": parameters,
-            "baseline_rss_mb": baseline, "prepared_rss_mb": prepared_rss, **_time_steps(trainer, tokens, rows),
+            "baseline_rss_mb": baseline, "prepared_rss_mb": prepared_rss,
+            **_time_steps(trainer, tokens, rows, timed_steps),
             "peak_rss_mb": rss_mb("VmHWM")}
 
 
 # --------------------------------------------------------------------------- driver
-def run_child(kind: str, rows: int, workdir: Path) -> dict:
-    """One measurement in a fresh process; its JSON line is appended to RESULTS."""
+def run_child(kind: str, rows: int, workdir: Path, *options: str) -> dict:
+    """One measurement in a fresh process, `options` its further flags; its JSON line is appended to RESULTS."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
-    output = subprocess.run([sys.executable, __file__, "--child", kind, str(rows), str(workdir)],
+    output = subprocess.run([sys.executable, __file__, "--child", kind, str(rows), str(workdir), *options],
                             env=env, check=True, capture_output=True, text=True).stdout
     result = {"kind": kind, **json.loads(output.strip().splitlines()[-1]), "host": platform.node(),
               "torch_threads": torch.get_num_threads(), "load_avg_1min": os.getloadavg()[0],
@@ -177,10 +193,12 @@ def _sample_row(name: str, r: dict) -> str:
 
 
 def _train_row(name: str, r: dict) -> str:
-    return (f"| {name} | {r['rows']:,} | {r['prepare_s']:.1f} | {r['prepare_rows_per_s']:,.0f} | {r['token_mb']:.1f} "
-            f"| {r['bytes_per_row']:.0f} | {r['baseline_rss_mb']:.0f} | {r['prepared_rss_mb']:.0f} "
-            f"| {r['s_per_step']:.2f} ({r['gather_s_per_step'] * 1000:.1f} ms) | {r['steps_per_epoch']:,} "
-            f"| {r['epoch_s_estimate']:,.0f} | {r['peak_rss_mb']:.0f} | {r['load_avg_1min']:.1f} |")
+    # runs recorded before --train-steps existed timed 10 steps and did not store the count
+    return (f"| {name} | {r['rows']:,} | {r['prepare_s']:.1f} | {r['prepare_rows_per_s']:,.0f} | {r['token_mb']:,.1f} "
+            f"| {r['bytes_per_row']:.0f} | {r['baseline_rss_mb']:.0f} | {r['prepared_rss_mb']:,.0f} "
+            f"| {r['s_per_step']:.2f} ({r['gather_s_per_step'] * 1000:.1f} ms) | {r.get('timed_steps', 10)} "
+            f"| {r['steps_per_epoch']:,} "
+            f"| {r['epoch_s_estimate']:,.0f} | {r['peak_rss_mb']:,.0f} | {r['load_avg_1min']:.1f} |")
 
 
 # (title, header, routes as (kind, name), row formatter)
@@ -190,7 +208,8 @@ SECTIONS = [
      [("stream-sample", "sample_to (streaming)"), ("memory-sample", "sample() + to_parquet")], _sample_row),
     ("Training from a Parquet file (Adult resampled), default model",
      "| route | rows | prepare (s) | prepare rows/s | tokens (MB) | bytes/row | RSS before (MB) "
-     "| peak RSS, prepare (MB) | s/step (gather) | steps/epoch | epoch (s, est.) | peak RSS, all (MB) | load |",
+     "| peak RSS, prepare (MB) | s/step (gather) | timed steps | steps/epoch | epoch (s, est.) | peak RSS, all (MB) "
+     "| load |",
      [("store-train", "token store (memory-mapped)"), ("frame-train", "DataFrame + int64 tokens")], _train_row),
 ]
 
@@ -219,14 +238,19 @@ def main() -> None:
     parser.add_argument("--sample-rows", type=int, nargs="*", default=[10_000, 40_000, 160_000])
     parser.add_argument("--memory-sample-rows", type=int, nargs="*", default=[10_000, 40_000])
     parser.add_argument("--train-rows", type=int, nargs="*", default=[2_000_000])
+    parser.add_argument("--train-routes", nargs="+", choices=["store-train", "frame-train"],
+                        default=["store-train", "frame-train"])
+    parser.add_argument("--train-steps", type=int, default=10,
+                        help=f"timed training steps per run, after {WARMUP_STEPS} warm-up steps")
     parser.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one)")
     parser.add_argument("--report", action="store_true", help="only rebuild the markdown report")
     parser.add_argument("--child", nargs=3, metavar=("KIND", "ROWS", "WORKDIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         kind, rows, workdir = args.child[0], int(args.child[1]), Path(args.child[2])
-        measure = measure_sample if kind.endswith("sample") else measure_train
-        print(json.dumps(measure(kind, rows, workdir)))
+        result = (measure_sample(kind, rows, workdir) if kind.endswith("sample")
+                  else measure_train(kind, rows, workdir, args.train_steps))
+        print(json.dumps(result))
         return
     if args.report:
         report()
@@ -243,8 +267,8 @@ def main() -> None:
     for rows in args.train_rows:
         if not (workdir / f"adult-{rows}.parquet").exists():
             write_resampled_adult(workdir / f"adult-{rows}.parquet", rows)
-        run_child("store-train", rows, workdir)
-        run_child("frame-train", rows, workdir)
+        for kind in args.train_routes:
+            run_child(kind, rows, workdir, "--train-steps", str(args.train_steps))
     report()
 
 
