@@ -91,18 +91,19 @@ def contextual_loss(denoiser: Callable[..., Tensor], x: Tensor, schedule: PowerS
                     num_samples: int = 2, generator: torch.Generator | None = None) -> LossOutput:
     """Negative LoMDM bound (DESIGN.md section 9) of a contextual causal model, K orders per row.
 
-    Orders come from the model's posterior q_phi(pi | x) = PL(w_phi(x)); each sample's value
-    is f = -log p_theta(x | pi) - log p_psi(pi | x) + log q_phi(pi | x), whose mean bounds
-    -log p(x). theta and psi (which includes the schedule's w as its prior scores) learn
-    pathwise; phi learns by RLOO over the K orders with the per-row Plackett-Luce score,
-    through the fused op. With q = p_psi = PL(w) the order terms cancel and this is
+    Orders come from the model's posterior q_phi(pi | x) = PL(w * r_phi(x)); each sample's
+    value is f = -log p_theta(x | pi) - log p_psi(pi | x) + log q_phi(pi | x), whose mean
+    bounds -log p(x). theta and psi learn pathwise; the posterior's scores w * r_phi(x) learn
+    by RLOO over the K orders with the per-row Plackett-Luce score, through the fused op
+    (w gets both: it is the policy's prior and the posterior's base). With r = 1 and the
+    policy's context at zero, q = p_psi = PL(w), the order terms cancel and this is
     `causal_loss`.
     """
     if num_samples < 2:
         raise ValueError(f"the contextual order posterior learns by RLOO: num_samples must be >= 2, got {num_samples}")
     model = getattr(denoiser, "module", denoiser)   # seen through DDP
     rows, num_columns = x.shape
-    w_rows = model.order_posterior(x)                                        # [B, L], phi's output
+    w_rows = schedule.w * model.order_posterior(x)                           # [B, L]: q's scores
     x_rep = x.repeat_interleave(num_samples, dim=0)
     w_rep = w_rows.detach().repeat_interleave(num_samples, dim=0)
     u = torch.rand(x_rep.shape, generator=generator).to(device=x.device, dtype=w_rep.dtype)

@@ -101,11 +101,13 @@ class Trainer:
         self.offsets = offsets.to(self.device)
         self.ema = copy.deepcopy(self.denoiser).requires_grad_(False)
         self.ema_schedule = copy.deepcopy(self.schedule).requires_grad_(False)
-        # The order's parameters (a contextual model's policy and posterior, like the
-        # schedule's w) learn at schedule_lr.
+        # The order's parameters (a contextual model's policy and posterior) learn at
+        # schedule_lr, like the schedule's w, and are not clipped: their RLOO gradients are
+        # noisy and, clipped together with the denoiser's, would shrink the denoiser's steps.
         named = list(self.denoiser.named_parameters())
         order_params = [p for name, p in named if name.startswith("order_")]
-        groups = [{"params": [p for name, p in named if not name.startswith("order_")], "lr": config.lr}]
+        self.clipped_params = [p for name, p in named if not name.startswith("order_")]
+        groups = [{"params": self.clipped_params, "lr": config.lr}]
         if order_params:
             groups.append({"params": order_params, "lr": config.schedule_lr})
         if self.schedule.learnable:
@@ -178,7 +180,7 @@ class Trainer:
         if self.world > 1 and self.schedule.learnable:
             dist.all_reduce(self.schedule.log_w.grad)
             self.schedule.log_w.grad /= self.world
-        nn.utils.clip_grad_norm_(self.denoiser.parameters(), self.config.grad_clip)
+        nn.utils.clip_grad_norm_(self.clipped_params, self.config.grad_clip)
         self.optimizer.step()
         self.step += 1
         self._update_ema()

@@ -36,7 +36,7 @@ def enumerated_bound(model, w, rows=ROWS):
     orders = all_orders(model.num_columns)
     x = rows.repeat_interleave(len(orders), 0)
     order = orders.repeat(len(rows), 1)
-    log_q = plackett_luce_log_prob(model.order_posterior(x), order)
+    log_q = plackett_luce_log_prob(w * model.order_posterior(x), order)
     with torch.no_grad():
         joint = neg_log_joint(model, x, order, w)
     return (log_q.exp() * (joint + log_q)).view(len(rows), -1).sum(1).mean()
@@ -45,14 +45,15 @@ def enumerated_bound(model, w, rows=ROWS):
 # ----------------------------------------------------------------------------- the bound
 @pytest.mark.parametrize("w", [[1.0, 1.0, 1.0], [0.2, 1.0, 5.0], [0.05, 1.0, 20.0]])
 def test_static_special_case_is_the_static_nelbo(w, monkeypatch):
-    """With q = PL(w) for every row and the policy's context map at zero, every order's
-    policy and posterior terms cancel: the bound is the static model's NELBO, sample by sample."""
+    """With the posterior's factor at 1 (q = PL(w)) and the policy's context map at zero,
+    every order's policy and posterior terms cancel: the bound is the static model's NELBO,
+    sample by sample."""
     model = contextual_model()
     schedule = schedule_with(w).double()
     w_t = schedule.w.detach()
     with torch.no_grad():
         model.order_policy.context.weight.zero_()
-    monkeypatch.setattr(model.order_posterior, "forward", lambda x: w_t.expand(x.shape[0], -1))
+    monkeypatch.setattr(model.order_posterior, "forward", lambda x: torch.ones(x.shape, dtype=torch.float64))
     x = ROWS.repeat(50, 1)
     with torch.no_grad():
         got = contextual_loss(model, x, schedule, generator=torch.Generator().manual_seed(5))
@@ -79,11 +80,13 @@ def test_estimate_is_unbiased_for_the_bound():
 
 
 def test_posterior_rloo_gradient_matches_enumerated_gradient():
+    """The score-function part of the gradient (phi's, and w's through the posterior) against
+    the gradient of the enumerated bound with the denoiser and policy terms held fixed."""
     model = contextual_model(seed=1)
-    w = torch.tensor([0.5, 1.0, 3.0], dtype=torch.float64)
+    schedule = schedule_with([0.5, 1.0, 3.0]).double()
+    w = schedule.w.detach()
     parameter = model.order_posterior.out.weight
     (exact_grad,) = torch.autograd.grad(enumerated_bound(model, w), parameter)
-    schedule = schedule_with(w.tolist()).double()
     generator = torch.Generator().manual_seed(4)
     grads = []
     with ops.use_backend("reference"):

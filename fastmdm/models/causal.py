@@ -19,6 +19,10 @@ answers query tokens against it. Training calls it once on an empty cache with t
 order; sampling calls it once per step (see fastmdm.causal_decoding), so the two can
 never disagree. Cache slot 0 is the start token, slot p + 1 is order position p, and the
 last slot takes writes from padding tokens and is never attended to.
+
+With order="contextual" the model also chooses its orders: a policy head reads the content
+stream's final states (the state at position i - 1 has seen exactly the prefix), and an order
+posterior reads the clean row for training (fastmdm.models.orders).
 """
 from __future__ import annotations
 

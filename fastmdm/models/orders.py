@@ -6,10 +6,15 @@ A contextual causal model carries two extra pieces:
   yet revealed. With the linear map at zero (its initialization) this is static PL(w);
   in the causal model the content state at position i - 1 has seen exactly x_{pi_<i}, so
   one pass scores every step of an order.
-- `OrderPosterior` q_phi(pi | x) = PL(w_phi(x)) from the whole clean row, used only in
-  training: w_l(x) = c1 + c2 (sigmoid(g(x))_l - mean_j sigmoid(g(x))_j), c1 > c2 > 0, so
-  every score stays in [c1 - c2, c1 + c2] and only their ratios (which are what PL
-  uses) are learned. g starts at zero: the posterior starts uniform.
+- `OrderPosterior` q_phi(pi | x) = PL(w * r_phi(x)) from the whole clean row, used only in
+  training. The factor follows LoMDM's scores, r_l(x) = (c1 + c2 (sigmoid(g(x))_l -
+  mean_j sigmoid(g(x))_j)) / c1 with c1 > c2 > 0, so it stays within [1 - c2/c1, 1 + c2/c1]
+  (PL only uses ratios, so c1 matters only through c2 / c1). It multiplies the schedule's
+  w, which the policy also starts from: g starts at zero, so at initialization q = p_psi =
+  PL(w), the static model, and the context only has to learn how rows differ from it.
+  (Measured on the switch table of benchmarks/contextual_orders.py: LoMDM's own scores,
+  without w, learned their orders more slowly than a static w and ended 0.7 nats behind
+  it at equal epochs; see benchmarks/results/contextual_orders.md.)
 
 The bound, E_q[sum_i log p_theta(x_pi_i | .) + sum_i (log p_psi(pi_i | .) - log q(pi_i | .))],
 is in `fastmdm.objective.contextual_loss`.
@@ -41,7 +46,7 @@ class OrderPolicy(nn.Module):
 
 
 class OrderPosterior(nn.Module):
-    """q_phi(pi | x) = PL(w_phi(x)): per-row Plackett-Luce scores [B, L] from clean rows [B, L].
+    """The factor r_phi(x) [B, L] of q_phi(pi | x) = PL(w * r_phi(x)), from clean rows [B, L].
 
     One transformer block over the row's column tokens (a value embedding per (column,
     value), as the denoiser has), then a scalar per column.
@@ -67,4 +72,4 @@ class OrderPosterior(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = self.block(self.value_embedding(x + self._value_offsets))
         gate = torch.sigmoid(self.out(self.norm(h)).squeeze(-1))
-        return self.center + self.spread * (gate - gate.mean(-1, keepdim=True))
+        return 1 + self.spread / self.center * (gate - gate.mean(-1, keepdim=True))
