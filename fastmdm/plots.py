@@ -36,6 +36,7 @@ def plot_schedule(weights: pd.Series, path: str | os.PathLike, orders: pd.DataFr
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     order = weights.sort_values(ascending=False)
     if orders is None:
@@ -57,6 +58,7 @@ def plot_schedule(weights: pd.Series, path: str | os.PathLike, orders: pd.DataFr
     bars.set_yticks(range(len(order)), order.index)
     bars.invert_yaxis()
     bars.set_xscale("log")
+    bars.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())   # narrow ranges: no overlapping labels
     bars.axvline(1.0, color="gray", linestyle="--", linewidth=1)
     bars.set_xlabel("w (log scale; dashed: linear schedule w = 1)")
     bars.set_title("Learned schedule weight per column" if orders is None else "Order policy's prior w per column")
