@@ -115,22 +115,32 @@ def run(dataset: str, seed: int, epochs: int, max_rows: int | None, sample_rows:
     return records
 
 
-def report(path: str = RESULTS) -> str:
+def grouped_runs(path: str, *keys: str) -> dict[tuple, list[dict]]:
+    """The JSON lines of a runs file, grouped by the values of `keys`."""
     with open(path) as handle:
         runs = [json.loads(line) for line in handle if line.strip()]
     groups = defaultdict(list)
     for r in runs:
-        groups[(r["dataset"], r["architecture"])].append(r)
+        groups[tuple(r[k] for k in keys)].append(r)
+    return groups
 
-    def stat(values):
-        values = [v for v in values if v is not None]
-        if not values:
-            return ""
-        mean = float(np.mean(values))
-        return f"{mean:.4g} ± {np.std(values):.2g}" if len(values) > 1 else f"{mean:.4g}"
+
+def stat(values) -> str:
+    """'mean ± std' over seeds (ddof = 1; a single value alone; distinct strings listed)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return ""
+    if isinstance(values[0], str):
+        return ", ".join(sorted(set(values)))
+    mean = float(np.mean(values))
+    return f"{mean:.4g} ± {np.std(values, ddof=1):.2g}" if len(values) > 1 else f"{mean:.4g}"
+
+
+def report(path: str = RESULTS) -> str:
+    groups = grouped_runs(path, "dataset", "architecture")
 
     lines = ["# Causal vs bidirectional denoiser", "",
-             "`python benchmarks/architectures.py` (mean ± std over seeds; equal CPU-time training "
+             "`python benchmarks/architectures.py` (mean ± std over seeds, ddof = 1; equal CPU-time training "
              "budget per dataset and seed; 1 torch thread on a 2-core CPU shared with other jobs while measuring, so "
              "compare the two architectures within a row group, not absolute times).", ""]
     for dataset in sorted({d for d, _ in groups}):

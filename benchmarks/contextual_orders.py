@@ -28,13 +28,12 @@ import json
 import os
 import platform
 import time
-from collections import defaultdict
 
 import numpy as np
 import pandas as pd
 import torch
 
-from architectures import sampling_rate, step_seconds
+from architectures import grouped_runs, sampling_rate, stat, step_seconds
 from fastmdm import TabularMDM, datasets
 from fastmdm.metrics import score
 
@@ -122,20 +121,7 @@ def run(table: str, seed: int, epochs: int, max_rows: int | None) -> list[dict]:
 
 
 def report(path: str = RESULTS) -> str:
-    with open(path) as handle:
-        runs = [json.loads(line) for line in handle if line.strip()]
-    groups = defaultdict(list)
-    for r in runs:
-        groups[(r["table"], r["variant"])].append(r)
-
-    def stat(values):
-        values = [v for v in values if v is not None]
-        if not values:
-            return ""
-        if isinstance(values[0], str):
-            return ", ".join(sorted(set(values)))
-        mean = float(np.mean(values))
-        return f"{mean:.4g} ± {np.std(values, ddof=1):.2g}" if len(values) > 1 else f"{mean:.4g}"
+    groups = grouped_runs(path, "table", "variant")
 
     lines = ["# Contextual vs static generation orders (causal denoiser)", "",
              "`python benchmarks/contextual_orders.py` (mean ± std over seeds, ddof = 1; an equal CPU-time "

@@ -49,11 +49,17 @@ def test_unknown_architecture_and_bad_estimator():
         tiny(architecture="causal", estimator="tspace", epochs=1).fit(correlated_table(100))
 
 
-def test_cli_trains_a_causal_model(tmp_path):
+def train_with_cli(tmp_path, *flags):
+    """Train one epoch on a small CSV through the command line; the model's path."""
     data = tmp_path / "t.csv"
     correlated_table(200).to_csv(data, index=False)
     model = tmp_path / "m.pt"
-    assert cli_main(["train", str(data), "-o", str(model), "--epochs", "1", "--architecture", "causal"]) == 0
+    assert cli_main(["train", str(data), "-o", str(model), "--epochs", "1", *flags]) == 0
+    return model
+
+
+def test_cli_trains_a_causal_model(tmp_path):
+    model = train_with_cli(tmp_path, "--architecture", "causal")
     assert TabularMDM.load(model).architecture == "causal"
     out = tmp_path / "s.csv"
     assert cli_main(["sample", str(model), "-n", "20", "-o", str(out), "--speculative", "2"]) == 0
@@ -111,10 +117,7 @@ def test_contextual_needs_the_causal_architecture():
 
 
 def test_cli_trains_and_plots_a_contextual_model(tmp_path):
-    data = tmp_path / "t.csv"
-    correlated_table(200).to_csv(data, index=False)
-    model = tmp_path / "m.pt"
-    assert cli_main(["train", str(data), "-o", str(model), "--epochs", "1", "--order", "contextual"]) == 0
+    model = train_with_cli(tmp_path, "--order", "contextual")
     assert TabularMDM.load(model).order == "contextual"
     assert cli_main(["plot", str(model), "-o", str(tmp_path / "orders.png")]) == 0
     assert (tmp_path / "orders.png").stat().st_size > 10_000

@@ -79,6 +79,18 @@ def chi_square_p(counts, probs):
     return chisquare(counts.numpy(), expected.numpy()).pvalue
 
 
+def repeated_gradients(loss, parameter, modules, repeats=16):
+    """[repeats, numel] gradients of `parameter` from `repeats` fresh draws of loss()."""
+    grads = []
+    with ops.use_backend("reference"):
+        for _ in range(repeats):
+            for module in modules:
+                module.zero_grad()
+            loss().backward()
+            grads.append(parameter.grad.flatten().clone())
+    return torch.stack(grads)
+
+
 # ----------------------------------------------------------------------------- the model
 def test_conditionals_depend_only_on_the_prefix():
     model = peaky_model([3, 2, 4, 2])
@@ -208,13 +220,8 @@ def test_rloo_gradient_matches_enumerated_gradient(w):
     (exact_grad,) = torch.autograd.grad(exact, log_w)
     schedule = schedule_with(w).double()
     generator = torch.Generator().manual_seed(4)
-    grads = []
-    with ops.use_backend("reference"):
-        for _ in range(16):
-            schedule.zero_grad()
-            causal_loss(model, rows.repeat(1_000, 1), schedule, num_samples=2, generator=generator).loss.backward()
-            grads.append(schedule.log_w.grad.clone())
-    grads = torch.stack(grads)
+    grads = repeated_gradients(lambda: causal_loss(model, rows.repeat(1_000, 1), schedule, num_samples=2,
+                                                   generator=generator).loss, schedule.log_w, [schedule])
     stderr = grads.std(0) / len(grads) ** 0.5
     assert exact_grad.abs().max() > 0.05          # the comparison below is not vacuous
     assert ((grads.mean(0) - exact_grad).abs() < 5 * stderr + 1e-6).all(), (grads.mean(0), exact_grad, stderr)

@@ -11,12 +11,11 @@ On a tiny table everything is enumerable. The model's forward gives -log p(x, pi
 import pytest
 import torch
 
-from fastmdm import ops
 from fastmdm.models import CausalTransformer
 from fastmdm.objective import causal_loss, contextual_loss, model_loss
 from fastmdm.sample import DecodeStats, sample_tokens
 from fastmdm.schedules import plackett_luce_log_prob
-from test_causal import SIZES, all_orders, all_rows, chi_square_p, peaky_model, schedule_with
+from test_causal import SIZES, all_orders, all_rows, chi_square_p, peaky_model, repeated_gradients, schedule_with
 
 ROWS = torch.tensor([[0, 2, 1], [1, 0, 0], [1, 1, 1]])
 
@@ -88,13 +87,8 @@ def test_posterior_rloo_gradient_matches_enumerated_gradient():
     parameter = model.order_posterior.out.weight
     (exact_grad,) = torch.autograd.grad(enumerated_bound(model, w), parameter)
     generator = torch.Generator().manual_seed(4)
-    grads = []
-    with ops.use_backend("reference"):
-        for _ in range(16):
-            model.zero_grad()
-            contextual_loss(model, ROWS.repeat(1_000, 1), schedule, num_samples=2, generator=generator).loss.backward()
-            grads.append(parameter.grad.flatten().clone())
-    grads = torch.stack(grads)
+    grads = repeated_gradients(lambda: contextual_loss(model, ROWS.repeat(1_000, 1), schedule, num_samples=2,
+                                                       generator=generator).loss, parameter, [model, schedule])
     stderr = grads.std(0) / len(grads) ** 0.5
     exact_grad = exact_grad.flatten()
     assert exact_grad.abs().max() > 10 * stderr.max()          # the comparison below is not vacuous
