@@ -132,6 +132,7 @@ def report(path: str = RESULTS) -> str:
         variants = [v for v in VARIANTS if groups[(table, v)]]
         lines += [f"## {table}", "", "| | " + " | ".join(variants) + " |", "|---" * (len(variants) + 1) + "|"]
         rows = [("seeds", None), ("parameters", lambda r: r["parameters"]),
+                ("probe: seconds per step", lambda r: r["probe_step_seconds"]),
                 ("epochs in the budget", lambda r: r["epochs"]),
                 ("training rows/s", lambda r: r["train_rows_per_second"]),
                 ("validation NELBO (nats/row), final", lambda r: r["val_nelbo"]),
@@ -147,9 +148,9 @@ def report(path: str = RESULTS) -> str:
             cells = [str(len(groups[(table, v)])) if get is None else stat([get(r) for r in groups[(table, v)]])
                      for v in variants]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
-        per_seed = {v: {r["seed"]: r["val_nelbo"] for r in groups[(table, v)]} for v in variants}
-        lines += ["", "Validation NELBO per seed: " + "; ".join(
-            f"{v}: " + ", ".join(f"{s}: {x:.4f}" for s, x in sorted(per_seed[v].items())) for v in variants), ""]
+        per_seed = {v: sorted((r["seed"], r["val_nelbo"], r["epochs"]) for r in groups[(table, v)]) for v in variants}
+        lines += ["", "Validation NELBO per seed (epochs): " + "; ".join(
+            f"{v}: " + ", ".join(f"{s}: {x:.4f} ({e})" for s, x, e in per_seed[v]) for v in variants), ""]
     text = "\n".join(lines)
     with open(REPORT, "w") as handle:
         handle.write(text + "\n")
