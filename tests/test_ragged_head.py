@@ -17,6 +17,7 @@ relative to the logits' size, as the products accumulate in fp32 on both sides.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 
@@ -37,8 +38,9 @@ except ImportError:  # the extension is not built: its tests skip
     cpp = None
 try:
     import fastmdm.triton as triton_backend
+    from fastmdm.triton import ragged_head as triton_ragged_head
 except ImportError:
-    triton_backend = None
+    triton_backend = triton_ragged_head = None
 
 needs_cpp = pytest.mark.skipif(cpp is None, reason="fastmdm._C is not built")
 needs_triton = pytest.mark.skipif(
@@ -349,29 +351,51 @@ def test_triton_matches_reference(rows, sizes, d, seed, mask_prob, compute_grad,
     assert_matches_reference(triton_backend.ragged_head_ce(*to_triton(problem), compute_grad), problem, compute_grad)
 
 
-@needs_triton
-def test_triton_several_tiles_and_chunks_per_column():
-    """More cells than one tile holds and a column wider than one vocabulary chunk."""
-    block_m, block_k, _, _ = triton_backend.ragged_head_config(8)
-    problem = head_problem(block_m + 7, [1, 2 * block_k + 5, 3], 8, seed=12, mask_prob=0.9)
-    assert_matches_reference(triton_backend.ragged_head_ce(*to_triton(problem), True), problem, True)
+#: One width of every BLOCK_D class (16 to MAX_HEAD_WIDTH), most of them no power of two.
+#: (d, odd layout) for every tile class: each BLOCK_D (16 to MAX_HEAD_WIDTH) with d % 16 == 0
+#: and not; the latter with strided states and head weights whose data starts off a 16-byte
+#: boundary (the Triton path copies both).
+TILE_CLASSES = [(16, False), (32, False), (48, False), (128, False), (256, False),
+                (9, True), (20, True), (40, True), (100, True), (200, True)]
+
+
+def tiled_problem(d, dtype, mode, odd_layout, *, seed):
+    """More cells than one tile of `mode` holds and a column wider than two of its vocabulary
+    chunks, for the tile dispatch picks at width d and `dtype`."""
+    tile = triton_backend.ragged_head_config(d, dtype, mode)
+    h, head_weight, *rest = head_problem(tile.block_m + 3, [1, 2 * tile.block_k + 5, 3], d, seed=seed,
+                                         mask_prob=0.9, dtype=dtype, strided=odd_layout)
+    if odd_layout:
+        head_weight = torch.empty(head_weight.numel() + 1, dtype=dtype)[1:].view_as(head_weight).copy_(head_weight)
+        assert head_weight.data_ptr() % 16
+    return (h, head_weight, *rest)
 
 
 @needs_triton
-def test_triton_bfloat16():
-    problem = head_problem(20, [2, 90, 7], 16, seed=13, mask_prob=0.7, dtype=torch.bfloat16)
-    got = triton_backend.ragged_head_ce(*to_triton(problem), True)
-    assert got[2].dtype == torch.float32
-    assert_matches_reference(got, problem, True, rtol=1e-2)
+@pytest.mark.parametrize("d, odd_layout", TILE_CLASSES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("compute_grad", [False, True])
+def test_triton_dispatched_tiles_match_reference(d, odd_layout, dtype, compute_grad):
+    """Every tile dispatch picks (they differ by width class, alignment, dtype and gradients),
+    at the tolerances of the module docstring: the tile does not change the results beyond them."""
+    problem = tiled_problem(d, dtype, "grad" if compute_grad else "loss", odd_layout, seed=d)
+    got = triton_backend.ragged_head_ce(*to_triton(problem), compute_grad)
+    assert_matches_reference(got, problem, compute_grad, rtol=1e-5 if dtype == torch.float32 else 1e-2)
 
 
 @needs_triton
 def test_triton_config_covers_every_width():
-    for d in (1, 16, 17, 64, 65, 128, 129, 256):
-        block_m, block_k, block_d, num_warps = triton_backend.ragged_head_config(d)
-        assert block_d >= d and min(block_m, block_k, block_d) >= 16 and num_warps in (4, 8)
+    for d, dtype, mode in itertools.product(range(1, triton_backend.MAX_HEAD_WIDTH + 1),
+                                            (torch.float32, torch.bfloat16), triton_ragged_head.MODES):
+        tile = triton_backend.ragged_head_config(d, dtype, mode)
+        assert tile.block_d >= d and min(tile.block_m, tile.block_k, tile.block_d) >= 16
+        assert tile.num_warps in (4, 8, 16) and tile.num_stages in (1, 2, 3)
     with pytest.raises(ValueError, match="d_model must lie in 1..256"):
         triton_backend.ragged_head_config(257)
+    with pytest.raises(ValueError, match="dtype must be float32 or bfloat16"):
+        triton_backend.ragged_head_config(16, torch.float16)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        triton_backend.ragged_head_config(16, torch.float32, "backward")
     wide = torch.zeros(2, 3, triton_backend.MAX_HEAD_WIDTH + 1, device=TRITON_DEVICE)
     assert not triton_backend.supports("ragged_head_ce", wide)
     assert triton_backend.supports("ragged_head_ce", wide[..., :64].bfloat16())
@@ -437,6 +461,26 @@ def test_sample_is_deterministic_for_a_seed(backend):
     first = run_sample(backend, states, columns, head_weight, head_bias, offsets, 1.0, 99)
     assert torch.equal(first, run_sample(backend, states, columns, head_weight, head_bias, offsets, 1.0, 99))
     assert not torch.equal(first, run_sample(backend, states, columns, head_weight, head_bias, offsets, 1.0, 100))
+
+
+@needs_triton
+@pytest.mark.parametrize("d, odd_layout", TILE_CLASSES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_sample_with_dispatched_tiles(d, odd_layout, dtype, monkeypatch):
+    """The sampler's tile for every class and dtype: argmax at temperature 0, and at
+    temperature 1 the same draws as the smallest tile (the noise is keyed by cell and value,
+    not by tile), so the tile changes nothing. All but two cells draw from the wide column."""
+    h, head_weight, head_bias, offsets, *_ = tiled_problem(d, dtype, "sample", odd_layout, seed=d + 1)
+    states = h[:, 0]
+    columns = torch.ones(states.shape[0], dtype=torch.int64)
+    columns[:2] = torch.tensor([0, 2])
+    args = (states, columns, head_weight, head_bias, offsets)
+    greedy = run_sample("triton", *args, 0.0, 7)
+    assert torch.equal(greedy, reference.ragged_head_sample(*args, 0.0, 7))
+    drawn = run_sample("triton", *args, 1.0, 7)
+    for key in [k for k in triton_ragged_head._TILES if k[0] == "sample"]:
+        monkeypatch.setitem(triton_ragged_head._TILES, key, (16, 16, 4, 3))
+    assert torch.equal(drawn, run_sample("triton", *args, 1.0, 7))
 
 
 def test_ragged_heads_sample_method():

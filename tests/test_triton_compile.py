@@ -7,11 +7,16 @@ tensors, specialized as a real launch would be) and reads registers, stack and s
 from the cubin with the cuobjdump that ships in the triton wheel. It runs in a subprocess
 because this session has set TRITON_INTERPRET=1, under which kernels cannot be compiled.
 
-Representative shapes only (the largest tile of every width class, about 75 compiles: a few
-minutes on 2 cores the first time, seconds from Triton's on-disk cache afterwards). The
-exhaustive sweep over every power-of-two shape (about 930 compiles) is
-`python -m fastmdm.triton.aot --exhaustive --jobs N`. This test rewrites
-benchmarks/results/triton_resources.md.
+Representative shapes only (the largest tile of every width class, and the ragged heads at
+d = 16, 48, 128, 256 in float32 and bfloat16: 140 compiles, about 6 minutes on 2 shared cores
+the first time, seconds from Triton's on-disk cache afterwards). The exhaustive sweep over
+every power-of-two shape and every head width (about 1,460 compiles) is
+`python -m fastmdm.triton.aot --exhaustive --jobs N` (`--only ragged_head`: 528 of them).
+This test rewrites benchmarks/results/triton_resources.md.
+
+The ragged heads' tiles themselves come from `benchmarks/ragged_head_tiles.py`, a search over
+candidate tiles with the same compiler; the last test checks that the dispatched table is
+what that search found.
 """
 import json
 import os
@@ -22,6 +27,7 @@ from pathlib import Path
 import pytest
 
 triton = pytest.importorskip("triton", reason="triton is not installed")
+from fastmdm.triton.aot import SHARED_LIMIT  # noqa: E402  (needs triton)
 if not hasattr(triton.runtime.jit, "native_specialize_impl"):
     pytest.skip(f"triton {triton.__version__} lacks the specialization API fastmdm.triton.aot uses",
                 allow_module_level=True)
@@ -30,7 +36,8 @@ if not cuobjdump.exists():
     pytest.skip(f"no cuobjdump at {cuobjdump} (triton without its NVIDIA backend)", allow_module_level=True)
 
 ROOT = Path(__file__).resolve().parents[1]
-KERNELS = {"_mask_tspace_kernel", "_mask_order_kernel", "_weighted_ce_kernel", "_rloo_partial_kernel"}
+KERNELS = {"_mask_tspace_kernel", "_mask_order_kernel", "_weighted_ce_kernel", "_rloo_partial_kernel",
+           "_ragged_head_ce_kernel", "_ragged_head_sample_kernel"}
 
 
 def compile_in_subprocess(*args: str, code: str | None = None) -> subprocess.CompletedProcess:
@@ -45,15 +52,21 @@ def test_every_dispatched_configuration_compiles_without_spills(tmp_path):
     run = compile_in_subprocess("--json", str(raw), "--markdown", str(table))
     assert raw.exists(), f"aot did not finish:\n{run.stderr[-3000:]}"
     results = json.loads(raw.read_text())
-    failing = [r for r in results if r["error"] or r["stack"] or r["local"]]
-    assert not failing, "compile errors or spills:\n" + "\n".join(
+    failing = [r for r in results if r["error"] or r["stack"] or r["local"] or r["shared"] > SHARED_LIMIT]
+    assert not failing, "compile errors, spills or too much shared memory:\n" + "\n".join(
         f"{r['kernel']} [{r['config']}] sm_{r['arch']} ({r['shapes']}): "
-        + (r["error"] or f"{r['registers']} registers, {r['stack']} B stack") for r in failing)
+        + (r["error"] or f"{r['registers']} registers, {r['stack']} B stack, {r['shared']} B shared")
+        for r in failing)
     assert run.returncode == 0, run.stderr[-3000:]
     assert {r["kernel"] for r in results} == KERNELS
     assert {r["arch"] for r in results} == {80, 90}
     # The widest tables mask_order takes on the GPU are among the configurations compiled.
     assert any(r["kernel"] == "_mask_order_kernel" and "BLOCK_L=4096" in r["config"] for r in results)
+    # Every ragged-head tile class of the widest states: loss, loss with gradients, both samplers.
+    widest = [r["config"] for r in results if r["kernel"].startswith("_ragged_head") and "BLOCK_D=256" in r["config"]]
+    for flag in ("COMPUTE_GRAD=False", "COMPUTE_GRAD=True", "GREEDY=False", "GREEDY=True"):
+        assert sum(flag in config and "PRECISION=ieee" in config for config in widest) == 2, flag   # float32
+        assert sum(flag in config and "PRECISION=tf32" in config for config in widest) == 2, flag   # bfloat16
 
 
 def test_a_spilling_configuration_is_reported():
@@ -72,3 +85,14 @@ print(json.dumps(aot.compile_job(aot.job_for(launch), 90)))
     assert run.returncode == 0, run.stderr[-3000:]
     usage = json.loads(run.stdout.strip().splitlines()[-1])
     assert usage.get("error") is None and usage["stack"] > 0, usage
+
+
+def test_ragged_head_tiles_are_the_searched_ones():
+    """`_TILES` in fastmdm/triton/ragged_head.py is what benchmarks/ragged_head_tiles.py found."""
+    from fastmdm.triton.ragged_head import _TILES
+    runs = ROOT / "benchmarks" / "results" / "ragged_head_tiles_runs.jsonl"
+    records = [json.loads(line) for line in runs.read_text().splitlines()]
+    found = {(r["mode"], r["dtype"], r["block_d"], r["aligned"]): (r["block_m"], r["block_k"], r["num_warps"],
+                                                                  r["num_stages"])
+             for r in records if r.get("verdict") == "won"}
+    assert {(mode, str(dtype)[6:], *rest): tile for (mode, dtype, *rest), tile in _TILES.items()} == found

@@ -37,10 +37,7 @@ def supports(op_name: str, *tensors: torch.Tensor) -> bool:
         return False
     if op_name == "mask_order" and present[0].dim() == 2 and present[0].shape[1] > MAX_ORDER_COLUMNS:
         return False
-    if op_name.startswith("ragged_head") and (present[0].shape[-1] > MAX_HEAD_WIDTH or present[0].is_cuda):
-        # Not on real GPUs yet: compiled ahead of time for sm_80/sm_90 (plan_ragged_head_* through
-        # fastmdm.triton.aot), the loss kernel spills at d = 48 in float32 and the sampler did not
-        # build; the interpreter checks only what they compute. CUDA goes to the reference.
+    if op_name.startswith("ragged_head") and present[0].shape[-1] > MAX_HEAD_WIDTH:
         return False
     for position, tensor in enumerate(tensors):
         if tensor is None or tensor.dtype in (torch.int64, torch.bool, torch.float32):

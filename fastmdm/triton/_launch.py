@@ -1,7 +1,7 @@
 """One kernel launch as data, so that running it and compiling it ahead of time share one code path.
 
 Every op module has a `plan_<op>` function that allocates the outputs and returns them with the
-`Launch` it would make (grid, arguments, constexprs, num_warps). The op runs the launch;
+`Launch` it would make (grid, arguments, constexprs, num_warps, num_stages). The op runs the launch;
 `fastmdm.triton.aot` calls the same plan functions on meta tensors and compiles each launch
 for a GPU that is not there, so the configurations it checks are exactly those dispatch picks.
 """
@@ -18,9 +18,15 @@ class Launch:
     args: tuple                     # every non-constexpr kernel argument, in order
     constexprs: dict[str, Any] = field(default_factory=dict)
     num_warps: int = 4
+    num_stages: int | None = None   # software-pipelining depth of loops; None: triton's default
+
+    def options(self) -> dict[str, int]:
+        """The compile options of this launch (as keyword arguments of a launch or `triton.compile`)."""
+        stages = {} if self.num_stages is None else {"num_stages": self.num_stages}
+        return {"num_warps": self.num_warps, **stages}
 
     def __call__(self) -> None:
-        self.kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps)
+        self.kernel[self.grid](*self.args, **self.constexprs, **self.options())
 
 
 def warps_for(tile_elements: int, per_thread: int) -> int:

@@ -2,16 +2,20 @@
 
     python -m fastmdm.triton.aot                          # sm_80 and sm_90, representative shapes
     python -m fastmdm.triton.aot --exhaustive --markdown benchmarks/results/triton_resources_exhaustive.md
+    python -m fastmdm.triton.aot --exhaustive --only ragged_head  # one op's kernels
 
 No GPU is needed: `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))` builds
 the cubin and `cuobjdump --dump-resource-usage` (shipped in the triton wheel) reads its
-registers, stack (local memory: spills) and shared memory.
+registers and stack (local memory: spills); the shared memory is what the launch requests
+(triton's metadata), checked against SHARED_LIMIT.
 
 The launches come from the ops' own `plan_*` functions called on meta tensors (no memory), and
 are specialized as a real launch would be (pointer alignment, integers equal to 1 or divisible
 by 16), so each compiled configuration is one that dispatch picks. Representative shapes give
 the largest tile of every width class; `--exhaustive` sweeps rows, widths and vocabularies over
-all powers of two. The exit status is 1 on any compile error or stack use.
+all powers of two, and the ragged heads over every state width 1..MAX_HEAD_WIDTH, strided
+states, one column and one value. The exit status is 1 on any compile error, stack use or
+shared memory over the limit.
 
 Must run without TRITON_INTERPRET=1 (under the interpreter the kernels are not compilable
 objects); `tests/test_triton_compile.py` runs it in a subprocess.
@@ -36,6 +40,10 @@ import torch
 
 ARCHS = (80, 90)
 REPRESENTATIVE_ROWS = 1 << 16       # large batches: the largest tile of every width class
+#: Dynamic shared memory a launch may request: 99 KiB, the smallest per-block opt-in limit of
+#: the sm_80+ GPUs (sm_86 and sm_89; sm_80 allows 163 KiB, sm_90 227 KiB), so that what
+#: compiles here for sm_80/sm_90 also launches on the consumer cards of those generations.
+SHARED_LIMIT = 99 * 1024
 _SEED = 2**40 + 7                   # seeds are drawn from [0, 2^62): an int64 argument
 
 
@@ -47,12 +55,13 @@ class Job:
     signature: dict
     constexprs: dict
     attrs: dict
-    num_warps: int
+    options: dict        # num_warps, and num_stages where the launch sets it
 
     def label(self) -> str:
         pointers = sorted({v[1:] for v in self.signature.values() if v.startswith("*")})
         consts = ", ".join(f"{k}={v}" for k, v in self.constexprs.items())
-        return f"{consts}, warps={self.num_warps}, pointers {'/'.join(pointers)}"
+        options = ", ".join(f"{k.removeprefix('num_')}={v}" for k, v in self.options.items())
+        return f"{consts}, {options}, pointers {'/'.join(pointers)}"
 
 
 @dataclass
@@ -70,17 +79,45 @@ class Result:
 
     @property
     def ok(self) -> bool:
-        return self.error is None and self.stack == 0 and self.local == 0
+        return self.error is None and self.stack == 0 and self.local == 0 and self.shared <= SHARED_LIMIT
 
 
 def _meta(shape, dtype=torch.float32):
     return torch.empty(shape, dtype=dtype, device="meta")
 
 
+def _head_weight(vocab: int, d: int, dtype: torch.dtype, misaligned: bool) -> torch.Tensor:
+    """W [vocab, d]; misaligned: its data starts one element past a 16-byte boundary."""
+    return _meta((vocab * d + 1,), dtype)[1:].view(vocab, d) if misaligned else _meta((vocab, d), dtype)
+
+
+def ragged_head_loss_launch(d: int, dtype: torch.dtype, compute_grad: bool, *, strided: bool = False,
+                            misaligned: bool = False, columns: int = 16, rows: int = 2048, vocab: int = 4096):
+    """The ragged_head_ce launch for h [rows, columns, d] (strided: no unit stride), W [vocab, d]."""
+    from .ragged_head import plan_ragged_head_ce
+    h = _meta((d, columns, 2 * rows), dtype)[:, :, ::2].permute(2, 1, 0) if strided else _meta((rows, columns, d), dtype)
+    cells = (rows, columns)
+    tiles = tuple(_meta((rows * columns // 64,), torch.int64) for _ in range(3))
+    return plan_ragged_head_ce(h, _head_weight(vocab, d, dtype, misaligned), _meta((vocab,), dtype),
+                               _meta((columns + 1,), torch.int64), _meta((rows * columns,), torch.int64), tiles,
+                               _meta(cells, torch.int64), _meta(cells), compute_grad)[1]
+
+
+def ragged_head_sample_launch(d: int, dtype: torch.dtype, temperature: float, *, strided: bool = False,
+                              misaligned: bool = False, columns: int = 16, cells: int = 2048, vocab: int = 4096):
+    """The ragged_head_sample launch for the states h [cells, d] of cells of `columns` columns."""
+    from .ragged_head import plan_ragged_head_sample
+    h = _meta((d, 2 * cells), dtype)[:, ::2].t() if strided else _meta((cells, d), dtype)
+    tiles = tuple(_meta((cells // 64,), torch.int64) for _ in range(3))
+    return plan_ragged_head_sample(h, _meta((cells,), torch.int64), tiles, _head_weight(vocab, d, dtype, misaligned),
+                                   _meta((vocab,), dtype), _meta((columns + 1,), torch.int64), temperature, _SEED)[1]
+
+
 def problems(exhaustive: bool):
     """(kernel-agnostic shape label, Launch) for every problem class, from the ops' plan functions."""
     from .elbo import plan_weighted_ce
     from .masking import MAX_ORDER_COLUMNS, plan_mask_order, plan_mask_tspace
+    from .ragged_head import MAX_HEAD_WIDTH
     from .rloo import plan_rloo_grad
 
     powers = lambda top: [2**i for i in range(top.bit_length())]  # noqa: E731
@@ -106,6 +143,17 @@ def problems(exhaustive: bool):
     for rows, samples, num_columns in product(rows_classes, (2, 5, 64), widths):   # K = 64: the capped tile
         yield (f"B={rows} K={samples} L={num_columns} per row",
                plan_rloo_grad(_meta((rows, samples)), _meta((rows, samples, num_columns)), per_row=True)[1])
+    # Ragged heads: the tile depends on d's class, dtype, kernel and W's alignment; d = 48 is a
+    # width that is no power of two. Exhaustive: every width, strided states, misaligned W, one
+    # column of one value.
+    head_widths = range(1, MAX_HEAD_WIDTH + 1) if exhaustive else (16, 48, 128, 256)
+    head_layouts = [dict(), dict(strided=True), dict(misaligned=True), dict(columns=1, vocab=1)]
+    for d, dtype, layout in product(head_widths, dtypes, head_layouts if exhaustive else head_layouts[:1]):
+        label = f"d={d} {str(dtype)[6:]}" + "".join(f" {k}={v}" for k, v in layout.items())
+        for grad in (False, True):
+            yield f"{label}{' +grad' if grad else ''}", ragged_head_loss_launch(d, dtype, grad, **layout)
+        for temperature in (1.0, 0.0):
+            yield f"{label} sample T={temperature:g}", ragged_head_sample_launch(d, dtype, temperature, **layout)
 
 
 def job_for(launch) -> Job:
@@ -133,11 +181,11 @@ def job_for(launch) -> Job:
             constexprs[p.name] = values[p.name]
         elif isinstance(key, str) and key:
             attrs[str(p.num)] = BaseBackend.parse_attr(key)
-    return Job(kernel.module, kernel.fn.__name__, signature, constexprs, attrs, launch.num_warps)
+    return Job(kernel.module, kernel.fn.__name__, signature, constexprs, attrs, launch.options())
 
 
 def resource_usage(cubin: bytes) -> dict[str, int]:
-    """REG, STACK, SHARED, LOCAL of the cubin's one function, from cuobjdump."""
+    """REG, STACK, SHARED (static only), LOCAL of the cubin's one function, from cuobjdump."""
     from triton import knobs
     with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
         handle.write(cubin)
@@ -149,7 +197,8 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
 
 
 def compile_job(job: Job, arch: int) -> dict:
-    """Compile one configuration for sm_<arch>; its resources, or the error."""
+    """Compile one configuration for sm_<arch>; its resources (registers, stack and local
+    bytes, the shared memory its launch requests), or the error."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -158,21 +207,24 @@ def compile_job(job: Job, arch: int) -> dict:
     start = time.perf_counter()
     try:
         source = ASTSource(kernel, job.signature, job.constexprs, {(int(k),): v for k, v in job.attrs.items()})
-        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": job.num_warps})
+        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=job.options)
         usage = resource_usage(compiled.asm["cubin"])
     except Exception as error:  # report every failing configuration, not only the first
         return {"error": f"{type(error).__name__}: {str(error).strip().splitlines()[-1][:300]}",
                 "seconds": time.perf_counter() - start}
-    registers = usage.pop("reg")
-    return {"registers": registers, **usage, "seconds": time.perf_counter() - start}
+    return {"registers": usage["reg"], "stack": usage["stack"], "local": usage["local"],
+            "shared": compiled.metadata.shared, "seconds": time.perf_counter() - start}
 
 
-def check(exhaustive: bool = False, archs=ARCHS, jobs: int = 2) -> list[Result]:
-    """Compile every distinct configuration that `problems` reaches, for each arch."""
+def check(exhaustive: bool = False, archs=ARCHS, jobs: int = 2, only: str = "") -> list[Result]:
+    """Compile every distinct configuration that `problems` reaches, for each arch (only the
+    kernels whose name contains `only`)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("fastmdm.triton.aot compiles kernels: run it without TRITON_INTERPRET=1")
     first_shapes: dict[str, tuple[Job, str]] = {}
     for shapes, launch in problems(exhaustive):
+        if only not in launch.kernel.fn.__name__:
+            continue
         job = job_for(launch)
         key = json.dumps(asdict(job), sort_keys=True)          # Jobs hold dicts: dedupe on their text
         first_shapes.setdefault(key, (job, shapes))
@@ -193,7 +245,8 @@ def markdown(results: list[Result], exhaustive: bool) -> str:
         f"{_triton_version()}, no GPU needed). One row per configuration the ops' launch code picks "
         f"({'every power-of-two shape class' if exhaustive else representative}); "
         "'shapes' is the first problem that picks it. Stack and local memory must be 0 (no spills); "
-        "255 registers is the per-thread maximum.",
+        "255 registers is the per-thread maximum; shared is the dynamic shared memory the launch "
+        f"requests, at most {SHARED_LIMIT} B (see `SHARED_LIMIT`).",
         "",
         "| kernel | configuration | shapes | sm | registers | stack B | shared B | ok |",
         "|---|---|---|---|---|---|---|---|",
@@ -202,8 +255,9 @@ def markdown(results: list[Result], exhaustive: bool) -> str:
         if r.error:
             lines.append(f"| {r.kernel} | {r.config} | {r.shapes} | {r.arch} | - | - | - | **{r.error}** |")
         else:
+            verdict = "yes" if r.ok else "**spills**" if r.stack or r.local else "**shared memory**"
             lines.append(f"| {r.kernel} | {r.config} | {r.shapes} | {r.arch} | {r.registers} | {r.stack} | "
-                         f"{r.shared} | {'yes' if r.ok else '**spills**'} |")
+                         f"{r.shared} | {verdict} |")
     return "\n".join(lines) + "\n"
 
 
@@ -217,11 +271,12 @@ def main(argv=None) -> int:
     parser.add_argument("--exhaustive", action="store_true", help="every power-of-two shape class")
     parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), help="CUDA compute capabilities")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compile processes")
+    parser.add_argument("--only", default="", help="only the kernels whose name contains this (e.g. ragged_head)")
     parser.add_argument("--markdown", help="write the resource table here")
     parser.add_argument("--json", help="write the raw results here")
     args = parser.parse_args(argv)
 
-    results = check(args.exhaustive, args.arch, args.jobs)
+    results = check(args.exhaustive, args.arch, args.jobs, args.only)
     table = markdown(results, args.exhaustive)
     if args.markdown:
         with open(args.markdown, "w") as handle:
@@ -232,7 +287,7 @@ def main(argv=None) -> int:
     print(table)
     bad = [r for r in results if not r.ok]
     print(f"{len(results)} compiles ({sum(r.seconds for r in results):.0f} s compiling), {len(bad)} failing "
-          "(compile error or spills)", file=sys.stderr)
+          "(compile error, spills or shared memory)", file=sys.stderr)
     return 1 if bad else 0
 
 

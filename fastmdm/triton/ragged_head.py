@@ -8,8 +8,18 @@ an online logsumexp (or a running Gumbel max), never more than one [BLOCK_M, BLO
 of logits. With gradients, a second walk forms G = weight * (softmax - onehot) per chunk
 and accumulates grad_h = G W in registers and grad_W += G^T states, grad_b += sum G with
 fp32 atomics (tiles of one column add into the same rows, so their order is not fixed).
+
+States are read with unit feature stride (the ops copy h when its features are not
+contiguous). Triton compiles a variant per specialization of the launch arguments (integers
+equal to 1 or divisible by 16, 16-byte aligned pointers); the kernels opt out for the
+arguments whose specialization cannot change their code (strides of the states, counts,
+seeds, pointers read at data-dependent offsets), and the ops pass W with its data 16-byte
+aligned, which leaves d (a multiple of 16 or not, or 1, a constant): each tile of
+`ragged_head_config` compiles to one variant (two for d <= 16), all checked ahead of time.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -22,20 +32,68 @@ MAX_HEAD_WIDTH = 256
 _TINY = torch.finfo(torch.float32).tiny
 
 
-def ragged_head_config(d_model: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_K, BLOCK_D, num_warps) for states of width d_model <= MAX_HEAD_WIDTH.
+class RaggedHeadTile(NamedTuple):
+    """One program's share: BLOCK_M cells of one column, BLOCK_K vocabulary values a chunk,
+    states padded to BLOCK_D features; and its launch options."""
+    block_m: int
+    block_k: int
+    block_d: int
+    num_warps: int
+    num_stages: int
 
-    A program keeps its states and grad_h [BLOCK_M, BLOCK_D] (fp32) and one chunk of W and
-    of logits in registers: narrower states afford more cells and wider chunks.
+
+#: The kernels a tile is chosen for: the loss alone, the loss with its gradients, the sampler.
+MODES = ("loss", "grad", "sample")
+_BLOCK_DS = (16, 32, 64, 128, 256)
+
+#: (BLOCK_M, BLOCK_K, num_warps, num_stages) by (mode, dtype, BLOCK_D, d % 16 == 0), found by
+#: benchmarks/ragged_head_tiles.py (see ragged_head_config; tests/test_triton_compile.py checks
+#: that this table is what it found).
+_TILES: dict[tuple[str, torch.dtype, int, bool], tuple[int, int, int, int]] = {
+    (mode, dtype, block_d, multiple_of_16): tile
+    for (mode, dtype, multiple_of_16), tiles in {
+        # BLOCK_D:                    16                32                64                128               256
+        ("loss", torch.float32, True): ((128, 64, 8, 3), (128, 64, 8, 3), (128, 16, 8, 3), (32, 64, 16, 3), (32, 64, 16, 2)),
+        ("loss", torch.float32, False): ((128, 64, 8, 3), (128, 32, 4, 3), (128, 16, 8, 3), (32, 64, 16, 3), (32, 64, 16, 2)),
+        ("loss", torch.bfloat16, True): ((128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 3), (128, 64, 8, 3), (64, 128, 16, 1)),
+        ("loss", torch.bfloat16, False): ((128, 64, 8, 3), (128, 64, 8, 3), (128, 64, 8, 3), (128, 64, 8, 3), (64, 128, 8, 3)),
+        ("grad", torch.float32, True): ((128, 32, 8, 3), (128, 32, 8, 3), (128, 16, 16, 3), (64, 16, 16, 3), (32, 16, 16, 3)),
+        ("grad", torch.float32, False): ((128, 32, 8, 3), (64, 32, 8, 3), (64, 16, 16, 3), (32, 16, 8, 3), (16, 16, 16, 3)),
+        ("grad", torch.bfloat16, True): ((128, 64, 8, 3), (128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 8, 3), (64, 16, 8, 2)),
+        ("grad", torch.bfloat16, False): ((128, 64, 8, 3), (128, 64, 8, 3), (64, 32, 8, 3), (32, 64, 8, 3), (32, 16, 8, 3)),
+        ("sample", torch.float32, True): ((128, 64, 8, 3), (128, 32, 8, 3), (128, 32, 8, 3), (128, 32, 8, 3), (64, 32, 8, 2)),
+        ("sample", torch.float32, False): ((64, 128, 8, 3), (128, 32, 8, 3), (128, 32, 8, 3), (128, 32, 16, 3), (64, 32, 16, 2)),
+        ("sample", torch.bfloat16, True): ((128, 64, 8, 3), (128, 64, 8, 3), (128, 64, 8, 3), (128, 64, 8, 3), (64, 64, 4, 2)),
+        ("sample", torch.bfloat16, False): ((128, 64, 8, 3), (128, 64, 8, 3), (128, 64, 8, 3), (128, 64, 8, 3), (64, 64, 8, 3)),
+    }.items()
+    for block_d, tile in zip(_BLOCK_DS, tiles)
+}
+
+
+def ragged_head_config(d_model: int, dtype: torch.dtype = torch.float32, mode: str = "loss") -> RaggedHeadTile:
+    """The tile for states of width d_model <= MAX_HEAD_WIDTH in `dtype` (float32 or bfloat16),
+    for one of MODES.
+
+    BLOCK_D is d_model rounded up to a power of two (at least 16, tl.dot's minimum). A program
+    keeps its states, one chunk of W and of logits (with gradients also grad_h and the chunk's
+    grad_W) in registers, so the tile that fits shrinks as d grows, with gradients, in float32
+    (full-precision products run on FMA units, each thread holding whole rows of the operands,
+    not on tensor cores) and for widths that are not multiples of 16 (W's rows are then not
+    16-byte aligned and its loads go element by element). Each tile is the largest (cells x
+    values a chunk, then the most cells, then the fewest warps) that compiles for sm_80 and
+    sm_90 with no spills and at most 99 KiB of shared memory, found by compiling candidates:
+    benchmarks/ragged_head_tiles.py, whose results (benchmarks/results/ragged_head_tiles.md)
+    give each tile's registers and the larger tiles that lost.
     """
     if not 1 <= d_model <= MAX_HEAD_WIDTH:
         raise ValueError(f"d_model must lie in 1..{MAX_HEAD_WIDTH}, got {d_model}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"dtype must be float32 or bfloat16, got {dtype}")
     block_d = max(16, triton.next_power_of_2(d_model))
-    if block_d <= 64:
-        return 64, 64, block_d, 4
-    if block_d <= 128:
-        return 32, 64, block_d, 4
-    return 32, 32, block_d, 8
+    block_m, block_k, num_warps, num_stages = _TILES[mode, dtype, block_d, d_model % 16 == 0]
+    return RaggedHeadTile(block_m, block_k, block_d, num_warps, num_stages)
 
 
 @triton.jit
@@ -48,10 +106,10 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _load_states(h_ptr, stride_cell, stride_feature, cells, ok, d, BLOCK_D: tl.constexpr):
+def _load_states(h_ptr, stride_cell, cells, ok, d, BLOCK_D: tl.constexpr):
     """The tile's states [BLOCK_M, BLOCK_D] (zeros past d and for padding cells)."""
     feature = tl.arange(0, BLOCK_D)
-    return tl.load(h_ptr + cells[:, None] * stride_cell + feature[None, :] * stride_feature,
+    return tl.load(h_ptr + cells[:, None] * stride_cell + feature[None, :],
                    mask=ok[:, None] & (feature < d)[None, :], other=0.0)
 
 
@@ -82,8 +140,9 @@ def _tile(tile_column_ptr, tile_start_ptr, tile_stop_ptr, cells_ptr, offsets_ptr
     return column, start, size, cells, ok
 
 
-@triton.jit
-def _ragged_head_ce_kernel(h_ptr, stride_row, stride_column, stride_feature, w_ptr, b_ptr,
+@triton.jit(do_not_specialize=["stride_row", "stride_column", "L"],
+            do_not_specialize_on_alignment=["h_ptr", "b_ptr", "offsets_ptr", "targets_ptr", "weight_ptr"])
+def _ragged_head_ce_kernel(h_ptr, stride_row, stride_column, w_ptr, b_ptr,
                            offsets_ptr, rows_ptr, tile_column_ptr, tile_start_ptr, tile_stop_ptr,
                            targets_ptr, weight_ptr, ce_ptr, grad_h_ptr, grad_w_ptr, grad_b_ptr,
                            L, d, COMPUTE_GRAD: tl.constexpr, PRECISION: tl.constexpr,
@@ -91,7 +150,7 @@ def _ragged_head_ce_kernel(h_ptr, stride_row, stride_column, stride_feature, w_p
                            BLOCK_D: tl.constexpr):
     column, start, size, rows, ok = _tile(tile_column_ptr, tile_start_ptr, tile_stop_ptr, rows_ptr,
                                           offsets_ptr, BLOCK_M)
-    states = _load_states(h_ptr + column * stride_column, stride_row, stride_feature, rows, ok, d, BLOCK_D)
+    states = _load_states(h_ptr + column * stride_column, stride_row, rows, ok, d, BLOCK_D)
     cell = rows * L + column
     target = tl.load(targets_ptr + cell, mask=ok, other=0)
     within = tl.arange(0, BLOCK_K)
@@ -129,15 +188,16 @@ def _ragged_head_ce_kernel(h_ptr, stride_row, stride_column, stride_feature, w_p
                  mask=ok[:, None] & (feature < d)[None, :])
 
 
-@triton.jit
-def _ragged_head_sample_kernel(h_ptr, stride_cell, stride_feature, w_ptr, b_ptr, offsets_ptr,
+@triton.jit(do_not_specialize=["stride_cell", "V", "seed"],
+            do_not_specialize_on_alignment=["h_ptr", "b_ptr", "offsets_ptr"])
+def _ragged_head_sample_kernel(h_ptr, stride_cell, w_ptr, b_ptr, offsets_ptr,
                                cells_ptr, tile_column_ptr, tile_start_ptr, tile_stop_ptr, out_ptr,
                                inv_temperature, seed, tiny, V, d, GREEDY: tl.constexpr,
                                PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
                                BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     column, start, size, cells, ok = _tile(tile_column_ptr, tile_start_ptr, tile_stop_ptr, cells_ptr,
                                            offsets_ptr, BLOCK_M)
-    states = _load_states(h_ptr, stride_cell, stride_feature, cells, ok, d, BLOCK_D)
+    states = _load_states(h_ptr, stride_cell, cells, ok, d, BLOCK_D)
     within = tl.arange(0, BLOCK_K)
     best = tl.full([BLOCK_M], float("-inf"), tl.float32)
     best_index = tl.zeros([BLOCK_M], tl.int64)
@@ -178,25 +238,43 @@ def _dot_options(tensor: torch.Tensor) -> dict:
                 UPCAST=tensor.device.type == "cpu")
 
 
+def _unit_feature_stride(h: torch.Tensor) -> torch.Tensor:
+    return h if h.stride(-1) == 1 else h.contiguous()
+
+
+def _aligned(tensor: torch.Tensor) -> torch.Tensor:
+    """Contiguous, with its data on a 16-byte boundary (a view may start off one; a fresh
+    allocation never does): the alignment the tiles were chosen for."""
+    tensor = tensor.contiguous()
+    return tensor if tensor.data_ptr() % 16 == 0 else tensor.clone()
+
+
+def _loss_mode(compute_grad: bool) -> str:
+    return "grad" if compute_grad else "loss"
+
+
 def plan_ragged_head_ce(h, head_weight, head_bias, offsets, cell_rows, tiles, targets, weight32, compute_grad):
     """Outputs (ce, grad_h, grad_W, grad_b) and the launch over `tiles` (see `_tiles`)."""
     rows, num_columns, d = h.shape
-    block_m, block_k, block_d, num_warps = ragged_head_config(d)
+    h, head_weight, head_bias = _unit_feature_stride(h), _aligned(head_weight), head_bias.contiguous()
+    tile = ragged_head_config(d, h.dtype, _loss_mode(compute_grad))
     ce = torch.zeros(rows, num_columns, dtype=torch.float32, device=h.device)
     grads = [torch.zeros(t.shape if compute_grad else (0,), dtype=torch.float32, device=h.device)
              for t in (h, head_weight, head_bias)]
     launch = Launch(_ragged_head_ce_kernel, (tiles[0].numel(),), (
-        h, h.stride(0), h.stride(1), h.stride(2), head_weight.contiguous(), head_bias.contiguous(),
-        offsets.contiguous(), cell_rows.contiguous(), *tiles, targets.contiguous(), weight32, ce,
+        h, h.stride(0), h.stride(1), head_weight, head_bias, offsets.contiguous(),
+        cell_rows.contiguous(), *tiles, targets.contiguous(), weight32, ce,
         *(g if compute_grad else ce for g in grads), num_columns, d),
-        dict(COMPUTE_GRAD=compute_grad, **_dot_options(h), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_D=block_d),
-        num_warps)
+        dict(COMPUTE_GRAD=compute_grad, **_dot_options(h), BLOCK_M=tile.block_m, BLOCK_K=tile.block_k,
+             BLOCK_D=tile.block_d),
+        tile.num_warps, tile.num_stages)
     return (ce, *grads), launch
 
 
 def ragged_head_ce(h, head_weight, head_bias, offsets, targets, weight, mask, compute_grad):
     cell_columns, cell_rows = mask.t().nonzero(as_tuple=True)      # sorted by column, then row
-    tiles = _tiles(cell_columns, h.shape[1], ragged_head_config(h.shape[2])[0])
+    tile = ragged_head_config(h.shape[2], h.dtype, _loss_mode(compute_grad))
+    tiles = _tiles(cell_columns, h.shape[1], tile.block_m)
     weight32 = weight.to(torch.float32).contiguous()
     (ce, *grads), launch = plan_ragged_head_ce(h, head_weight, head_bias, offsets, cell_rows, tiles, targets,
                                                weight32, compute_grad)
@@ -208,20 +286,21 @@ def ragged_head_ce(h, head_weight, head_bias, offsets, targets, weight, mask, co
 
 def plan_ragged_head_sample(h, order, tiles, head_weight, head_bias, offsets, temperature, seed):
     """Output values and the launch over `tiles` of the cells in `order` (sorted by column)."""
-    block_m, block_k, block_d, num_warps = ragged_head_config(h.shape[1])
+    h, head_weight, head_bias = _unit_feature_stride(h), _aligned(head_weight), head_bias.contiguous()
+    tile = ragged_head_config(h.shape[1], h.dtype, "sample")
     values = torch.zeros(h.shape[0], dtype=torch.int64, device=h.device)
     launch = Launch(_ragged_head_sample_kernel, (tiles[0].numel(),), (
-        h, h.stride(0), h.stride(1), head_weight.contiguous(), head_bias.contiguous(),
-        offsets.contiguous(), order, *tiles, values,
+        h, h.stride(0), head_weight, head_bias, offsets.contiguous(), order, *tiles, values,
         1.0 / temperature if temperature > 0 else 1.0, int(seed), _TINY, head_weight.shape[0], h.shape[1]),
-        dict(GREEDY=temperature == 0, **_dot_options(h), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_D=block_d),
-        num_warps)
+        dict(GREEDY=temperature == 0, **_dot_options(h), BLOCK_M=tile.block_m, BLOCK_K=tile.block_k,
+             BLOCK_D=tile.block_d),
+        tile.num_warps, tile.num_stages)
     return values, launch
 
 
 def ragged_head_sample(h, columns, head_weight, head_bias, offsets, temperature, seed):
     order = torch.argsort(columns, stable=True)
-    tiles = _tiles(columns[order], offsets.shape[0] - 1, ragged_head_config(h.shape[1])[0])
+    tiles = _tiles(columns[order], offsets.shape[0] - 1, ragged_head_config(h.shape[1], h.dtype, "sample").block_m)
     values, launch = plan_ragged_head_sample(h, order, tiles, head_weight, head_bias, offsets, temperature, seed)
     if tiles[0].numel():
         launch()
