@@ -3,15 +3,16 @@
 The interpreter (TRITON_INTERPRET=1, how the other Triton tests run without a GPU) checks what
 the kernels compute; only a compile checks that they build for a real GPU and fit its registers.
 `python -m fastmdm.triton.aot` compiles each launch the ops' own plan functions make (on meta
-tensors, specialized as a real launch would be) and reads registers, stack and shared memory
-from the cubin with the cuobjdump that ships in the triton wheel. It runs in a subprocess
+tensors, specialized as a real launch would be), reads registers and stack from the cubin with
+the cuobjdump that ships in the triton wheel and the shared memory the launch requests from
+Triton's metadata (at most 99 KiB, `aot.SHARED_LIMIT`). It runs in a subprocess
 because this session has set TRITON_INTERPRET=1, under which kernels cannot be compiled.
 
 Representative shapes only (the largest tile of every width class, and the ragged heads at
-d = 16, 48, 128, 256 in float32 and bfloat16: 140 compiles, about 6 minutes on 2 shared cores
-the first time, seconds from Triton's on-disk cache afterwards). The exhaustive sweep over
-every power-of-two shape and every head width (about 1,460 compiles) is
-`python -m fastmdm.triton.aot --exhaustive --jobs N` (`--only ragged_head`: 528 of them).
+d = 16, 48, 128, 256 in float32 and bfloat16: 140 compiles, several minutes on 2 cores the
+first time, seconds from Triton's on-disk cache afterwards). The exhaustive sweep over
+every power-of-two shape and every head width (1,108 compiles) is
+`python -m fastmdm.triton.aot --exhaustive --jobs N` (`--only ragged_head`: 176 of them).
 This test rewrites benchmarks/results/triton_resources.md.
 
 The ragged heads' tiles themselves come from `benchmarks/ragged_head_tiles.py`, a search over

@@ -236,14 +236,14 @@ def check(exhaustive: bool = False, archs=ARCHS, jobs: int = 2, only: str = "") 
                 for (job, shapes, arch), outcome in zip(work, outcomes)]
 
 
-def markdown(results: list[Result], exhaustive: bool) -> str:
+def markdown(results: list[Result], exhaustive: bool, only: str = "") -> str:
     representative = "representative shapes: the largest tile of each width class"
     lines = [
         "# Triton kernels compiled ahead of time: registers, stack (spills), shared memory",
         "",
-        f"`python -m fastmdm.triton.aot{' --exhaustive' if exhaustive else ''}` (triton "
+        f"`python -m fastmdm.triton.aot{' --exhaustive' if exhaustive else ''}{f' --only {only}' if only else ''}` (triton "
         f"{_triton_version()}, no GPU needed). One row per configuration the ops' launch code picks "
-        f"({'every power-of-two shape class' if exhaustive else representative}); "
+        f"({'every power-of-two shape class, every head width' if exhaustive else representative}); "
         "'shapes' is the first problem that picks it. Stack and local memory must be 0 (no spills); "
         "255 registers is the per-thread maximum; shared is the dynamic shared memory the launch "
         f"requests, at most {SHARED_LIMIT} B (see `SHARED_LIMIT`).",
@@ -277,7 +277,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     results = check(args.exhaustive, args.arch, args.jobs, args.only)
-    table = markdown(results, args.exhaustive)
+    table = markdown(results, args.exhaustive, args.only)
     if args.markdown:
         with open(args.markdown, "w") as handle:
             handle.write(table)

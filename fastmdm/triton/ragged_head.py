@@ -300,7 +300,8 @@ def plan_ragged_head_sample(h, order, tiles, head_weight, head_bias, offsets, te
 
 def ragged_head_sample(h, columns, head_weight, head_bias, offsets, temperature, seed):
     order = torch.argsort(columns, stable=True)
-    tiles = _tiles(columns[order], offsets.shape[0] - 1, ragged_head_config(h.shape[1], h.dtype, "sample").block_m)
+    tile = ragged_head_config(h.shape[1], h.dtype, "sample")
+    tiles = _tiles(columns[order], offsets.shape[0] - 1, tile.block_m)
     values, launch = plan_ragged_head_sample(h, order, tiles, head_weight, head_bias, offsets, temperature, seed)
     if tiles[0].numel():
         launch()
