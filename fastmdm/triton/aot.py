@@ -14,7 +14,7 @@ are specialized as a real launch would be (pointer alignment, integers equal to 
 by 16), so each compiled configuration is one that dispatch picks. Representative shapes give
 the largest tile of every width class; `--exhaustive` sweeps rows, widths and vocabularies over
 all powers of two, and the ragged heads over every state width 1..MAX_HEAD_WIDTH, strided
-states, one column and one value. The exit status is 1 on any compile error, stack use or
+states, head weights off a 16-byte boundary, one column of one value. The exit status is 1 on any compile error, stack use or
 shared memory over the limit.
 
 Must run without TRITON_INTERPRET=1 (under the interpreter the kernels are not compilable
