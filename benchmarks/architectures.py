@@ -4,7 +4,7 @@ estimator noise, sampling speed and fidelity (issue 9).
 For each dataset and seed both architectures get the same default size (parameter counts
 within 1%) and the same CPU-time budget: the bidirectional model trains `--epochs` epochs;
 the causal model trains as many epochs as fit in the same time, from a probe of the per-step
-time of both measured back to back. Then, per model:
+CPU time of both, their steps interleaved (`step_seconds`). Then, per model:
 
 - training rows/s and validation NELBO (nats per row, the EMA model);
 - per-row standard deviation of the NELBO estimate: the bidirectional model under the
@@ -44,19 +44,27 @@ REPORT = os.path.join(HERE, "results", "architectures.md")
 ARCHITECTURES = ("bidirectional", "causal")
 
 
-def step_seconds(train, seed: int, steps: int = 15, **options) -> float:
-    """Median seconds of one training step (forward, backward, update) on real batches of a
-    TabularMDM built with `options`."""
-    model = TabularMDM(epochs=1, seed=seed, progress=False, **options)
-    model.fit(train.head(1024 * (steps + 1)), validation=None)
-    trainer = model._trainer
-    tokens = model.codec.encode(train.head(1024))
-    times = []
+def step_seconds(train, seed: int, variants: dict[str, dict], steps: int = 15) -> dict[str, float]:
+    """Median CPU seconds (process time) of one training step (forward, backward, update) of a
+    TabularMDM per variant, built with that variant's options, on a real batch of its batch size.
+
+    The variants' steps are interleaved round-robin, so that a change in the machine's load
+    (other jobs on shared cores) hits all of them alike, and CPU time, not wall time, is what
+    each step is charged.
+    """
+    probes = {}
+    for name, options in variants.items():
+        model = TabularMDM(epochs=1, seed=seed, progress=False, **options)
+        batch = model.config.batch_size
+        model.fit(train.head(2 * batch), validation=None)
+        probes[name] = (model._trainer, model.codec.encode(train.head(batch)))
+    times = {name: [] for name in variants}
     for _ in range(steps):
-        start = time.perf_counter()
-        trainer._train_step(tokens)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+        for name, (trainer, tokens) in probes.items():
+            start = time.process_time()
+            trainer._train_step(tokens)
+            times[name].append(time.process_time() - start)
+    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def estimator_std(model: TabularMDM, tokens: torch.Tensor, estimator: str, draws: int = 16) -> float:
@@ -81,7 +89,7 @@ def run(dataset: str, seed: int, epochs: int, max_rows: int | None, sample_rows:
     train, test = datasets.load(dataset)
     if max_rows:
         train = train.head(max_rows)
-    probe = {arch: step_seconds(train, seed, architecture=arch) for arch in ARCHITECTURES}
+    probe = step_seconds(train, seed, {arch: dict(architecture=arch) for arch in ARCHITECTURES})
     budget_epochs = {"bidirectional": epochs,
                      "causal": max(1, round(epochs * probe["bidirectional"] / probe["causal"]))}
     records = []

@@ -184,8 +184,8 @@ def test_conditioned_sampling_puts_known_columns_first():
 def test_errors():
     with pytest.raises(ValueError, match="order must be one of"):
         CausalTransformer(SIZES, order="dynamic")
-    with pytest.raises(ValueError, match="c1 > c2"):
-        CausalTransformer(SIZES, order="contextual", order_scale=(0.5, 0.6))
+    with pytest.raises(ValueError, match="order_range"):
+        CausalTransformer(SIZES, order="contextual", order_range=0.0)
     model = contextual_model()
     x = ROWS
     with pytest.raises(ValueError, match="contextual"):

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from .._checks import INT_DTYPES, check_tensor
 from .base import TableDenoiser
 from .layers import attend
-from .orders import DEFAULT_ORDER_SCALE, OrderPolicy, OrderPosterior
+from .orders import DEFAULT_ORDER_RANGE, OrderPolicy, OrderPosterior
 
 ORDERS = ("static", "contextual")
 
@@ -59,7 +59,7 @@ class CausalTransformer(TableDenoiser):
     causal = True
 
     def __init__(self, cardinalities: list[int], order: str = "static",
-                 order_scale: tuple[float, float] = DEFAULT_ORDER_SCALE, **options):
+                 order_range: float = DEFAULT_ORDER_RANGE, **options):
         if order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
         super().__init__(cardinalities, **options)
@@ -70,9 +70,9 @@ class CausalTransformer(TableDenoiser):
         nn.init.normal_(self.query_embedding, std=0.02)
         self._config.update(order=order)
         if order == "contextual":
-            self._config.update(order_scale=tuple(float(v) for v in order_scale))
+            self._config.update(order_range=float(order_range))
             self.order_policy = OrderPolicy(d_model, self.num_columns)
-            self.order_posterior = OrderPosterior(self.cardinalities, scale=order_scale)
+            self.order_posterior = OrderPosterior(self.cardinalities, log_range=order_range)
 
     @property
     def contextual(self) -> bool:
