@@ -90,11 +90,20 @@ def first_column_spread(model: TabularMDM, rows: int = 2000) -> dict:
                 distinct_prefixes=int(len(prefixes)))
 
 
+def free_group_first(orders: torch.Tensor, columns: list[str], switch: np.ndarray) -> float:
+    """Switch table: the share of rows (orders [N, L] of column ids, switch values [N]) that
+    reveal the free group (the one `switch` names) entirely before the other group. The
+    order the table rewards gives 1, uniform random orders 1/20 (3 given columns first
+    among 6), and a static order, which cannot see the switch, at most 1/2."""
+    rank = torch.empty_like(orders).scatter_(1, orders, torch.arange(len(columns)).expand_as(orders))
+    group = {g: rank[:, [columns.index(f"{g}{i}") for i in range(3)]] for g in "ab"}
+    free_is_a = torch.from_numpy(np.asarray(switch) == "a")[:, None]
+    free, bound = torch.where(free_is_a, group["a"], group["b"]), torch.where(free_is_a, group["b"], group["a"])
+    return float((free.max(1).values < bound.min(1).values).double().mean())
+
+
 def free_group_first_share(model: TabularMDM, rows: int = 2000) -> float:
-    """Switch table: the share of sampled rows whose free group (the one `switch` names) is
-    revealed entirely before the other group. The order the table rewards gives 1, uniform
-    random orders 1/20 (3 given columns first among 6), and a static order, which cannot see
-    the switch, at most 1/2."""
+    """`free_group_first` of `rows` sampled rows, in the order generation revealed them."""
     stats = DecodeStats(orders=[])
     tokens = model._sample_tokens(rows, None, None, generator=torch.Generator().manual_seed(0), stats=stats)
     if stats.orders:
@@ -102,13 +111,7 @@ def free_group_first_share(model: TabularMDM, rows: int = 2000) -> float:
     else:
         orders, _ = known_first_order(model.schedule.w.detach().cpu(), rows,
                                       generator=torch.Generator().manual_seed(0))
-    columns = list(model.codec.columns)
-    rank = torch.empty_like(orders).scatter_(1, orders, torch.arange(len(columns)).expand_as(orders))
-    group = {g: rank[:, [columns.index(f"{g}{i}") for i in range(3)]] for g in "ab"}
-    switch = model.codec.decode(tokens)["switch"].to_numpy() == "a"
-    free_is_a = torch.from_numpy(switch)[:, None]
-    free, bound = torch.where(free_is_a, group["a"], group["b"]), torch.where(free_is_a, group["b"], group["a"])
-    return float((free.max(1).values < bound.min(1).values).double().mean())
+    return free_group_first(orders, list(model.codec.columns), model.codec.decode(tokens)["switch"].to_numpy())
 
 
 def run(table: str, seed: int, epochs: int, max_rows: int | None) -> list[dict]:

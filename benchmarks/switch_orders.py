@@ -13,7 +13,8 @@ number of epochs and reports their validation NELBO per epoch:
 
 For the learned orders it also reports the share of sampled rows that reveal the free
 group before the other (`free_group_first_share`; 1 for the oracle's order, 1/20 for
-uniform orders, at most 1/2 for a static order). The oracle replaces the training objective for its run only (it patches
+uniform orders, at most 1/2 for a static order), and for the contextual models the same
+share of orders drawn from the posterior q(pi | x) for real rows. The oracle replaces the training objective for its run only (it patches
 fastmdm.objective.causal_loss), so run one variant per process, as the CLI does.
 
     python benchmarks/switch_orders.py oracle --epochs 20 --seed 0
@@ -29,7 +30,7 @@ import time
 import torch
 
 import fastmdm.objective as objective
-from contextual_orders import free_group_first_share, switch_table
+from contextual_orders import free_group_first, free_group_first_share, switch_table
 from fastmdm import TabularMDM
 from fastmdm.schedules import exponential_keys, order_from_keys
 
@@ -60,6 +61,17 @@ def oracle_loss(denoiser, x, schedule, *, num_samples=2, generator=None) -> obje
     return objective.LossOutput(per_sample.mean(), samples.mean(1), samples)
 
 
+def posterior_free_group_first(model: TabularMDM, frame) -> float:
+    """`free_group_first` of orders drawn from a contextual model's posterior q(pi | x) for
+    real rows: whether q, which the policy learns to follow, found the order."""
+    tokens = model.codec.encode(frame)
+    with torch.no_grad():
+        scores = model.schedule.w * model.denoiser.order_posterior(tokens)
+    u = torch.rand(tokens.shape, generator=torch.Generator().manual_seed(0), dtype=scores.dtype)
+    orders, _ = order_from_keys(exponential_keys(scores, u))
+    return free_group_first(orders, list(model.codec.columns), frame["switch"].to_numpy())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("variant", choices=sorted(VARIANTS))
@@ -80,6 +92,8 @@ def main() -> None:
                   cpu_seconds=time.process_time() - start,
                   val_nelbo=[round(r.val_nelbo, 4) for r in model.history],
                   free_group_first=None if args.variant == "oracle" else free_group_first_share(model),
+                  posterior_free_group_first=(posterior_free_group_first(model, switch_table(2000, seed=2000))
+                                              if model.order == "contextual" else None),
                   w={c: round(float(v), 4) for c, v in model.weights.items()})
     print(json.dumps(record), flush=True)
     with open(args.results, "a") as handle:
