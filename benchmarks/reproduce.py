@@ -334,7 +334,10 @@ def report(args) -> str:
         "*order-space* estimator (the paper's linear MDM uses the t-space estimator; with w fixed both "
         "are unbiased for the same NELBO and differ only in variance); **MDM(LS) t-space** = learned "
         "per-column w, t-space estimator with K = 2 RLOO for w, as in the paper; **MDM(LS) order-space** "
-        "= learned w, our order-space estimator.",
+        "= learned w, our order-space estimator. The t-space rows use the exact t-space estimator "
+        "(time drawn by importance, no clamp; issue 8); the runs made with the earlier, clamped one "
+        "are kept in `reproduce_tspace_prefix_runs.jsonl` (`--report --results` on that file "
+        "rebuilds their table).",
         "",
         "NELBO caveat: our NELBO (nats per row, order-space estimator with 4 masks per row, EMA model) "
         "is over our tokenization, with numeric columns cut into 32 quantile bins (plus the "

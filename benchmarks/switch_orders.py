@@ -19,6 +19,7 @@ fastmdm.objective.causal_loss), so run one variant per process, as the CLI does.
 
     python benchmarks/switch_orders.py oracle --epochs 20 --seed 0
     python benchmarks/switch_orders.py contextual --epochs 20 --seed 0
+    python benchmarks/switch_orders.py --report      # benchmarks/results/switch_orders.md
 """
 from __future__ import annotations
 
@@ -30,12 +31,14 @@ import time
 import torch
 
 import fastmdm.objective as objective
+from architectures import grouped_runs, stat
 from contextual_orders import free_group_first, free_group_first_share, switch_table
 from fastmdm import TabularMDM
 from fastmdm.schedules import exponential_keys, order_from_keys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "switch_orders_runs.jsonl")
+REPORT = os.path.join(HERE, "results", "switch_orders.md")
 VARIANTS = {"oracle": dict(learn_schedule=False), "static": dict(),
             "contextual": dict(order="contextual"),
             "contextual-fixed-w": dict(order="contextual", learn_schedule=False)}
@@ -72,14 +75,45 @@ def posterior_free_group_first(model: TabularMDM, frame) -> float:
     return free_group_first(orders, list(model.codec.columns), frame["switch"].to_numpy())
 
 
+def report(path: str = RESULTS) -> str:
+    """Mean ± std over seeds per variant, as markdown (also written to REPORT)."""
+    groups = grouped_runs(path, "variant")
+    variants = [v for v in VARIANTS if groups[(v,)]]
+    rows = [("seeds", lambda r: r["seed"]), ("epochs", lambda r: r["epochs"]),
+            ("validation NELBO (nats/row), final", lambda r: r["val_nelbo"][-1]),
+            ("validation NELBO, epoch 10", lambda r: r["val_nelbo"][9] if len(r["val_nelbo"]) >= 10 else None),
+            ("CPU seconds (training)", lambda r: r["cpu_seconds"]),
+            ("sampled rows revealing the free group first", lambda r: r["free_group_first"]),
+            ("posterior orders revealing the free group first", lambda r: r.get("posterior_free_group_first"))]
+    lines = ["# Switch table: the oracle order against learned orders", "",
+             "`python benchmarks/switch_orders.py VARIANT --seed S` per run (see its docstring), "
+             "mean ± std over seeds (ddof = 1); 1 torch thread, batch 256, the same epochs for every variant.",
+             "", "| | " + " | ".join(variants) + " |", "|---" * (len(variants) + 1) + "|"]
+    for label, get in rows:
+        cells = [stat([get(r) for r in groups[(v,)]]) if label != "seeds"
+                 else ", ".join(str(r["seed"]) for r in sorted(groups[(v,)], key=lambda r: r["seed"]))
+                 for v in variants]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    with open(REPORT, "w") as handle:
+        handle.write(text)
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("variant", choices=sorted(VARIANTS))
+    parser.add_argument("variant", nargs="?", choices=sorted(VARIANTS))
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--results", default=RESULTS, help="JSON lines file the run is appended to")
+    parser.add_argument("--report", action="store_true", help="only rebuild the markdown from --results")
     args = parser.parse_args()
+    if args.report:
+        print(report(args.results))
+        return
+    if args.variant is None:
+        parser.error("name a variant, or pass --report")
     torch.set_num_threads(args.threads)
     if args.variant == "oracle":
         objective.causal_loss = oracle_loss
@@ -98,6 +132,7 @@ def main() -> None:
     print(json.dumps(record), flush=True)
     with open(args.results, "a") as handle:
         handle.write(json.dumps(record) + "\n")
+    print(report(args.results))
 
 
 if __name__ == "__main__":
