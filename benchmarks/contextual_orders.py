@@ -139,7 +139,8 @@ def run(table: str, seed: int, epochs: int, max_rows: int | None) -> list[dict]:
             fidelity=score(train, synth, test=test if target else None, target=target, task=task, seed=seed,
                            n_jobs=1),
             orders=first_column_spread(model),
-            free_group_first=free_group_first_share(model) if table == "switch" else None, w={c: round(float(v), 4) for c, v in model.weights.items()},
+            free_group_first=free_group_first_share(model) if table == "switch" else None,
+            w={c: round(float(v), 4) for c, v in model.weights.items()},
             torch_threads=torch.get_num_threads(), load_average=os.getloadavg()[0], machine=platform.machine())
         records.append(record)
         print(json.dumps(record), flush=True)

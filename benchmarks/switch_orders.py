@@ -14,8 +14,9 @@ number of epochs and reports their validation NELBO per epoch:
 For the learned orders it also reports the share of sampled rows that reveal the free
 group before the other (`free_group_first_share`; 1 for the oracle's order, 1/20 for
 uniform orders, at most 1/2 for a static order), and for the contextual models the same
-share of orders drawn from the posterior q(pi | x) for real rows. The oracle replaces the training objective for its run only (it patches
-fastmdm.objective.causal_loss), so run one variant per process, as the CLI does.
+share of orders drawn from the posterior q(pi | x) for real rows. The oracle replaces the
+training objective for its run only (it patches fastmdm.objective.causal_loss), so run one
+variant per process, as the CLI does.
 
     python benchmarks/switch_orders.py oracle --epochs 20 --seed 0
     python benchmarks/switch_orders.py contextual --epochs 20 --seed 0
@@ -79,7 +80,7 @@ def report(path: str = RESULTS) -> str:
     """Mean ± std over seeds per variant, as markdown (also written to REPORT)."""
     groups = grouped_runs(path, "variant")
     variants = [v for v in VARIANTS if groups[(v,)]]
-    rows = [("seeds", lambda r: r["seed"]), ("epochs", lambda r: r["epochs"]),
+    rows = [("epochs", lambda r: r["epochs"]),
             ("validation NELBO (nats/row), final", lambda r: r["val_nelbo"][-1]),
             ("validation NELBO, epoch 10", lambda r: r["val_nelbo"][9] if len(r["val_nelbo"]) >= 10 else None),
             ("CPU seconds (training)", lambda r: r["cpu_seconds"]),
@@ -89,11 +90,10 @@ def report(path: str = RESULTS) -> str:
              "`python benchmarks/switch_orders.py VARIANT --seed S` per run (see its docstring), "
              "mean ± std over seeds (ddof = 1); 1 torch thread, batch 256, the same epochs for every variant.",
              "", "| | " + " | ".join(variants) + " |", "|---" * (len(variants) + 1) + "|"]
+    lines.append("| seeds | " + " | ".join(", ".join(str(s) for s in sorted(r["seed"] for r in groups[(v,)]))
+                                         for v in variants) + " |")
     for label, get in rows:
-        cells = [stat([get(r) for r in groups[(v,)]]) if label != "seeds"
-                 else ", ".join(str(r["seed"]) for r in sorted(groups[(v,)], key=lambda r: r["seed"]))
-                 for v in variants]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label} | " + " | ".join(stat([get(r) for r in groups[(v,)]]) for v in variants) + " |")
     text = "\n".join(lines) + "\n"
     with open(REPORT, "w") as handle:
         handle.write(text)
