@@ -7,14 +7,17 @@ number of epochs and reports their validation NELBO per epoch:
   the other group (each group in random order); the order a contextual model should find.
   Its validation bound uses the same orders, so it is the NELBO a contextual model would
   reach if its policy and posterior learned that order exactly.
+- `linear`: w = 1 fixed, so orders are uniform.
 - `static`: learned w (MDM(LS)).
 - `contextual`: the LoMDM model (fastmdm.models.orders), posterior on top of a learned w.
 - `contextual-fixed-w`: the same with w = 1 fixed, so the posterior alone shapes the orders.
 
-For the learned orders it also reports the share of sampled rows that reveal the free
-group before the other (`free_group_first_share`; 1 for the oracle's order, 1/20 for
-uniform orders, at most 1/2 for a static order), and for the contextual models the same
-share of orders drawn from the posterior q(pi | x) for real rows. The oracle replaces the
+For the learned orders it also reports the share of sampled rows generated in an easy
+order, one that needs no three-way conditional (`easy_order_share`: 1 for the oracle's
+order, 0.4 for uniform orders, at most 1/2 for a static order), and for the contextual
+models the same share of orders drawn from the posterior q(pi | x) for real rows. For every model it reports
+held-out -log p(x | pi) along free-group-first and bound-group-first orders
+(`group_order_nll`): which way its conditionals point a learned order. The oracle replaces the
 training objective for its run only (it patches fastmdm.objective.causal_loss), so run one
 variant per process, as the CLI does.
 
@@ -33,59 +36,82 @@ import torch
 
 import fastmdm.objective as objective
 from architectures import grouped_runs, stat
-from contextual_orders import free_group_first, free_group_first_share, switch_table
+from contextual_orders import easy_order_share, easy_order_share_sampled, switch_table
 from fastmdm import TabularMDM
 from fastmdm.schedules import exponential_keys, order_from_keys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "switch_orders_runs.jsonl")
-REPORT = os.path.join(HERE, "results", "switch_orders.md")
-VARIANTS = {"oracle": dict(learn_schedule=False), "static": dict(),
+VARIANTS = {"oracle": dict(learn_schedule=False), "linear": dict(learn_schedule=False), "static": dict(),
             "contextual": dict(order="contextual"),
             "contextual-fixed-w": dict(order="contextual", learn_schedule=False)}
 
 
-def oracle_loss(denoiser, x, schedule, *, num_samples=2, generator=None) -> objective.LossOutput:
-    """-log p(x | pi) with pi = switch, the free group, the other group (random within groups).
+def group_orders(x: torch.Tensor, free_first: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Orders [N, L] for switch-table tokens x [N, L]: the switch, then the free group the switch
+    names (or, with free_first=False, the bound group), then the other group; random within groups.
 
     Columns are those of `switch_table`: switch (token 0 = "a": the a-group is free), a0-a2, b0-b2.
     """
+    first_is_a = (x[:, :1] == 0) == free_first
+    priority = torch.zeros(x.shape, dtype=torch.float64)
+    priority[:, 0] = 2
+    priority[:, 1:4] = first_is_a.double()
+    priority[:, 4:7] = (~first_is_a).double()
+    return torch.argsort(priority + torch.rand(x.shape, generator=generator, dtype=torch.float64), 1,
+                         descending=True)
+
+
+def oracle_loss(denoiser, x, schedule, *, num_samples=2, generator=None) -> objective.LossOutput:
+    """-log p(x | pi) with pi from `group_orders` (free group first)."""
     rows, _ = x.shape
     x_rep = x.repeat_interleave(num_samples, dim=0)
-    free_is_a = (x_rep[:, :1] == 0)
-    scores = torch.ones(x_rep.shape, dtype=torch.float64)
-    scores[:, 0] = 1e8
-    scores[:, 1:4] = torch.where(free_is_a, 1e4, 1.0)
-    scores[:, 4:7] = torch.where(free_is_a, 1.0, 1e4)
-    u = torch.rand(x_rep.shape, generator=generator, dtype=torch.float64)
-    order, _ = order_from_keys(exponential_keys(scores, u))
     everywhere = torch.ones(x_rep.shape, dtype=torch.bool)
-    per_sample = denoiser(x_rep, order, targets=x_rep, weight=everywhere.float(), mask=everywhere)
+    per_sample = denoiser(x_rep, group_orders(x_rep, generator=generator), targets=x_rep,
+                          weight=everywhere.float(), mask=everywhere)
     samples = per_sample.detach().view(rows, num_samples)
     return objective.LossOutput(per_sample.mean(), samples.mean(1), samples)
 
 
-def posterior_free_group_first(model: TabularMDM, frame) -> float:
-    """`free_group_first` of orders drawn from a contextual model's posterior q(pi | x) for
-    real rows: whether q, which the policy learns to follow, found the order."""
+def group_order_nll(model: TabularMDM, frame) -> dict:
+    """Held-out -log p_theta(x | pi) (nats/row, without the order terms) along orders that reveal
+    the free group first and along orders that reveal the bound group first: which way the
+    denoiser's conditionals point, and so which way the RLOO signal of a learned order points."""
+    tokens = model.codec.encode(frame)
+    everywhere = torch.ones(tokens.shape, dtype=torch.bool)
+    result = {}
+    with torch.no_grad():
+        for name, free_first in (("free_first", True), ("bound_first", False)):
+            orders = group_orders(tokens, free_first, torch.Generator().manual_seed(0))
+            nll = model.denoiser(tokens, orders, targets=tokens, weight=everywhere.float(), mask=everywhere)
+            result[name] = round(float(nll.mean()), 4)
+    return result
+
+
+def posterior_easy_order_share(model: TabularMDM, frame) -> float:
+    """`easy_order_share` of orders drawn from a contextual model's posterior q(pi | x) for
+    real rows: whether q, which the policy learns to follow, found the orders the switch names."""
     tokens = model.codec.encode(frame)
     with torch.no_grad():
         scores = model.schedule.w * model.denoiser.order_posterior(tokens)
     u = torch.rand(tokens.shape, generator=torch.Generator().manual_seed(0), dtype=scores.dtype)
     orders, _ = order_from_keys(exponential_keys(scores, u))
-    return free_group_first(orders, list(model.codec.columns), frame["switch"].to_numpy())
+    return easy_order_share(orders, list(model.codec.columns), frame["switch"].to_numpy())
 
 
 def report(path: str = RESULTS) -> str:
-    """Mean ± std over seeds per variant, as markdown (also written to REPORT)."""
+    """Mean ± std over seeds per variant, as markdown, also written next to `path` (the
+    results file's name with .md for _runs.jsonl), so scratch runs leave the committed report alone."""
     groups = grouped_runs(path, "variant")
     variants = [v for v in VARIANTS if groups[(v,)]]
     rows = [("epochs", lambda r: r["epochs"]),
             ("validation NELBO (nats/row), final", lambda r: r["val_nelbo"][-1]),
             ("validation NELBO, epoch 10", lambda r: r["val_nelbo"][9] if len(r["val_nelbo"]) >= 10 else None),
             ("CPU seconds (training)", lambda r: r["cpu_seconds"]),
-            ("sampled rows revealing the free group first", lambda r: r["free_group_first"]),
-            ("posterior orders revealing the free group first", lambda r: r.get("posterior_free_group_first"))]
+            ("sampled rows in an easy order", lambda r: r["easy_orders"]),
+            ("posterior orders (held-out rows) that are easy", lambda r: r.get("posterior_easy_orders")),
+            ("-log p(x | pi), free group first", lambda r: r["group_order_nll"]["free_first"]),
+            ("-log p(x | pi), bound group first", lambda r: r["group_order_nll"]["bound_first"])]
     lines = ["# Switch table: the oracle order against learned orders", "",
              "`python benchmarks/switch_orders.py VARIANT --seed S` per run (see its docstring), "
              "mean ± std over seeds (ddof = 1); 1 torch thread, batch 256, the same epochs for every variant.",
@@ -95,7 +121,7 @@ def report(path: str = RESULTS) -> str:
     for label, get in rows:
         lines.append(f"| {label} | " + " | ".join(stat([get(r) for r in groups[(v,)]]) for v in variants) + " |")
     text = "\n".join(lines) + "\n"
-    with open(REPORT, "w") as handle:
+    with open(path.removesuffix("_runs.jsonl").removesuffix(".jsonl") + ".md", "w") as handle:
         handle.write(text)
     return text
 
@@ -122,12 +148,14 @@ def main() -> None:
                        batch_size=256, **VARIANTS[args.variant])
     start = time.process_time()
     model.fit(train, validation=0.1)
+    held_out = switch_table(2000, seed=2000)
     record = dict(variant=args.variant, seed=args.seed, epochs=args.epochs,
                   cpu_seconds=time.process_time() - start,
                   val_nelbo=[round(r.val_nelbo, 4) for r in model.history],
-                  free_group_first=None if args.variant == "oracle" else free_group_first_share(model),
-                  posterior_free_group_first=(posterior_free_group_first(model, switch_table(2000, seed=2000))
+                  easy_orders=None if args.variant == "oracle" else easy_order_share_sampled(model),
+                  posterior_easy_orders=(posterior_easy_order_share(model, held_out)
                                               if model.order == "contextual" else None),
+                  group_order_nll=group_order_nll(model, held_out),
                   w={c: round(float(v), 4) for c, v in model.weights.items()})
     print(json.dumps(record), flush=True)
     with open(args.results, "a") as handle:
