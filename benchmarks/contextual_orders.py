@@ -1,17 +1,19 @@
 """Contextual generation orders (LoMDM) against static learned and linear orders, in one run
 (issue 13).
 
-Three causal models per (table, seed), all with the default size:
+Four causal models per (table, seed), all with the default size:
 - `linear`: w = 1 fixed, orders uniform;
 - `static`: learned w, one Plackett-Luce order distribution for the table (MDM(LS));
 - `contextual`: the order policy p_psi(next column | values so far) with the posterior
-  q_phi(pi | x) (fastmdm.models.orders), trained on the LoMDM bound.
+  q_phi(pi | x) (fastmdm.models.orders), trained on the LoMDM bound, on top of a learned w;
+- `contextual-fixed-w`: the same with w = 1 fixed, so the posterior and the policy alone
+  shape the orders, as in LoMDM.
 They get the same CPU-time budget: `static` trains `--epochs` epochs and the others as many
 as fit in the same time, from a probe of each one's step CPU time, their steps interleaved.
 Reported: validation NELBO (nats per row; for the contextual model, its bound, which also
 bounds -log p(x)), training rows/s, sampling rows/s at S = L, fidelity of as many rows as the
-real train split (fastmdm.metrics.score) and, for the contextual model, how often the first
-revealed columns change across sampled rows.
+real train split (fastmdm.metrics.score), how often the first revealed columns change across
+sampled rows and, on the switch table, the share of sampled rows in an easy order.
 
 Tables: `switch` (`switch_table`: a switch column decides which of two column groups is
 drawn freely and which is a fixed function of it, so the easy order depends on a value),
@@ -20,6 +22,7 @@ Adult and MAGIC. One JSON line per run goes to benchmarks/results/contextual_ord
 
     python benchmarks/contextual_orders.py                                  # all tables, 3 seeds
     python benchmarks/contextual_orders.py --tables switch --seeds 0 --epochs 2    # smoke run
+    python benchmarks/contextual_orders.py --tables adult --variants contextual    # one variant
 """
 from __future__ import annotations
 
@@ -42,8 +45,11 @@ from fastmdm.sample import DecodeStats, known_first_order
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "contextual_orders_runs.jsonl")
-REPORT = os.path.join(HERE, "results", "contextual_orders.md")
-VARIANTS = {"linear": dict(learn_schedule=False), "static": dict(), "contextual": dict(order="contextual")}
+VARIANTS = {"linear": dict(learn_schedule=False), "static": dict(), "contextual": dict(order="contextual"),
+            "contextual-fixed-w": dict(order="contextual", learn_schedule=False)}
+#: Epochs of the static model per table (the time budget): the switch table is small and
+#: learns slowly, so it gets more; --epochs overrides.
+DEFAULT_EPOCHS = {"switch": 30, "adult": 6, "magic": 6}
 
 
 def switch_table(rows: int = 20_000, categories: int = 7, noise: float = 0.05, seed: int = 0) -> pd.DataFrame:
@@ -152,15 +158,16 @@ def easy_order_share_sampled(model: TabularMDM, rows: int = 2000) -> float:
     return easy_order_share(orders, list(model.codec.columns), model.codec.decode(tokens)["switch"].to_numpy())
 
 
-def run(table: str, seed: int, epochs: int, max_rows: int | None) -> list[dict]:
+def run(table: str, seed: int, epochs: int, max_rows: int | None, names: list[str]) -> list[dict]:
     train, test, target, task = load_table(table, seed)
     if max_rows:
         train = train.head(max_rows)
     variants = {name: dict(options, architecture="causal", **TABLE_OPTIONS.get(table, {}))
-                for name, options in VARIANTS.items()}
-    probe = step_seconds(train, seed, variants)
+                for name, options in VARIANTS.items() if name in names or name == "static"}
+    probe = step_seconds(train, seed, variants)     # static sets the budget, so it is always probed
     records = []
-    for name, options in variants.items():
+    for name in names:
+        options = variants[name]
         budget = max(1, round(epochs * probe["static"] / probe[name]))
         model = TabularMDM(epochs=budget, seed=seed, progress=False, **options)
         start = time.perf_counter()
@@ -186,6 +193,7 @@ def run(table: str, seed: int, epochs: int, max_rows: int | None) -> list[dict]:
 
 
 def report(path: str = RESULTS) -> str:
+    """Markdown tables per table and variant, also written next to `path` (.md for _runs.jsonl)."""
     groups = grouped_runs(path, "table", "variant")
 
     lines = ["# Contextual vs static generation orders (causal denoiser)", "",
@@ -220,7 +228,7 @@ def report(path: str = RESULTS) -> str:
         lines += ["", "Validation NELBO per seed (epochs): " + "; ".join(
             f"{v}: " + ", ".join(f"{s}: {x:.4f} ({e})" for s, x, e in per_seed[v]) for v in variants), ""]
     text = "\n".join(lines)
-    with open(REPORT, "w") as handle:
+    with open(path.removesuffix("_runs.jsonl").removesuffix(".jsonl") + ".md", "w") as handle:
         handle.write(text + "\n")
     return text
 
@@ -229,20 +237,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tables", nargs="+", default=["switch", "adult", "magic"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=10, help="epochs of the static model; sets the time budget")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help=f"epochs of the static model, which set the time budget (default per table: {DEFAULT_EPOCHS})")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--max-rows", type=int, default=None, help="use the first rows of train only (smoke runs)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps timings stable)")
+    parser.add_argument("--results", default=RESULTS, help="JSON lines file the runs are appended to")
     parser.add_argument("--report", action="store_true", help="only rebuild the markdown report")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if not args.report:
-        os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+        os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
         for seed in args.seeds:         # seeds outermost: every table is covered early
             for table in args.tables:
-                for record in run(table, seed, args.epochs, args.max_rows):
-                    with open(RESULTS, "a") as handle:
+                epochs = args.epochs or DEFAULT_EPOCHS.get(table, 10)
+                for record in run(table, seed, epochs, args.max_rows, args.variants):
+                    with open(args.results, "a") as handle:
                         handle.write(json.dumps(record) + "\n")
-    print(report())
+    print(report(args.results))
 
 
 if __name__ == "__main__":
