@@ -39,6 +39,7 @@ class TrainConfig:
     ema_decay: float = 0.995
     grad_clip: float = 1.0
     warmup_steps: int = 100
+    order_warmup_epochs: int = 0    # epochs with the order (w, a contextual policy and posterior) held at its start
     val_samples: int = 4            # masks per validation row for the validation NELBO
     seed: int = 0
     progress: bool = True
@@ -50,6 +51,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "num_samples", "val_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.order_warmup_epochs < 0:
+            raise ValueError(f"order_warmup_epochs must be >= 0, got {self.order_warmup_epochs}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
         if self.lr <= 0 or self.schedule_lr < 0:
@@ -147,15 +150,18 @@ class Trainer:
 
     # ---- training ----------------------------------------------------------------------
     def _set_lr(self) -> None:
-        """Linear warmup, then cosine decay to 10% over the configured epochs."""
+        """Linear warmup, then cosine decay to 10% over the configured epochs. During the first
+        `order_warmup_epochs` the order's groups (all but the first) do not move, so the
+        denoiser first learns under the initial, broad orders."""
         total = max(1, self.total_steps)
         if self.step < self.config.warmup_steps:
             factor = (self.step + 1) / self.config.warmup_steps
         else:
             progress = min(1.0, (self.step - self.config.warmup_steps) / max(1, total - self.config.warmup_steps))
             factor = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
-            group["lr"] = base * factor
+        holding_order = self.epoch < self.config.order_warmup_epochs
+        for index, (group, base) in enumerate(zip(self.optimizer.param_groups, self.base_lrs)):
+            group["lr"] = 0.0 if index > 0 and holding_order else base * factor
 
     def _update_ema(self) -> None:
         decay = min(self.config.ema_decay, (1 + self.step) / (10 + self.step))

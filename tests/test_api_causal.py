@@ -109,6 +109,23 @@ def test_contextual_model_end_to_end(contextual, tmp_path):
         contextual.sample(10, speculative=2)
 
 
+def test_order_warmup_holds_the_order_then_releases_it():
+    """order_warmup_epochs keeps w and the policy and posterior at their start (w = 1, the
+    zero-initialized output layers), while the denoiser learns; after it they move."""
+    def moved(model):
+        return dict(w=bool(model.schedule.log_w.detach().abs().max() > 0),
+                    policy=bool(model.denoiser.order_policy.context.weight.detach().abs().max() > 0),
+                    posterior=bool(model.denoiser.order_posterior.out.weight.detach().abs().max() > 0))
+    table = correlated_table(300)
+    held = tiny(order="contextual", epochs=2, order_warmup_epochs=2).fit(table, validation=None)
+    assert moved(held) == dict(w=False, policy=False, posterior=False)
+    assert held.history[-1].train_nelbo < held.history[0].train_nelbo
+    released = tiny(order="contextual", epochs=2, order_warmup_epochs=1).fit(table, validation=None)
+    assert moved(released) == dict(w=True, policy=True, posterior=True)
+    with pytest.raises(ValueError, match="order_warmup_epochs"):
+        tiny(order_warmup_epochs=-1)
+
+
 def test_contextual_needs_the_causal_architecture():
     with pytest.raises(ValueError, match="causal architecture"):
         TabularMDM(architecture="bidirectional", order="contextual")
