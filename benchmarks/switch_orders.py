@@ -110,8 +110,8 @@ def report(path: str = RESULTS) -> str:
             ("CPU seconds (training)", lambda r: r["cpu_seconds"]),
             ("sampled rows in an easy order", lambda r: r["easy_orders"]),
             ("posterior orders (held-out rows) that are easy", lambda r: r.get("posterior_easy_orders")),
-            ("-log p(x | pi), free group first", lambda r: r["group_order_nll"]["free_first"]),
-            ("-log p(x | pi), bound group first", lambda r: r["group_order_nll"]["bound_first"])]
+            ("-log p(x \\| pi), free group first", lambda r: r["group_order_nll"]["free_first"]),
+            ("-log p(x \\| pi), bound group first", lambda r: r["group_order_nll"]["bound_first"])]
     lines = ["# Switch table: the oracle order against learned orders", "",
              "`python benchmarks/switch_orders.py VARIANT --seed S` per run (see its docstring), "
              "mean ± std over seeds (ddof = 1); 1 torch thread, batch 256, the same epochs for every variant.",
