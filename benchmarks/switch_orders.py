@@ -24,6 +24,8 @@ variant per process, as the CLI does.
     python benchmarks/switch_orders.py oracle --epochs 20 --seed 0
     python benchmarks/switch_orders.py contextual --epochs 20 --seed 0
     python benchmarks/switch_orders.py --report      # benchmarks/results/switch_orders.md
+    python benchmarks/switch_orders.py contextual-fixed-w --epochs 30 --seed 0 --order-warmup-epochs 8 \
+        --results benchmarks/results/switch_orders_warmup_runs.jsonl
 """
 from __future__ import annotations
 
@@ -132,6 +134,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--order-warmup-epochs", type=int, default=0,
+                        help="epochs with the order held at its start (TrainConfig.order_warmup_epochs)")
     parser.add_argument("--results", default=RESULTS, help="JSON lines file the run is appended to")
     parser.add_argument("--report", action="store_true", help="only rebuild the markdown from --results")
     args = parser.parse_args()
@@ -145,11 +149,11 @@ def main() -> None:
         objective.causal_loss = oracle_loss
     train = switch_table(seed=1000 + args.seed)
     model = TabularMDM(architecture="causal", epochs=args.epochs, seed=args.seed, progress=False,
-                       batch_size=256, **VARIANTS[args.variant])
+                       batch_size=256, order_warmup_epochs=args.order_warmup_epochs, **VARIANTS[args.variant])
     start = time.process_time()
     model.fit(train, validation=0.1)
     held_out = switch_table(2000, seed=2000)
-    record = dict(variant=args.variant, seed=args.seed, epochs=args.epochs,
+    record = dict(variant=args.variant, seed=args.seed, epochs=args.epochs, order_warmup_epochs=args.order_warmup_epochs,
                   cpu_seconds=time.process_time() - start,
                   val_nelbo=[round(r.val_nelbo, 4) for r in model.history],
                   easy_orders=None if args.variant == "oracle" else easy_order_share_sampled(model),
