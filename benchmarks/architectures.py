@@ -133,6 +133,12 @@ def grouped_runs(path: str, *keys: str) -> dict[tuple, list[dict]]:
     return groups
 
 
+def report_path(results: str) -> str:
+    """The markdown report beside a runs file: name_runs.jsonl -> name.md, so a report built
+    from a scratch runs file never overwrites the committed one."""
+    return results.removesuffix("_runs.jsonl").removesuffix(".jsonl") + ".md"
+
+
 def stat(values) -> str:
     """'mean ± std' over seeds (ddof = 1; a single value alone; distinct strings listed)."""
     values = [v for v in values if v is not None]

@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from architectures import grouped_runs, sampling_rate, stat, step_seconds
+from architectures import grouped_runs, report_path, sampling_rate, stat, step_seconds
 from fastmdm import TabularMDM, datasets
 from fastmdm.metrics import score
 from fastmdm.sample import DecodeStats, known_first_order
@@ -193,7 +193,7 @@ def run(table: str, seed: int, epochs: int, max_rows: int | None, names: list[st
 
 
 def report(path: str = RESULTS) -> str:
-    """Markdown tables per table and variant, also written next to `path` (.md for _runs.jsonl)."""
+    """Markdown tables per table and variant, also written to `report_path(path)`."""
     groups = grouped_runs(path, "table", "variant")
 
     lines = ["# Contextual vs static generation orders (causal denoiser)", "",
@@ -228,7 +228,7 @@ def report(path: str = RESULTS) -> str:
         lines += ["", "Validation NELBO per seed (epochs): " + "; ".join(
             f"{v}: " + ", ".join(f"{s}: {x:.4f} ({e})" for s, x, e in per_seed[v]) for v in variants), ""]
     text = "\n".join(lines)
-    with open(path.removesuffix("_runs.jsonl").removesuffix(".jsonl") + ".md", "w") as handle:
+    with open(report_path(path), "w") as handle:
         handle.write(text + "\n")
     return text
 

@@ -37,7 +37,7 @@ import time
 import torch
 
 import fastmdm.objective as objective
-from architectures import grouped_runs, stat
+from architectures import grouped_runs, report_path, stat
 from contextual_orders import easy_order_share, easy_order_share_sampled, switch_table
 from fastmdm import TabularMDM
 from fastmdm.schedules import exponential_keys, order_from_keys
@@ -102,8 +102,7 @@ def posterior_easy_order_share(model: TabularMDM, frame) -> float:
 
 
 def report(path: str = RESULTS) -> str:
-    """Mean ± std over seeds per variant, as markdown, also written next to `path` (the
-    results file's name with .md for _runs.jsonl), so scratch runs leave the committed report alone."""
+    """Mean ± std over seeds per variant, as markdown, also written to `report_path(path)`."""
     groups = grouped_runs(path, "variant")
     variants = [v for v in VARIANTS if groups[(v,)]]
     rows = [("epochs", lambda r: r["epochs"]),
@@ -123,7 +122,7 @@ def report(path: str = RESULTS) -> str:
     for label, get in rows:
         lines.append(f"| {label} | " + " | ".join(stat([get(r) for r in groups[(v,)]]) for v in variants) + " |")
     text = "\n".join(lines) + "\n"
-    with open(path.removesuffix("_runs.jsonl").removesuffix(".jsonl") + ".md", "w") as handle:
+    with open(report_path(path), "w") as handle:
         handle.write(text)
     return text
 

@@ -110,11 +110,13 @@ class Trainer:
         named = list(self.denoiser.named_parameters())
         order_params = [p for name, p in named if name.startswith("order_")]
         self.clipped_params = [p for name, p in named if not name.startswith("order_")]
-        groups = [{"params": self.clipped_params, "lr": config.lr}]
+        groups = [{"params": self.clipped_params, "lr": config.lr, "order": False}]
         if order_params:
-            groups.append({"params": order_params, "lr": config.schedule_lr})
+            groups.append({"params": order_params, "lr": config.schedule_lr, "order": True})
         if self.schedule.learnable:
-            groups.append({"params": [self.schedule.log_w], "lr": config.schedule_lr, "weight_decay": 0.0})
+            groups.append({"params": [self.schedule.log_w], "lr": config.schedule_lr, "weight_decay": 0.0,
+                           "order": True})
+        self.is_order_group = [g.pop("order") for g in groups]   # held during order_warmup_epochs
         self.optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
         self.base_lrs = [g["lr"] for g in groups]
         self.model = self.denoiser
@@ -151,7 +153,7 @@ class Trainer:
     # ---- training ----------------------------------------------------------------------
     def _set_lr(self) -> None:
         """Linear warmup, then cosine decay to 10% over the configured epochs. During the first
-        `order_warmup_epochs` the order's groups (all but the first) do not move, so the
+        `order_warmup_epochs` the order's groups (w, policy, posterior) do not move, so the
         denoiser first learns under the initial, broad orders."""
         total = max(1, self.total_steps)
         if self.step < self.config.warmup_steps:
@@ -160,8 +162,8 @@ class Trainer:
             progress = min(1.0, (self.step - self.config.warmup_steps) / max(1, total - self.config.warmup_steps))
             factor = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
         holding_order = self.epoch < self.config.order_warmup_epochs
-        for index, (group, base) in enumerate(zip(self.optimizer.param_groups, self.base_lrs)):
-            group["lr"] = 0.0 if index > 0 and holding_order else base * factor
+        for group, base, is_order in zip(self.optimizer.param_groups, self.base_lrs, self.is_order_group):
+            group["lr"] = 0.0 if is_order and holding_order else base * factor
 
     def _update_ema(self) -> None:
         decay = min(self.config.ema_decay, (1 + self.step) / (10 + self.step))
