@@ -95,7 +95,7 @@ def posterior_easy_order_share(model: TabularMDM, frame) -> float:
     real rows: whether q, which the policy learns to follow, found the orders the switch names."""
     tokens = model.codec.encode(frame)
     with torch.no_grad():
-        scores = model.schedule.w * model.denoiser.order_posterior(tokens)
+        scores = model.denoiser.posterior_scores(tokens, model.schedule.w)
     u = torch.rand(tokens.shape, generator=torch.Generator().manual_seed(0), dtype=scores.dtype)
     orders, _ = order_from_keys(exponential_keys(scores, u))
     return easy_order_share(orders, list(model.codec.columns), frame["switch"].to_numpy())

@@ -103,7 +103,7 @@ def contextual_loss(denoiser: Callable[..., Tensor], x: Tensor, schedule: PowerS
         raise ValueError(f"the contextual order posterior learns by RLOO: num_samples must be >= 2, got {num_samples}")
     model = getattr(denoiser, "module", denoiser)   # seen through DDP
     rows, num_columns = x.shape
-    w_rows = schedule.w * model.order_posterior(x)                           # [B, L]: q's scores
+    w_rows = model.posterior_scores(x, schedule.w)                           # [B, L]: q's scores
     x_rep = x.repeat_interleave(num_samples, dim=0)
     w_rep = w_rows.detach().repeat_interleave(num_samples, dim=0)
     u = torch.rand(x_rep.shape, generator=generator).to(device=x.device, dtype=w_rep.dtype)

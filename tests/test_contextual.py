@@ -35,7 +35,7 @@ def enumerated_bound(model, w, rows=ROWS):
     orders = all_orders(model.num_columns)
     x = rows.repeat_interleave(len(orders), 0)
     order = orders.repeat(len(rows), 1)
-    log_q = plackett_luce_log_prob(w * model.order_posterior(x), order)
+    log_q = plackett_luce_log_prob(model.posterior_scores(x, w), order)
     with torch.no_grad():
         joint = neg_log_joint(model, x, order, w)
     return (log_q.exp() * (joint + log_q)).view(len(rows), -1).sum(1).mean()

@@ -98,6 +98,11 @@ class CausalTransformer(TableDenoiser):
     def start_state(self) -> Tensor:
         return self._start_states()[2]
 
+    def posterior_scores(self, x: Tensor, w: Tensor) -> Tensor:
+        """Plackett-Luce scores [B, L] of the order posterior q_phi(pi | x) = PL(w * r_phi(x))
+        for clean rows x [B, L] (contextual models only; training and diagnostics)."""
+        return w * self.order_posterior(x)
+
     def empty_cache(self, rows: int) -> KVCache:
         """A cache of L + 2 slots per row holding only the start token (slot 0)."""
         def slots(start: Tensor) -> Tensor:
