@@ -32,7 +32,8 @@ class TrainConfig:
     epochs: int = 30
     batch_size: int = 1024          # rows per step (all processes together)
     lr: float = 2e-3
-    schedule_lr: float = 1e-2       # learning rate for log w (the schedule) and a contextual order's parameters
+    schedule_lr: float = 1e-2       # learning rate for log w (the schedule)
+    order_lr: float = 1e-3          # learning rate for a contextual model's policy and posterior (see README)
     weight_decay: float = 0.0
     estimator: str = "order"        # "order" (ours, low variance) or "tspace" (the paper's)
     num_samples: int = 2            # masks per row (K); RLOO needs >= 2
@@ -55,7 +56,7 @@ class TrainConfig:
             raise ValueError(f"order_warmup_epochs must be >= 0, got {self.order_warmup_epochs}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
-        if self.lr <= 0 or self.schedule_lr < 0:
+        if self.lr <= 0 or self.schedule_lr < 0 or self.order_lr < 0:
             raise ValueError("learning rates must be positive")
 
 
@@ -104,15 +105,15 @@ class Trainer:
         self.offsets = offsets.to(self.device)
         self.ema = copy.deepcopy(self.denoiser).requires_grad_(False)
         self.ema_schedule = copy.deepcopy(self.schedule).requires_grad_(False)
-        # The order's parameters (a contextual model's policy and posterior) learn at
-        # schedule_lr, like the schedule's w, and are not clipped: their RLOO gradients are
-        # noisy and, clipped together with the denoiser's, would shrink the denoiser's steps.
+        # The order's parameters (a contextual model's policy and posterior) learn at order_lr
+        # and are not clipped: their RLOO gradients are noisy and, clipped together with the
+        # denoiser's, would shrink the denoiser's steps.
         named = list(self.denoiser.named_parameters())
         order_params = [p for name, p in named if name.startswith("order_")]
         self.clipped_params = [p for name, p in named if not name.startswith("order_")]
         groups = [{"params": self.clipped_params, "lr": config.lr, "order": False}]
         if order_params:
-            groups.append({"params": order_params, "lr": config.schedule_lr, "order": True})
+            groups.append({"params": order_params, "lr": config.order_lr, "order": True})
         if self.schedule.learnable:
             groups.append({"params": [self.schedule.log_w], "lr": config.schedule_lr, "weight_decay": 0.0,
                            "order": True})
