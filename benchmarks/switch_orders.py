@@ -106,6 +106,8 @@ def report(path: str = RESULTS) -> str:
     groups = grouped_runs(path, "variant")
     variants = [v for v in VARIANTS if groups[(v,)]]
     rows = [("epochs", lambda r: r["epochs"]),
+            ("order warm-up epochs", lambda r: r.get("order_warmup_epochs")),
+            ("order_lr", lambda r: r.get("order_lr")),
             ("validation NELBO (nats/row), final", lambda r: r["val_nelbo"][-1]),
             ("validation NELBO, epoch 10", lambda r: r["val_nelbo"][9] if len(r["val_nelbo"]) >= 10 else None),
             ("CPU seconds (training)", lambda r: r["cpu_seconds"]),
@@ -135,6 +137,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--order-warmup-epochs", type=int, default=0,
                         help="epochs with the order held at its start (TrainConfig.order_warmup_epochs)")
+    parser.add_argument("--order-lr", type=float, default=None,
+                        help="learning rate of the contextual policy and posterior (default: TrainConfig.order_lr)")
     parser.add_argument("--results", default=RESULTS, help="JSON lines file the run is appended to")
     parser.add_argument("--report", action="store_true", help="only rebuild the markdown from --results")
     args = parser.parse_args()
@@ -148,12 +152,13 @@ def main() -> None:
         objective.causal_loss = oracle_loss
     train = switch_table(seed=1000 + args.seed)
     model = TabularMDM(architecture="causal", epochs=args.epochs, seed=args.seed, progress=False,
-                       batch_size=256, order_warmup_epochs=args.order_warmup_epochs, **VARIANTS[args.variant])
+                       batch_size=256, order_warmup_epochs=args.order_warmup_epochs,
+                       **({} if args.order_lr is None else dict(order_lr=args.order_lr)), **VARIANTS[args.variant])
     start = time.process_time()
     model.fit(train, validation=0.1)
     held_out = switch_table(2000, seed=2000)
     record = dict(variant=args.variant, seed=args.seed, epochs=args.epochs, order_warmup_epochs=args.order_warmup_epochs,
-                  cpu_seconds=time.process_time() - start,
+                  order_lr=model.config.order_lr, cpu_seconds=time.process_time() - start,
                   val_nelbo=[round(r.val_nelbo, 4) for r in model.history],
                   easy_orders=None if args.variant == "oracle" else easy_order_share_sampled(model),
                   posterior_easy_orders=(posterior_easy_order_share(model, held_out)
