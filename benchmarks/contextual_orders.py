@@ -11,7 +11,7 @@ Four causal models per (table, seed), all with the default size:
 They get the same CPU-time budget: `static` trains `--epochs` epochs and the others as many
 as fit in the same time, from a probe of each one's step CPU time, their steps interleaved.
 The contextual models hold their order for the first quarter of their epochs
-(`ORDER_WARMUP_SHARE`) and learn it at the default `order_lr`.
+(`--order-warmup-share`, default `ORDER_WARMUP_SHARE`) and learn it at the default `order_lr`.
 Reported: validation NELBO (nats per row; for the contextual model, its bound, which also
 bounds -log p(x)), training rows/s, sampling rows/s at S = L, fidelity of as many rows as the
 real train split (fastmdm.metrics.score), how often the first revealed columns change across
@@ -164,7 +164,8 @@ def easy_order_share_sampled(model: TabularMDM, rows: int = 2000) -> float:
     return easy_order_share(orders, list(model.codec.columns), model.codec.decode(tokens)["switch"].to_numpy())
 
 
-def run(table: str, seed: int, epochs: int, max_rows: int | None, names: list[str]) -> list[dict]:
+def run(table: str, seed: int, epochs: int, max_rows: int | None, names: list[str],
+        order_warmup_share: float = ORDER_WARMUP_SHARE, order_lr: float | None = None) -> list[dict]:
     train, test, target, task = load_table(table, seed)
     if max_rows:
         train = train.head(max_rows)
@@ -175,7 +176,9 @@ def run(table: str, seed: int, epochs: int, max_rows: int | None, names: list[st
     for name in names:
         options = variants[name]
         budget = max(1, round(epochs * probe["static"] / probe[name]))
-        warmup = round(ORDER_WARMUP_SHARE * budget) if options.get("order") == "contextual" else 0
+        warmup = round(order_warmup_share * budget) if options.get("order") == "contextual" else 0
+        if order_lr is not None:
+            options = dict(options, order_lr=order_lr)
         model = TabularMDM(epochs=budget, seed=seed, progress=False, order_warmup_epochs=warmup, **options)
         start = time.perf_counter()
         model.fit(train, validation=0.1)
@@ -248,6 +251,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None,
                         help=f"epochs of the static model, which set the time budget (default per table: {DEFAULT_EPOCHS})")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--order-warmup-share", type=float, default=ORDER_WARMUP_SHARE,
+                        help="share of a contextual model's epochs with its order held at the start")
+    parser.add_argument("--order-lr", type=float, default=None,
+                        help="learning rate of the contextual policy and posterior (default: TrainConfig.order_lr)")
     parser.add_argument("--max-rows", type=int, default=None, help="use the first rows of train only (smoke runs)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps timings stable)")
     parser.add_argument("--results", default=RESULTS, help="JSON lines file the runs are appended to")
@@ -259,7 +266,8 @@ def main() -> None:
         for seed in args.seeds:         # seeds outermost: every table is covered early
             for table in args.tables:
                 epochs = args.epochs or DEFAULT_EPOCHS.get(table, 10)
-                for record in run(table, seed, epochs, args.max_rows, args.variants):
+                for record in run(table, seed, epochs, args.max_rows, args.variants, args.order_warmup_share,
+                                  args.order_lr):
                     with open(args.results, "a") as handle:
                         handle.write(json.dumps(record) + "\n")
     print(report(args.results))
