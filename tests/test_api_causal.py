@@ -126,18 +126,22 @@ def test_order_warmup_holds_the_order_then_releases_it():
         tiny(order_warmup_epochs=-1)
 
 
-def test_order_lr_moves_the_policy_and_posterior_and_schedule_lr_moves_w():
-    """A contextual model's policy and posterior learn at order_lr, w at schedule_lr: each
-    rate at zero holds exactly its own parameters."""
+def test_a_contextual_order_learns_at_order_lr_and_a_static_w_at_schedule_lr():
+    """A contextual model's policy, posterior and w learn at order_lr (schedule_lr does not
+    touch them); a static model's w learns at schedule_lr (order_lr does not touch it)."""
     def moved(model):
         return dict(w=bool(model.schedule.log_w.detach().abs().max() > 0),
                     policy=bool(model.denoiser.order_policy.context.weight.detach().abs().max() > 0),
                     posterior=bool(model.denoiser.order_posterior.out.weight.detach().abs().max() > 0))
     table = correlated_table(300)
     no_order_lr = tiny(order="contextual", epochs=1, order_lr=0.0).fit(table, validation=None)
-    assert moved(no_order_lr) == dict(w=True, policy=False, posterior=False)
+    assert moved(no_order_lr) == dict(w=False, policy=False, posterior=False)
     no_schedule_lr = tiny(order="contextual", epochs=1, schedule_lr=0.0).fit(table, validation=None)
-    assert moved(no_schedule_lr) == dict(w=False, policy=True, posterior=True)
+    assert moved(no_schedule_lr) == dict(w=True, policy=True, posterior=True)
+    static = tiny(epochs=1, order_lr=0.0).fit(table, validation=None)
+    assert bool(static.schedule.log_w.detach().abs().max() > 0)
+    static_held = tiny(epochs=1, schedule_lr=0.0).fit(table, validation=None)
+    assert not bool(static_held.schedule.log_w.detach().abs().max() > 0)
     with pytest.raises(ValueError, match="learning rates"):
         tiny(order_lr=-1e-3)
 
