@@ -254,7 +254,7 @@ def main() -> None:
     parser.add_argument("--order-warmup-share", type=float, default=ORDER_WARMUP_SHARE,
                         help="share of a contextual model's epochs with its order held at the start")
     parser.add_argument("--order-lr", type=float, default=None,
-                        help="learning rate of the contextual policy and posterior (default: TrainConfig.order_lr)")
+                        help="learning rate of a contextual model's order: policy, posterior and w (default: TrainConfig.order_lr)")
     parser.add_argument("--max-rows", type=int, default=None, help="use the first rows of train only (smoke runs)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps timings stable)")
     parser.add_argument("--results", default=RESULTS, help="JSON lines file the runs are appended to")

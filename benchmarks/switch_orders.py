@@ -138,7 +138,7 @@ def main() -> None:
     parser.add_argument("--order-warmup-epochs", type=int, default=0,
                         help="epochs with the order held at its start (TrainConfig.order_warmup_epochs)")
     parser.add_argument("--order-lr", type=float, default=None,
-                        help="learning rate of the contextual policy and posterior (default: TrainConfig.order_lr)")
+                        help="learning rate of a contextual model's order: policy, posterior and w (default: TrainConfig.order_lr)")
     parser.add_argument("--results", default=RESULTS, help="JSON lines file the run is appended to")
     parser.add_argument("--report", action="store_true", help="only rebuild the markdown from --results")
     args = parser.parse_args()
