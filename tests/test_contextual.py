@@ -78,10 +78,14 @@ def test_estimate_is_unbiased_for_the_bound():
     assert abs(samples.mean() - exact) < 5 * stderr, (samples.mean(), exact, stderr)
 
 
-def test_posterior_rloo_gradient_matches_enumerated_gradient():
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train (batch-centred posterior)"])
+def test_posterior_rloo_gradient_matches_enumerated_gradient(training):
     """The score-function part of the gradient (phi's, and w's through the posterior) against
-    the gradient of the enumerated bound with the denoiser and policy terms held fixed."""
+    the gradient of the enumerated bound with the denoiser and policy terms held fixed. In
+    training the posterior is centred by the batch's mean, so its gradient also flows through
+    the mean; both batches hold the three rows in equal shares, so the means agree."""
     model = contextual_model(seed=1)
+    model.order_posterior.train(training)
     schedule = schedule_with([0.5, 1.0, 3.0]).double()
     w = schedule.w.detach()
     parameter = model.order_posterior.out.weight
@@ -93,6 +97,23 @@ def test_posterior_rloo_gradient_matches_enumerated_gradient():
     exact_grad = exact_grad.flatten()
     assert exact_grad.abs().max() > 10 * stderr.max()          # the comparison below is not vacuous
     assert ((grads.mean(0) - exact_grad).abs() < 5 * stderr + 1e-9).all(), (grads.mean(0), exact_grad, stderr)
+
+
+def test_posterior_is_centred_per_column():
+    """In training, log r_phi(x) sums to zero over the batch in every column (q's static
+    preference is w's alone) and the running mean follows the batch's; in eval mode the
+    running mean is subtracted instead, so a row's factor does not depend on its batch."""
+    posterior = contextual_model().order_posterior.train()
+    x = torch.randint(0, 2, (64, 3))
+    raw = torch.log(posterior.eval()(x))              # column_mean is 0 before training
+    posterior.train()
+    centred = torch.log(posterior(x))
+    torch.testing.assert_close(centred, raw - raw.mean(0), rtol=0, atol=1e-12)
+    for _ in range(400):                              # the running mean's lag: 0.95^400 ~ 1e-9
+        posterior(x)
+    torch.testing.assert_close(posterior.column_mean, raw.mean(0), rtol=0, atol=1e-7)
+    posterior.eval()
+    torch.testing.assert_close(torch.log(posterior(x[:5])), centred[:5], rtol=0, atol=1e-7)
 
 
 def test_gradient_reaches_policy_posterior_and_prior():
