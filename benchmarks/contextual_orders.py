@@ -11,7 +11,8 @@ Four causal models per (table, seed), all with the default size:
 They get the same CPU-time budget: `static` trains `--epochs` epochs and the others as many
 as fit in the same time, from a probe of each one's step CPU time, their steps interleaved.
 The contextual models learn their order at the default `order_lr`; `--order-warmup-share`
-holds it at its start for a share of their epochs (default `ORDER_WARMUP_SHARE`: none).
+holds it at its start for a share of their epochs (default `ORDER_WARMUP_SHARE`: none);
+`--centre-posterior` centres their order posterior per column (fastmdm.models.orders).
 Reported: validation NELBO (nats per row; for the contextual model, its bound, which also
 bounds -log p(x)), training rows/s, sampling rows/s at S = L, fidelity of as many rows as the
 real train split (fastmdm.metrics.score), how often the first revealed columns change across
@@ -165,7 +166,8 @@ def easy_order_share_sampled(model: TabularMDM, rows: int = 2000) -> float:
 
 
 def run(table: str, seed: int, epochs: int, max_rows: int | None, names: list[str],
-        order_warmup_share: float = ORDER_WARMUP_SHARE, order_lr: float | None = None) -> list[dict]:
+        order_warmup_share: float = ORDER_WARMUP_SHARE, order_lr: float | None = None,
+        centre_posterior: bool = False) -> list[dict]:
     train, test, target, task = load_table(table, seed)
     if max_rows:
         train = train.head(max_rows)
@@ -179,6 +181,8 @@ def run(table: str, seed: int, epochs: int, max_rows: int | None, names: list[st
         warmup = round(order_warmup_share * budget) if options.get("order") == "contextual" else 0
         if order_lr is not None:
             options = dict(options, order_lr=order_lr)
+        if centre_posterior and options.get("order") == "contextual":
+            options = dict(options, model=dict(centre_posterior=True))
         model = TabularMDM(epochs=budget, seed=seed, progress=False, order_warmup_epochs=warmup, **options)
         start = time.perf_counter()
         model.fit(train, validation=0.1)
@@ -188,6 +192,7 @@ def run(table: str, seed: int, epochs: int, max_rows: int | None, names: list[st
         record = dict(
             table=table, seed=seed, variant=name, parameters=model.denoiser.num_parameters(), epochs=budget,
             order_warmup_epochs=warmup, order_lr=model.config.order_lr,
+            centre_posterior=bool(model.model_options.get("centre_posterior", False)),
             probe_step_seconds=probe[name], train_seconds=train_seconds,
             train_rows_per_second=0.9 * len(train) * budget / sum(r.seconds for r in model.history),
             val_nelbo=model.history[-1].val_nelbo, best_val_nelbo=min(r.val_nelbo for r in model.history),
@@ -255,6 +260,8 @@ def main() -> None:
                         help="share of a contextual model's epochs with its order held at the start")
     parser.add_argument("--order-lr", type=float, default=None,
                         help="learning rate of a contextual model's order: policy, posterior and w (default: TrainConfig.order_lr)")
+    parser.add_argument("--centre-posterior", action="store_true",
+                        help="centre the contextual order posterior per column (model option centre_posterior)")
     parser.add_argument("--max-rows", type=int, default=None, help="use the first rows of train only (smoke runs)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps timings stable)")
     parser.add_argument("--results", default=RESULTS, help="JSON lines file the runs are appended to")
@@ -267,7 +274,7 @@ def main() -> None:
             for table in args.tables:
                 epochs = args.epochs or DEFAULT_EPOCHS.get(table, 10)
                 for record in run(table, seed, epochs, args.max_rows, args.variants, args.order_warmup_share,
-                                  args.order_lr):
+                                  args.order_lr, args.centre_posterior):
                     with open(args.results, "a") as handle:
                         handle.write(json.dumps(record) + "\n")
     print(report(args.results))

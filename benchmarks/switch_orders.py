@@ -26,6 +26,8 @@ variant per process, as the CLI does.
     python benchmarks/switch_orders.py --report      # benchmarks/results/switch_orders.md
     python benchmarks/switch_orders.py contextual-fixed-w --epochs 30 --seed 0 --order-warmup-epochs 8 \
         --results benchmarks/results/switch_orders_warmup_runs.jsonl
+    python benchmarks/switch_orders.py contextual --epochs 22 --seed 0 --centre-posterior \
+        --results benchmarks/results/switch_orders_centred_runs.jsonl
 """
 from __future__ import annotations
 
@@ -139,6 +141,8 @@ def main() -> None:
                         help="epochs with the order held at its start (TrainConfig.order_warmup_epochs)")
     parser.add_argument("--order-lr", type=float, default=None,
                         help="learning rate of a contextual model's order: policy, posterior and w (default: TrainConfig.order_lr)")
+    parser.add_argument("--centre-posterior", action="store_true",
+                        help="centre a contextual model's order posterior per column (model option centre_posterior)")
     parser.add_argument("--results", default=RESULTS, help="JSON lines file the run is appended to")
     parser.add_argument("--report", action="store_true", help="only rebuild the markdown from --results")
     args = parser.parse_args()
@@ -153,12 +157,15 @@ def main() -> None:
     train = switch_table(seed=1000 + args.seed)
     model = TabularMDM(architecture="causal", epochs=args.epochs, seed=args.seed, progress=False,
                        batch_size=256, order_warmup_epochs=args.order_warmup_epochs,
-                       **({} if args.order_lr is None else dict(order_lr=args.order_lr)), **VARIANTS[args.variant])
+                       **({} if args.order_lr is None else dict(order_lr=args.order_lr)),
+                       **(dict(model=dict(centre_posterior=True)) if args.centre_posterior else {}),
+                       **VARIANTS[args.variant])
     start = time.process_time()
     model.fit(train, validation=0.1)
     held_out = switch_table(2000, seed=2000)
     record = dict(variant=args.variant, seed=args.seed, epochs=args.epochs, order_warmup_epochs=args.order_warmup_epochs,
-                  order_lr=model.config.order_lr, cpu_seconds=time.process_time() - start,
+                  order_lr=model.config.order_lr, centre_posterior=args.centre_posterior,
+                  cpu_seconds=time.process_time() - start,
                   val_nelbo=[round(r.val_nelbo, 4) for r in model.history],
                   easy_orders=None if args.variant == "oracle" else easy_order_share_sampled(model),
                   posterior_easy_orders=(posterior_easy_order_share(model, held_out)

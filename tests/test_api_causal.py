@@ -109,6 +109,18 @@ def test_contextual_model_end_to_end(contextual, tmp_path):
         contextual.sample(10, speculative=2)
 
 
+def test_a_centred_posterior_keeps_its_running_mean_through_save_and_load(tmp_path):
+    model = tiny(order="contextual", epochs=1, model=dict(TINY_MODEL, centre_posterior=True))
+    model.fit(correlated_table(300), validation=None)
+    mean = model.denoiser.order_posterior.column_mean
+    assert bool(mean.abs().max() > 0)
+    model.save(tmp_path / "m.pt")
+    loaded = TabularMDM.load(tmp_path / "m.pt")
+    assert loaded.denoiser.order_posterior.centred
+    torch.testing.assert_close(loaded.denoiser.order_posterior.column_mean, mean, rtol=0, atol=0)
+    assert not tiny(order="contextual", epochs=1).fit(correlated_table(50), validation=None).denoiser.order_posterior.centred
+
+
 def order_moved(model) -> dict:
     """Which order parameters left their start (w = 1, the zero-initialized output layers of a
     contextual model's policy and posterior)."""

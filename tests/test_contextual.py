@@ -20,8 +20,8 @@ from test_causal import SIZES, all_orders, all_rows, chi_square_p, peaky_model, 
 ROWS = torch.tensor([[0, 2, 1], [1, 0, 0], [1, 1, 1]])
 
 
-def contextual_model(seed=0):
-    return peaky_model(SIZES, seed=seed, order="contextual")
+def contextual_model(seed=0, **options):
+    return peaky_model(SIZES, seed=seed, order="contextual", **options)
 
 
 def neg_log_joint(model, x, order, w):
@@ -78,13 +78,13 @@ def test_estimate_is_unbiased_for_the_bound():
     assert abs(samples.mean() - exact) < 5 * stderr, (samples.mean(), exact, stderr)
 
 
-@pytest.mark.parametrize("training", [False, True], ids=["eval", "train (batch-centred posterior)"])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train, centred posterior"])
 def test_posterior_rloo_gradient_matches_enumerated_gradient(training):
     """The score-function part of the gradient (phi's, and w's through the posterior) against
     the gradient of the enumerated bound with the denoiser and policy terms held fixed. In
     training the posterior is centred by the batch's mean, so its gradient also flows through
     the mean; both batches hold the three rows in equal shares, so the means agree."""
-    model = contextual_model(seed=1)
+    model = contextual_model(seed=1, centre_posterior=training)
     model.order_posterior.train(training)
     schedule = schedule_with([0.5, 1.0, 3.0]).double()
     w = schedule.w.detach()
@@ -100,10 +100,10 @@ def test_posterior_rloo_gradient_matches_enumerated_gradient(training):
 
 
 def test_posterior_is_centred_per_column():
-    """In training, log r_phi(x) sums to zero over the batch in every column (q's static
+    """With centre_posterior, in training, log r_phi(x) sums to zero over the batch in every column (q's static
     preference is w's alone) and the running mean follows the batch's; in eval mode the
     running mean is subtracted instead, so a row's factor does not depend on its batch."""
-    posterior = contextual_model().order_posterior.train()
+    posterior = contextual_model(centre_posterior=True).order_posterior.train()
     x = torch.randint(0, 2, (64, 3))
     raw = torch.log(posterior.eval()(x))              # column_mean is 0 before training
     posterior.train()
@@ -114,6 +114,9 @@ def test_posterior_is_centred_per_column():
     torch.testing.assert_close(posterior.column_mean, raw.mean(0), rtol=0, atol=1e-7)
     posterior.eval()
     torch.testing.assert_close(torch.log(posterior(x[:5])), centred[:5], rtol=0, atol=1e-7)
+    plain = contextual_model().order_posterior       # the default: not centred, the same in both modes
+    torch.testing.assert_close(plain.train()(x), plain.eval()(x), rtol=0, atol=0)
+    assert not hasattr(plain, "column_mean")
 
 
 def test_gradient_reaches_policy_posterior_and_prior():

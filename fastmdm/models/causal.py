@@ -59,7 +59,7 @@ class CausalTransformer(TableDenoiser):
     causal = True
 
     def __init__(self, cardinalities: list[int], order: str = "static",
-                 order_range: float = DEFAULT_ORDER_RANGE, **options):
+                 order_range: float = DEFAULT_ORDER_RANGE, centre_posterior: bool = False, **options):
         if order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
         super().__init__(cardinalities, **options)
@@ -70,9 +70,10 @@ class CausalTransformer(TableDenoiser):
         nn.init.normal_(self.query_embedding, std=0.02)
         self._config.update(order=order)
         if order == "contextual":
-            self._config.update(order_range=float(order_range))
+            self._config.update(order_range=float(order_range), centre_posterior=bool(centre_posterior))
             self.order_policy = OrderPolicy(d_model, self.num_columns)
-            self.order_posterior = OrderPosterior(self.cardinalities, log_range=order_range)
+            self.order_posterior = OrderPosterior(self.cardinalities, log_range=order_range,
+                                                  centred=centre_posterior)
 
     @property
     def contextual(self) -> bool:
