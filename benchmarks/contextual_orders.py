@@ -192,7 +192,7 @@ def run(table: str, seed: int, epochs: int, max_rows: int | None, names: list[st
         record = dict(
             table=table, seed=seed, variant=name, parameters=model.denoiser.num_parameters(), epochs=budget,
             order_warmup_epochs=warmup, order_lr=model.config.order_lr,
-            centre_posterior=bool(model.model_options.get("centre_posterior", False)),
+            centre_posterior=model.denoiser.config.get("centre_posterior", False),
             probe_step_seconds=probe[name], train_seconds=train_seconds,
             train_rows_per_second=0.9 * len(train) * budget / sum(r.seconds for r in model.history),
             val_nelbo=model.history[-1].val_nelbo, best_val_nelbo=min(r.val_nelbo for r in model.history),

@@ -100,10 +100,11 @@ def test_posterior_rloo_gradient_matches_enumerated_gradient(training):
 
 
 def test_posterior_is_centred_per_column():
-    """With centre_posterior, in training, log r_phi(x) sums to zero over the batch in every column (q's static
-    preference is w's alone) and the running mean follows the batch's; in eval mode the
-    running mean is subtracted instead, so a row's factor does not depend on its batch."""
-    posterior = contextual_model(centre_posterior=True).order_posterior.train()
+    """With centre_posterior, in training, log r_phi(x) sums to zero over the batch in every
+    column (q's static preference is w's alone) and the running mean follows the batch's; in
+    eval mode the running mean is subtracted instead, so a row's factor does not depend on
+    its batch."""
+    posterior = contextual_model(centre_posterior=True).order_posterior
     x = torch.randint(0, 2, (64, 3))
     raw = torch.log(posterior.eval()(x))              # column_mean is 0 before training
     posterior.train()
