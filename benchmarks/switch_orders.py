@@ -165,6 +165,7 @@ def main() -> None:
     held_out = switch_table(2000, seed=2000)
     record = dict(variant=args.variant, seed=args.seed, epochs=args.epochs, order_warmup_epochs=args.order_warmup_epochs,
                   order_lr=model.config.order_lr, centre_posterior=model.denoiser.config.get("centre_posterior", False),
+                  policy_depth=model.denoiser.config.get("policy_depth"),
                   cpu_seconds=time.process_time() - start,
                   val_nelbo=[round(r.val_nelbo, 4) for r in model.history],
                   easy_orders=None if args.variant == "oracle" else easy_order_share_sampled(model),

@@ -346,6 +346,8 @@ class TabularMDM:
         state = torch.load(path, weights_only=True, map_location="cpu")
         cls._check_format(state, path)
         model_config = dict(state["model_config"])
+        if model_config.get("order") == "contextual":   # files written before policy_depth: the last block
+            model_config.setdefault("policy_depth", model_config["num_layers"])
         self = cls(architecture=state["architecture"], learn_schedule=state["learn_schedule"], device=device,
                    **state["train_config"])
         self.codec = TableCodec.from_state_dict(state["codec"])

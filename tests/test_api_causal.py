@@ -121,6 +121,21 @@ def test_a_centred_posterior_keeps_its_running_mean_through_save_and_load(tmp_pa
     assert not tiny(order="contextual", epochs=1).fit(correlated_table(50), validation=None).denoiser.order_posterior.centred
 
 
+def test_contextual_files_from_before_policy_depth_read_the_last_block(tmp_path):
+    """Contextual models saved before `policy_depth` existed had the policy read the content
+    stream after the last block; they still do when loaded. New two-block models read it
+    after the first."""
+    model = tiny(order="contextual", epochs=1, model=dict(TINY_MODEL, num_layers=2)).fit(correlated_table(100),
+                                                                                        validation=None)
+    assert model.denoiser.policy_depth == 1
+    model.save(tmp_path / "new.pt")
+    state = torch.load(tmp_path / "new.pt", weights_only=True)
+    del state["model_config"]["policy_depth"]
+    torch.save(state, tmp_path / "old.pt")
+    assert TabularMDM.load(tmp_path / "new.pt").denoiser.policy_depth == 1
+    assert TabularMDM.load(tmp_path / "old.pt").denoiser.policy_depth == 2
+
+
 def order_moved(model) -> dict:
     """Which order parameters left their start (w = 1, the zero-initialized output layers of a
     contextual model's policy and posterior)."""

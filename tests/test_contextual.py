@@ -130,6 +130,33 @@ def test_gradient_reaches_policy_posterior_and_prior():
     assert bool(schedule.log_w.grad.abs().sum() > 0)
 
 
+@pytest.mark.parametrize("policy_depth", [0, 1, 2])
+def test_policy_reads_the_content_stream_at_policy_depth(policy_depth):
+    """log p_psi(pi | x) depends on the blocks before `policy_depth` and on no block after it
+    (the default, one block before the last, spares the last block's content stream)."""
+    w = torch.tensor([0.5, 1.0, 3.0], dtype=torch.float64)
+    orders = all_orders(3)
+    x = ROWS.repeat_interleave(len(orders), 0)
+    order = orders.repeat(len(ROWS), 1)
+
+    def log_policy(model):
+        everywhere = torch.ones(x.shape, dtype=torch.bool)
+        with torch.no_grad():
+            theta = model(x, order, targets=x, weight=everywhere.double(), mask=everywhere)
+            return theta - neg_log_joint(model, x, order, w)
+
+    model = contextual_model(policy_depth=policy_depth)
+    assert model.policy_depth == policy_depth
+    before = log_policy(model)
+    for index, block in enumerate(model.blocks):
+        with torch.no_grad():
+            block.ff[2].bias.add_(torch.randn(block.ff[2].bias.shape, dtype=torch.float64))
+        moved = not torch.allclose(log_policy(model), before, rtol=0, atol=1e-9)
+        assert moved == (index < policy_depth), index
+        before = log_policy(model)
+    assert contextual_model().policy_depth == 1
+
+
 # ----------------------------------------------------------------------------- the sampler
 NUM_SAMPLES = 40_000
 
@@ -163,9 +190,14 @@ def exact_pairs(model, w):
         return torch.exp(-neg_log_joint(model, x, orders.repeat(len(rows), 1), w))
 
 
-@pytest.mark.parametrize("steps, exact", [(3, True), (1, False)], ids=["steps=L", "steps=1 (rejected)"])
-def test_sampled_rows_and_orders_follow_the_joint(steps, exact):
-    model = contextual_model()
+@pytest.mark.parametrize("steps, exact, policy_depth",
+                         [(3, True, None), (3, True, 0), (3, True, 2), (1, False, None)],
+                         ids=["steps=L", "steps=L, policy at the embeddings", "steps=L, policy after the last block",
+                              "steps=1 (rejected)"])
+def test_sampled_rows_and_orders_follow_the_joint(steps, exact, policy_depth):
+    """The decoder reads the policy's states where the training pass does, at every depth
+    (None: the default, after the first of the model's two blocks)."""
+    model = contextual_model(policy_depth=policy_depth)
     w = torch.tensor([0.5, 1.0, 3.0], dtype=torch.float64)
     tokens, orders = draw_with_orders(model, w, steps=steps)
     cells = pair_index(tokens, orders, SIZES)
@@ -211,6 +243,8 @@ def test_errors():
         CausalTransformer(SIZES, order="dynamic")
     with pytest.raises(ValueError, match="order_range"):
         CausalTransformer(SIZES, order="contextual", order_range=0.0)
+    with pytest.raises(ValueError, match="policy_depth"):
+        CausalTransformer(SIZES, order="contextual", num_layers=2, policy_depth=3)
     model = contextual_model()
     x = ROWS
     with pytest.raises(ValueError, match="contextual"):
