@@ -100,7 +100,7 @@ class TabularMDM:
             state = torch.load(checkpoint, weights_only=True, map_location="cpu")
             self._check_format(state, checkpoint)
             self.codec = TableCodec.from_state_dict(state["codec"])
-            self.model_options = dict(state["model_config"])
+            self.model_options = self._saved_model_config(state)
             self.model_options.pop("cardinalities")
             self.config = dataclasses.replace(TrainConfig(**state["train_config"]), epochs=self.config.epochs)
             self.learn_schedule = state["learn_schedule"]
@@ -340,14 +340,22 @@ class TabularMDM:
                     weights["heads.weight"] = weights.pop("out_weight")
                     weights["heads.bias"] = weights.pop("out_bias")
 
+    @staticmethod
+    def _saved_model_config(state) -> dict:
+        """The denoiser's config from a model file or checkpoint, as the code that wrote it meant
+        it: a contextual model written before `policy_depth` existed read its policy after
+        the last block."""
+        model_config = dict(state["model_config"])
+        if model_config.get("order") == "contextual":
+            model_config.setdefault("policy_depth", model_config["num_layers"])
+        return model_config
+
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: str | torch.device = "auto") -> "TabularMDM":
         """Load a model written by save() (or a training checkpoint); safe: weights_only."""
         state = torch.load(path, weights_only=True, map_location="cpu")
         cls._check_format(state, path)
-        model_config = dict(state["model_config"])
-        if model_config.get("order") == "contextual":   # files written before policy_depth: the last block
-            model_config.setdefault("policy_depth", model_config["num_layers"])
+        model_config = cls._saved_model_config(state)
         self = cls(architecture=state["architecture"], learn_schedule=state["learn_schedule"], device=device,
                    **state["train_config"])
         self.codec = TableCodec.from_state_dict(state["codec"])

@@ -123,8 +123,8 @@ def test_a_centred_posterior_keeps_its_running_mean_through_save_and_load(tmp_pa
 
 def test_contextual_files_from_before_policy_depth_read_the_last_block(tmp_path):
     """Contextual models saved before `policy_depth` existed had the policy read the content
-    stream after the last block; they still do when loaded. New two-block models read it
-    after the first."""
+    stream after the last block; they still do when loaded or resumed. New two-block models
+    read it after the first."""
     model = tiny(order="contextual", epochs=1, model=dict(TINY_MODEL, num_layers=2)).fit(correlated_table(100),
                                                                                         validation=None)
     assert model.denoiser.policy_depth == 1
@@ -134,6 +134,15 @@ def test_contextual_files_from_before_policy_depth_read_the_last_block(tmp_path)
     torch.save(state, tmp_path / "old.pt")
     assert TabularMDM.load(tmp_path / "new.pt").denoiser.policy_depth == 1
     assert TabularMDM.load(tmp_path / "old.pt").denoiser.policy_depth == 2
+    # and a training checkpoint from then resumes with the depth it was trained with
+    options = dict(order="contextual", model=dict(TINY_MODEL, num_layers=2))
+    tiny(epochs=1, **options).fit(correlated_table(100), validation=None, checkpoint=tmp_path / "ckpt.pt")
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    del state["model_config"]["policy_depth"]
+    torch.save(state, tmp_path / "ckpt.pt")
+    resumed = tiny(epochs=2, **options).fit(correlated_table(100), validation=None, checkpoint=tmp_path / "ckpt.pt",
+                                           resume=True)
+    assert resumed.denoiser.policy_depth == 2 and len(resumed.history) == 2
 
 
 def order_moved(model) -> dict:
