@@ -14,6 +14,7 @@ same run. The models are untrained: cost does not depend on the weights.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import platform
@@ -25,10 +26,12 @@ import torch
 from architectures import step_seconds
 from contextual_orders import load_table
 from fastmdm import TabularMDM
+from fastmdm.models import TableDenoiser
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "contextual_step.md")
-NUM_LAYERS = 3   # TabularMDM's default causal model
+#: Blocks of the default causal model (the denoisers' default, not a copy of it).
+NUM_LAYERS = inspect.signature(TableDenoiser.__init__).parameters["num_layers"].default
 VARIANTS = {"static": dict(architecture="causal"),
             "contextual, policy after the last block": dict(architecture="causal", order="contextual",
                                                             model=dict(policy_depth=NUM_LAYERS)),

@@ -3,9 +3,10 @@
 A contextual causal model carries two extra pieces:
 - `OrderPolicy` p_psi(next column | values revealed so far): logits log w_l + a linear map
   of the causal model's content state at the last revealed position (read at the model's
-  `policy_depth`, one block before the last by default), over the columns not yet revealed. With the linear map at zero (its initialization) this is static PL(w);
-  in the causal model the content state at position i - 1 has seen exactly x_{pi_<i}, so
-  one pass scores every step of an order.
+  `policy_depth`, one block before the last by default), over the columns not yet
+  revealed. With the linear map at zero (its initialization) this is static PL(w); in the
+  causal model the content state at position i - 1 has seen exactly x_{pi_<i}, so one
+  pass scores every step of an order.
 - `OrderPosterior` q_phi(pi | x) = PL(w * r_phi(x)) from the whole clean row, used only in
   training. The factor is r_l(x) = exp(g_l(x)), g = R tanh(raw / R) bounded by `order_range`
   R, so q's scores are the schedule's log w shifted per row, as the policy's logits are.
