@@ -244,13 +244,16 @@ class TabularMDM:
             for block in plan.blocks:
                 rows = plan.rows_of(block)
                 generator = plan.generator(block)
-                known = known_mask = None
+                given = known = known_mask = None
                 if conditions is not None:
                     part = conditions.iloc[rows.start:rows.stop] if isinstance(conditions, pd.DataFrame) else conditions
-                    known, known_mask = self._condition_tokens(part, len(rows))
+                    given = self._condition_frame(part, len(rows))
+                    known, known_mask = (t.to(self.device) for t in self.codec.encode_partial(given))
                 tokens = self._sample_tokens(len(rows), known, known_mask, batch_size=len(rows),
                                              generator=generator, **options)
                 frame = self.codec.decode(tokens, generator=generator)
+                if given is not None:
+                    frame = self.codec.keep_given(given, frame)
                 frame.index = pd.RangeIndex(rows.start, rows.stop)
                 if bar is not None:
                     bar.update(len(rows))
@@ -283,7 +286,8 @@ class TabularMDM:
                              self.codec.offsets.to(self.device), num_rows, known=known,
                              known_mask=known_mask, **options).cpu()
 
-    def _condition_tokens(self, conditions, num_rows: int):
+    def _condition_frame(self, conditions, num_rows: int) -> pd.DataFrame:
+        """The conditions as num_rows rows of the model's columns; NaN marks a free cell."""
         if isinstance(conditions, Mapping):
             unknown = [c for c in conditions if c not in self.codec.columns]
             if unknown:
@@ -295,9 +299,7 @@ class TabularMDM:
             frame = conditions.reindex(columns=self.codec.columns)
         else:
             raise TypeError("conditions must be a mapping {column: value} or a DataFrame")
-        frame = frame.astype({c: object for c in frame.columns if frame[c].isna().all()})
-        tokens, known = self.codec.encode_partial(frame)
-        return tokens.to(self.device), known.to(self.device)
+        return frame.astype({c: object for c in frame.columns if frame[c].isna().all()})
 
     def impute(self, df: pd.DataFrame, *, steps: int | None = None, speculative: int | None = None,
                temperature: float = 1.0, seed: int | None = None, batch_size: int = 4096) -> pd.DataFrame:
@@ -309,10 +311,7 @@ class TabularMDM:
                                      speculative=speculative, temperature=temperature, batch_size=batch_size, generator=generator)
         decoded = self.codec.decode(filled, generator=generator)
         decoded.index = df.index
-        # Known cells keep their exact original values (decoding a bin would resample them).
-        filled = df[self.codec.columns].where(df[self.codec.columns].notna(), decoded)
-        # Holes made pandas widen some columns (int -> float); filled, they take the fitted dtype.
-        return filled.astype(decoded.dtypes.to_dict())
+        return self.codec.keep_given(df, decoded)   # known cells exactly, in the fitted dtypes
 
     def nelbo(self, df: pd.DataFrame) -> float:
         """Mean per-row negative ELBO (nats) of df: an upper bound on -log p(row)."""

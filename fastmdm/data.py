@@ -437,6 +437,32 @@ class TableCodec:
         return self._encode(df, nan_is_unknown=True)
 
     # ----------------------------------------------------------------------------- decode
+    def keep_given(self, given: pd.DataFrame, decoded: pd.DataFrame) -> pd.DataFrame:
+        """`decoded` with every known (non-NaN) cell of `given` put back as given, in the
+        fitted dtype (text parsed as encoding does). A token is a numeric bin or the shared
+        rare-category token, and decoding draws a value from it, so the tokens alone would
+        not return a conditioned or imputed row's known values."""
+        self._check_frame(given)
+        if len(given) != len(decoded):
+            raise ValueError(f"given has {len(given)} rows but decoded has {len(decoded)}")
+        out = decoded.copy()
+        for column in self._columns:
+            series = given[column.name].reset_index(drop=True)
+            if isinstance(series.dtype, pd.CategoricalDtype):
+                series = series.astype(object)
+            plain = to_plain(column.name, series, column.pandas_dtype)
+            if column.is_numeric and plain.dtype == object:
+                plain = pd.to_numeric(plain, errors="coerce")
+            known = plain.notna().to_numpy()
+            if not known.any():
+                continue
+            values = plain.to_numpy(dtype=object)
+            values[~known] = values[known][0]   # placeholders: those cells keep the decoded value
+            restored = _from_plain(values, np.zeros(len(values), dtype=bool), column.pandas_dtype)
+            drawn = decoded[column.name].reset_index(drop=True)
+            out[column.name] = restored.where(known, drawn).set_axis(decoded.index)
+        return out
+
     def decode(self, tokens: torch.Tensor, generator: torch.Generator | None = None) -> pd.DataFrame:
         """DataFrame with the fitted column names, order and dtypes.
 
