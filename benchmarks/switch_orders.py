@@ -28,6 +28,8 @@ variant per process, as the CLI does.
         --results benchmarks/results/switch_orders_warmup_runs.jsonl
     python benchmarks/switch_orders.py contextual --epochs 22 --seed 0 --centre-posterior \
         --results benchmarks/results/switch_orders_centred_runs.jsonl
+    python benchmarks/switch_orders.py contextual --epochs 26 --seed 0 --centre-posterior \
+        --order-search-epochs 10 --results benchmarks/results/switch_orders_search_runs.jsonl
 """
 from __future__ import annotations
 
@@ -109,6 +111,7 @@ def report(path: str = RESULTS) -> str:
     variants = [v for v in VARIANTS if groups[(v,)]]
     rows = [("epochs", lambda r: r["epochs"]),
             ("order warm-up epochs", lambda r: r.get("order_warmup_epochs")),
+            ("order search epochs", lambda r: r.get("order_search_epochs", 0)),
             ("order_lr", lambda r: r.get("order_lr")),
             ("validation NELBO (nats/row), final", lambda r: r["val_nelbo"][-1]),
             ("validation NELBO, epoch 10", lambda r: r["val_nelbo"][9] if len(r["val_nelbo"]) >= 10 else None),
@@ -139,6 +142,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--order-warmup-epochs", type=int, default=0,
                         help="epochs with the order held at its start (TrainConfig.order_warmup_epochs)")
+    parser.add_argument("--order-search-epochs", type=int, default=0,
+                        help="a contextual model's first epochs trained by the order search (TrainConfig.order_search_epochs)")
     parser.add_argument("--order-lr", type=float, default=None,
                         help="learning rate of a contextual model's order: policy, posterior and w (default: TrainConfig.order_lr)")
     parser.add_argument("--centre-posterior", action="store_true",
@@ -157,6 +162,7 @@ def main() -> None:
     train = switch_table(seed=1000 + args.seed)
     model = TabularMDM(architecture="causal", epochs=args.epochs, seed=args.seed, progress=False,
                        batch_size=256, order_warmup_epochs=args.order_warmup_epochs,
+                       order_search_epochs=args.order_search_epochs,
                        **({} if args.order_lr is None else dict(order_lr=args.order_lr)),
                        **(dict(model=dict(centre_posterior=True)) if args.centre_posterior else {}),
                        **VARIANTS[args.variant])
@@ -164,6 +170,7 @@ def main() -> None:
     model.fit(train, validation=0.1)
     held_out = switch_table(2000, seed=2000)
     record = dict(variant=args.variant, seed=args.seed, epochs=args.epochs, order_warmup_epochs=args.order_warmup_epochs,
+                  order_search_epochs=args.order_search_epochs,
                   order_lr=model.config.order_lr, centre_posterior=model.denoiser.config.get("centre_posterior", False),
                   policy_depth=model.denoiser.config.get("policy_depth"),
                   cpu_seconds=time.process_time() - start,

@@ -69,6 +69,9 @@ class TabularMDM:
         self.device = _resolve_device(device)
         self.model_options = dict(model or {})
         self.config = TrainConfig(**train_options)
+        if self.config.order_search_epochs and order != "contextual":
+            raise ValueError("order_search_epochs searches a contextual model's orders; this model's order is "
+                             f"{order!r}")
         self.codec: TableCodec | None = None
         self.denoiser: TableDenoiser | None = None
         self.schedule: PowerSchedule | None = None

@@ -12,6 +12,7 @@ pi ~ PL(w), no prefix noise (`causal_loss`). `model_loss` picks the right one.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple
 
 import torch
@@ -120,16 +121,61 @@ def contextual_loss(denoiser: Callable[..., Tensor], x: Tensor, schedule: PowerS
     return LossOutput(joint.mean() + log_q.mean() + surrogate, samples.mean(1), samples)
 
 
+def order_search_loss(denoiser: Callable[..., Tensor], x: Tensor, schedule: PowerSchedule, *,
+                      num_samples: int = 2, generator: torch.Generator | None = None) -> LossOutput:
+    """Reweighted wake-sleep over orders: a contextual model's first `order_search_epochs`.
+
+    Of the K orders per row, ceil(K/2) come from the posterior q_phi(pi | x) and the rest are
+    uniform. With r = their mixture and weights wbar_k = p(x, pi_k) / r(pi_k) normalized over
+    the row's K, the denoiser, the policy and w minimize sum_k wbar_k (-log p(x, pi_k)) and the
+    posterior minimizes sum_k wbar_k (-log q(pi_k | x)): as K grows, the gradients of -log p(x)
+    and of KL(p(pi | x) || q). The bound's RLOO moves q toward the orders the denoiser already
+    scores best, and the denoiser then trains on those, so an early, arbitrary preference can
+    lock in (on the switch table, the wrong group first). Here the uniform orders keep the
+    denoiser learning every direction, in proportion to how well each explains the row, until
+    it tells them apart; q follows the posterior rather than its own samples. `nelbo` and
+    `samples` are the bound's, from the posterior's orders.
+    """
+    if num_samples < 2:
+        raise ValueError(f"the order search mixes posterior and uniform orders: num_samples must be >= 2, got {num_samples}")
+    model = getattr(denoiser, "module", denoiser)   # seen through DDP
+    rows, num_columns = x.shape
+    from_posterior = (num_samples + 1) // 2
+    w_rows = model.posterior_scores(x, schedule.w)                                # [B, L]
+    u = torch.rand((rows, from_posterior, num_columns), generator=generator).to(device=x.device, dtype=w_rows.dtype)
+    posterior_orders, _ = order_from_keys(exponential_keys(w_rows.detach()[:, None], u).flatten(0, 1))
+    uniform_keys = torch.rand((rows * (num_samples - from_posterior), num_columns), generator=generator)
+    uniform_orders = torch.argsort(uniform_keys.to(x.device), dim=1)
+    order = torch.cat([posterior_orders.view(rows, from_posterior, -1),
+                       uniform_orders.view(rows, num_samples - from_posterior, -1)], 1).flatten(0, 1)
+    x_rep = x.repeat_interleave(num_samples, dim=0)
+    everywhere = torch.ones(x_rep.shape, dtype=torch.bool, device=x.device)
+    joint = denoiser(x_rep, order, targets=x_rep, weight=everywhere.to(w_rows.dtype), mask=everywhere,
+                     order_prior=schedule.w).view(rows, num_samples)           # -log p(x, pi)
+    log_q = plackett_luce_log_prob(w_rows.repeat_interleave(num_samples, dim=0), order).view(rows, num_samples)
+    share = from_posterior / num_samples
+    log_uniform = -math.lgamma(num_columns + 1)
+    log_r = torch.logaddexp(log_q.detach() + math.log(share),
+                            torch.full_like(log_q, log_uniform + math.log1p(-share)))
+    weights = torch.softmax(-joint.detach() - log_r.to(joint.dtype), dim=1)
+    loss = (weights * joint).sum(1).mean() - (weights.to(log_q.dtype) * log_q).sum(1).mean()
+    samples = (joint[:, :from_posterior] + log_q[:, :from_posterior].to(joint.dtype)).detach()
+    return LossOutput(loss, samples.mean(1), samples)
+
+
 def model_loss(denoiser: Callable[..., Tensor], x: Tensor, schedule: PowerSchedule, mask_id: Tensor,
                offsets: Tensor, *, estimator: str = "order", num_samples: int = 2,
-               generator: torch.Generator | None = None) -> LossOutput:
+               generator: torch.Generator | None = None, order_search: bool = False) -> LossOutput:
     """The NELBO estimate for this kind of denoiser: `causal_loss` for causal models (which
-    accept only the order-space estimator), `diffusion_loss` otherwise."""
+    accept only the order-space estimator), `diffusion_loss` otherwise. `order_search`: a
+    contextual model's loss is `order_search_loss` instead of its bound."""
     if getattr(getattr(denoiser, "module", denoiser), "causal", False):  # seen through DDP
         if estimator != "order":
             raise ValueError("the causal denoiser is trained with the order-space estimator "
                              f"(whole orders), not {estimator!r}")
         if getattr(denoiser, "module", denoiser).contextual:
+            if order_search:
+                return order_search_loss(denoiser, x, schedule, num_samples=num_samples, generator=generator)
             return contextual_loss(denoiser, x, schedule, num_samples=num_samples, generator=generator)
         return causal_loss(denoiser, x, schedule, num_samples=num_samples, generator=generator)
     return diffusion_loss(denoiser, x, schedule, mask_id, offsets, estimator=estimator,

@@ -41,6 +41,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     warmup_steps: int = 100
     order_warmup_epochs: int = 0    # epochs with the order (w, a contextual policy and posterior) held at its start
+    order_search_epochs: int = 0    # a contextual model's first epochs train by objective.order_search_loss
     val_samples: int = 4            # masks per validation row for the validation NELBO
     seed: int = 0
     progress: bool = True
@@ -52,8 +53,9 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "num_samples", "val_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.order_warmup_epochs < 0:
-            raise ValueError(f"order_warmup_epochs must be >= 0, got {self.order_warmup_epochs}")
+        for name in ("order_warmup_epochs", "order_search_epochs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
         if self.lr <= 0 or self.schedule_lr < 0 or self.order_lr < 0:
@@ -186,7 +188,7 @@ class Trainer:
         with autocast:
             out = model_loss(self.model, batch, self.schedule, self.mask_id, self.offsets,
                                  estimator=self.config.estimator, num_samples=self.config.num_samples,
-                                 generator=self.generator)
+                                 generator=self.generator, order_search=self.epoch < self.config.order_search_epochs)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         if self.world > 1 and self.schedule.learnable:
