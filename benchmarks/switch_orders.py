@@ -164,7 +164,7 @@ def main() -> None:
                        batch_size=256, order_warmup_epochs=args.order_warmup_epochs,
                        order_search_epochs=args.order_search_epochs,
                        **({} if args.order_lr is None else dict(order_lr=args.order_lr)),
-                       **(dict(model=dict(centre_posterior=True)) if args.centre_posterior else {}),
+                       **(dict(model=dict(centre_posterior=args.centre_posterior)) if "contextual" in args.variant else {}),
                        **VARIANTS[args.variant])
     start = time.process_time()
     model.fit(train, validation=0.1)

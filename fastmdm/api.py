@@ -105,7 +105,9 @@ class TabularMDM:
             self.codec = TableCodec.from_state_dict(state["codec"])
             self.model_options = self._saved_model_config(state)
             self.model_options.pop("cardinalities")
-            self.config = dataclasses.replace(TrainConfig(**state["train_config"]), epochs=self.config.epochs)
+            saved = dict(state["train_config"])
+            saved.setdefault("order_search_epochs", 0)   # a run from before the order search did none
+            self.config = dataclasses.replace(TrainConfig(**saved), epochs=self.config.epochs)
             self.learn_schedule = state["learn_schedule"]
             self.architecture = state["architecture"]
             self.order = self.model_options.pop("order", "static")
@@ -346,10 +348,11 @@ class TabularMDM:
     def _saved_model_config(state) -> dict:
         """The denoiser's config from a model file or checkpoint, as the code that wrote it meant
         it: a contextual model written before `policy_depth` existed read its policy after
-        the last block."""
+        the last block, and one written before `centre_posterior` existed was not centred."""
         model_config = dict(state["model_config"])
         if model_config.get("order") == "contextual":
             model_config.setdefault("policy_depth", model_config["num_layers"])
+            model_config.setdefault("centre_posterior", False)   # written before centring existed
         return model_config
 
     @classmethod

@@ -152,11 +152,11 @@ def test_trainer_searches_orders_for_the_first_epochs(monkeypatch):
 
 
 def test_posterior_is_centred_per_column():
-    """With centre_posterior, in training, log r_phi(x) sums to zero over the batch in every
+    """With centre_posterior (the default), in training, log r_phi(x) sums to zero over the batch in every
     column (q's static preference is w's alone) and the running mean follows the batch's; in
     eval mode the running mean is subtracted instead, so a row's factor does not depend on
     its batch."""
-    posterior = contextual_model(centre_posterior=True).order_posterior
+    posterior = contextual_model().order_posterior
     x = torch.randint(0, 2, (64, 3))
     raw = torch.log(posterior.eval()(x))              # column_mean is 0 before training
     posterior.train()
@@ -167,7 +167,7 @@ def test_posterior_is_centred_per_column():
     torch.testing.assert_close(posterior.column_mean, raw.mean(0), rtol=0, atol=1e-7)
     posterior.eval()
     torch.testing.assert_close(torch.log(posterior(x[:5])), centred[:5], rtol=0, atol=1e-7)
-    plain = contextual_model().order_posterior       # the default: not centred, the same in both modes
+    plain = contextual_model(centre_posterior=False).order_posterior   # not centred: the same in both modes
     torch.testing.assert_close(plain.train()(x), plain.eval()(x), rtol=0, atol=0)
     assert not hasattr(plain, "column_mean")
 

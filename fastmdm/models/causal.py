@@ -59,7 +59,7 @@ class CausalTransformer(TableDenoiser):
     causal = True
 
     def __init__(self, cardinalities: list[int], order: str = "static",
-                 order_range: float = DEFAULT_ORDER_RANGE, centre_posterior: bool = False,
+                 order_range: float = DEFAULT_ORDER_RANGE, centre_posterior: bool = True,
                  policy_depth: int | None = None, **options):
         if order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")

@@ -15,10 +15,11 @@ A contextual causal model carries two extra pieces:
   per column (over the batch in training, by a running mean otherwise, as batch norm does),
   so q's static preference is w's alone and the posterior can only learn how rows differ.
   Uncentred, the static direction, the strongest and cheapest signal, is learned first and
-  q tends to settle on one static order for every row. Centred, the switch table's search
-  is decisive either way: 3 seeds of 5 generate every row in an easy order (7.34-7.40
-  against static's 7.50-7.55) and 2 split the wrong way (8.51, 9.02), so it is off by
-  default (README, "Contextual orders").
+  q tends to settle on one static order for every row. Centred, with the bound alone, the
+  switch table's search is decisive either way (3 seeds of 5 split the right way, 2 the
+  wrong way); with the order search first (`fastmdm.objective.order_search_loss`) it
+  splits the right way on every seed tried, so centring is the default (README,
+  "Contextual orders").
   Why not LoMDM's bounded scores, c1 + c2 (sigmoid(g) - mean sigmoid(g)): their ratios
   stay within (c1 + c2) / (c1 - c2) (27 at the reported 0.7 / 0.65), while a learned w
   spans 1,000x and more, so neither those scores alone nor those scores as a factor on w
