@@ -205,6 +205,7 @@ def run(table: str, seed: int, epochs: int, max_rows: int | None, names: list[st
             order_search_epochs=model.config.order_search_epoch_count if model.order == "contextual" else 0,
             order_lr=model.config.order_lr,
             centre_posterior=model.denoiser.config.get("centre_posterior", False),
+            posterior=model.denoiser.config.get("posterior"), schedule_lr=model.config.schedule_lr,
             policy_depth=model.denoiser.config.get("policy_depth"),
             probe_step_seconds=probe[name], train_seconds=train_seconds,
             train_rows_per_second=0.9 * len(train) * budget / sum(r.seconds for r in model.history),

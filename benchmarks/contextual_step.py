@@ -1,9 +1,10 @@
 """What a contextual order costs per training step and per sampled row, against a static one.
 
-Three causal models per table, the default size: `static` (learned w), `contextual, policy
+Four causal models per table, the default size: `static` (learned w), `contextual, policy
 after the last block` (`policy_depth` = num_layers, the design before session 8, which
-made the last block run the content stream too) and `contextual` (the default policy depth,
-one block before the last). Reported: the median CPU seconds of a training step (forward,
+made the last block run the content stream too), `contextual` (the default policy depth,
+one block before the last) and `contextual, MLP posterior` (its order posterior an MLP on
+the row, not a transformer block: fastmdm.models.orders.OrderPosterior). Reported: the median CPU seconds of a training step (forward,
 backward, update; steps interleaved, `architectures.step_seconds`) and of sampling a batch
 of rows at S = L (interleaved repeats, CPU time), each also as a ratio to static's in the
 same run. The models are untrained: cost does not depend on the weights.
@@ -35,7 +36,9 @@ NUM_LAYERS = inspect.signature(TableDenoiser.__init__).parameters["num_layers"].
 VARIANTS = {"static": dict(architecture="causal"),
             "contextual, policy after the last block": dict(architecture="causal", order="contextual",
                                                             model=dict(policy_depth=NUM_LAYERS)),
-            "contextual": dict(architecture="causal", order="contextual")}
+            "contextual": dict(architecture="causal", order="contextual"),
+            "contextual, MLP posterior": dict(architecture="causal", order="contextual",
+                                              model=dict(posterior="mlp"))}
 
 
 def sampling_seconds(train, seed: int, rows: int, repeats: int) -> dict[str, float]:

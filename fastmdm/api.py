@@ -348,11 +348,13 @@ class TabularMDM:
     def _saved_model_config(state) -> dict:
         """The denoiser's config from a model file or checkpoint, as the code that wrote it meant
         it: a contextual model written before `policy_depth` existed read its policy after
-        the last block, and one written before `centre_posterior` existed was not centred."""
+        the last block, one written before `centre_posterior` existed was not centred, and one
+        written before `posterior` existed read the row with a transformer block."""
         model_config = dict(state["model_config"])
         if model_config.get("order") == "contextual":
             model_config.setdefault("policy_depth", model_config["num_layers"])
             model_config.setdefault("centre_posterior", False)   # written before centring existed
+            model_config.setdefault("posterior", "block")        # written before the MLP posterior existed
         return model_config
 
     @classmethod

@@ -38,8 +38,8 @@ class TrainConfig:
     epochs: int = 30
     batch_size: int = 1024          # rows per step (all processes together)
     lr: float = 2e-3
-    schedule_lr: float = 1e-2       # learning rate for log w (the schedule) of a static-order model
-    order_lr: float = 1e-3          # learning rate for a contextual model's policy, posterior and w (see README)
+    schedule_lr: float = 1e-2       # learning rate for log w (the schedule)
+    order_lr: float = 1e-3          # learning rate for a contextual model's policy and posterior (see README)
     weight_decay: float = 0.0
     estimator: str = "order"        # "order" (ours, low variance) or "tspace" (the paper's)
     num_samples: int = 2            # masks per row (K); RLOO needs >= 2
@@ -122,11 +122,11 @@ class Trainer:
         self.offsets = offsets.to(self.device)
         self.ema = copy.deepcopy(self.denoiser).requires_grad_(False)
         self.ema_schedule = copy.deepcopy(self.schedule).requires_grad_(False)
-        # A contextual model's order (its policy, posterior and w) learns at order_lr, a static
-        # model's w at schedule_lr: faster, the contextual order collapses onto a static one
-        # before it can depend on the values (README, "Contextual orders"). The order's
-        # parameters are not clipped: their RLOO gradients are noisy and, clipped together
-        # with the denoiser's, would shrink the denoiser's steps.
+        # w learns at schedule_lr, a contextual model's policy and posterior at order_lr:
+        # faster, the posterior collapses onto a static order before it can depend on the
+        # values (README, "Contextual orders"). The order's parameters are not clipped: their
+        # RLOO gradients are noisy and, clipped together with the denoiser's, would shrink
+        # the denoiser's steps.
         named = list(self.denoiser.named_parameters())
         order_params = [p for name, p in named if name.startswith("order_")]
         self.clipped_params = [p for name, p in named if not name.startswith("order_")]
@@ -134,8 +134,7 @@ class Trainer:
         if order_params:
             groups.append({"params": order_params, "lr": config.order_lr, "order": True})
         if self.schedule.learnable:
-            w_lr = config.order_lr if order_params else config.schedule_lr
-            groups.append({"params": [self.schedule.log_w], "lr": w_lr, "weight_decay": 0.0,
+            groups.append({"params": [self.schedule.log_w], "lr": config.schedule_lr, "weight_decay": 0.0,
                            "order": True})
         self.is_order_group = [g.pop("order") for g in groups]   # held during order_warmup_epochs
         self.optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)

@@ -75,7 +75,14 @@ def row_counts(tokens, sizes):
 
 
 def chi_square_p(counts, probs):
+    """Pearson's test of counts against probs, with the cells expected fewer than 5 times
+    pooled into one (the chi-square approximation fails there: one draw of a cell expected
+    0.016 times alone would add 61 to the statistic)."""
     expected = probs / probs.sum() * counts.sum()
+    rare = expected < 5
+    if rare.any():
+        counts = torch.cat([counts[~rare], counts[rare].sum().view(1)])
+        expected = torch.cat([expected[~rare], expected[rare].sum().view(1)])
     return chisquare(counts.numpy(), expected.numpy()).pvalue
 
 

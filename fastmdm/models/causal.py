@@ -60,7 +60,7 @@ class CausalTransformer(TableDenoiser):
 
     def __init__(self, cardinalities: list[int], order: str = "static",
                  order_range: float = DEFAULT_ORDER_RANGE, centre_posterior: bool = True,
-                 policy_depth: int | None = None, **options):
+                 posterior: str = "mlp", policy_depth: int | None = None, **options):
         if order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
         super().__init__(cardinalities, **options)
@@ -77,10 +77,10 @@ class CausalTransformer(TableDenoiser):
             if not 0 <= policy_depth <= num_layers:
                 raise ValueError(f"policy_depth must lie in [0, num_layers={num_layers}], got {policy_depth}")
             self._config.update(order_range=float(order_range), centre_posterior=bool(centre_posterior),
-                                policy_depth=int(policy_depth))
+                                posterior=posterior, policy_depth=int(policy_depth))
             self.order_policy = OrderPolicy(d_model, self.num_columns)
             self.order_posterior = OrderPosterior(self.cardinalities, log_range=order_range,
-                                                  centred=centre_posterior)
+                                                  centred=centre_posterior, encoder=posterior)
 
     @property
     def contextual(self) -> bool:

@@ -33,6 +33,7 @@ is in `fastmdm.objective.contextual_loss`.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .layers import Block
@@ -42,6 +43,8 @@ from .layers import Block
 DEFAULT_ORDER_RANGE = 8.0
 #: Weight of each training batch in the running per-column mean of g that eval mode subtracts.
 CENTRING_MOMENTUM = 0.05
+#: How the posterior reads the row (OrderPosterior).
+POSTERIOR_ENCODERS = ("block", "mlp")
 
 
 class OrderPolicy(nn.Module):
@@ -62,24 +65,34 @@ class OrderPolicy(nn.Module):
 class OrderPosterior(nn.Module):
     """The factor r_phi(x) [B, L] of q_phi(pi | x) = PL(w * r_phi(x)), from clean rows [B, L].
 
-    One transformer block over the row's column tokens (a value embedding per (column,
-    value), as the denoiser has), then a scalar per column. `centred` subtracts its mean per
+    A value embedding per (column, value), as the denoiser has, then an `encoder` that
+    gives a scalar per column: "block", one transformer block over the row's column tokens,
+    or "mlp", a two-layer MLP on the sum of the row's embeddings (one vector per row, so
+    its cost does not grow with L per column). `centred` subtracts its mean per
     column (module docstring): in training the batch's, which also updates `column_mean`,
     the running mean that eval mode (validation, saved models) subtracts instead.
     """
 
     def __init__(self, cardinalities: list[int], d_model: int = 32, num_heads: int = 4,
-                 log_range: float = DEFAULT_ORDER_RANGE, centred: bool = False):
+                 log_range: float = DEFAULT_ORDER_RANGE, centred: bool = False, encoder: str = "block"):
         super().__init__()
         if not log_range > 0:
             raise ValueError(f"order_range must be > 0, got {log_range}")
+        if encoder not in POSTERIOR_ENCODERS:
+            raise ValueError(f"posterior must be one of {POSTERIOR_ENCODERS}, got {encoder!r}")
         self.log_range = float(log_range)
         sizes = torch.tensor(cardinalities, dtype=torch.int64)
         self.register_buffer("_value_offsets", torch.cumsum(sizes, 0) - sizes, persistent=False)
         self.value_embedding = nn.Embedding(int(sizes.sum()), d_model)
-        self.block = Block(d_model, num_heads, 2 * d_model, 0.0)
-        self.norm = nn.LayerNorm(d_model)
-        self.out = nn.Linear(d_model, 1)
+        self.encoder = encoder
+        if encoder == "block":
+            self.block = Block(d_model, num_heads, 2 * d_model, 0.0)
+            self.norm = nn.LayerNorm(d_model)
+            self.out = nn.Linear(d_model, 1)
+        else:
+            self.norm = nn.LayerNorm(d_model)
+            self.hidden = nn.Linear(d_model, 4 * d_model)
+            self.out = nn.Linear(4 * d_model, len(cardinalities))
         self.centred = bool(centred)
         if self.centred:
             self.register_buffer("column_mean", torch.zeros(len(cardinalities)))
@@ -87,9 +100,15 @@ class OrderPosterior(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
+    def _raw_scores(self, x: Tensor) -> Tensor:
+        """Unbounded scores [B, L] from clean rows [B, L]."""
+        embedded = self.value_embedding(x + self._value_offsets)
+        if self.encoder == "block":
+            return self.out(self.norm(self.block(embedded))).squeeze(-1)
+        return self.out(F.gelu(self.hidden(self.norm(embedded.sum(1)))))
+
     def forward(self, x: Tensor) -> Tensor:
-        h = self.block(self.value_embedding(x + self._value_offsets))
-        raw = self.out(self.norm(h)).squeeze(-1)
+        raw = self._raw_scores(x)
         g = self.log_range * torch.tanh(raw / self.log_range)
         if not self.centred:
             return torch.exp(g)
