@@ -118,36 +118,41 @@ def test_a_centred_posterior_keeps_its_running_mean_through_save_and_load(tmp_pa
     loaded = TabularMDM.load(tmp_path / "m.pt")
     assert loaded.denoiser.order_posterior.centred
     torch.testing.assert_close(loaded.denoiser.order_posterior.column_mean, mean, rtol=0, atol=0)
-    assert tiny(order="contextual", epochs=1).fit(correlated_table(50), validation=None).denoiser.order_posterior.centred
+    default = tiny(order="contextual", epochs=1).fit(correlated_table(50), validation=None).denoiser.order_posterior
+    assert default.centred and default.encoder == "mlp"
     uncentred = tiny(order="contextual", epochs=1, model=dict(TINY_MODEL, centre_posterior=False))
     assert not uncentred.fit(correlated_table(50), validation=None).denoiser.order_posterior.centred
 
 
 def test_contextual_files_from_before_policy_depth_read_the_last_block(tmp_path):
     """Contextual models saved before `policy_depth` existed had the policy read the content
-    stream after the last block, and before `centre_posterior` and the order search existed
-    they had neither; they keep that when loaded or resumed. New two-block models read the
-    policy after the first block."""
-    old_options = dict(order="contextual", model=dict(TINY_MODEL, num_layers=2, centre_posterior=False))
+    stream after the last block, and before `centre_posterior`, the order search and the MLP
+    posterior existed they had neither (their posterior was a transformer block); they keep
+    that when loaded or resumed. New two-block models read the policy after the first block."""
+    old_options = dict(order="contextual", model=dict(TINY_MODEL, num_layers=2, centre_posterior=False,
+                                                      posterior="block"))
     model = tiny(epochs=1, **old_options).fit(correlated_table(100), validation=None)
     assert model.denoiser.policy_depth == 1
     model.save(tmp_path / "new.pt")
     state = torch.load(tmp_path / "new.pt", weights_only=True)
-    del state["model_config"]["policy_depth"], state["model_config"]["centre_posterior"]
+    for key in ("policy_depth", "centre_posterior", "posterior"):
+        del state["model_config"][key]
     torch.save(state, tmp_path / "old.pt")
     assert TabularMDM.load(tmp_path / "new.pt").denoiser.policy_depth == 1
     old = TabularMDM.load(tmp_path / "old.pt").denoiser   # (centred, it would miss the running mean)
-    assert old.policy_depth == 2 and not old.order_posterior.centred
+    assert old.policy_depth == 2 and not old.order_posterior.centred and old.order_posterior.encoder == "block"
     # and a training checkpoint from then resumes as it was trained
     tiny(epochs=1, **old_options).fit(correlated_table(100), validation=None, checkpoint=tmp_path / "ckpt.pt")
     state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    del state["model_config"]["policy_depth"], state["model_config"]["centre_posterior"]
+    for key in ("policy_depth", "centre_posterior", "posterior"):
+        del state["model_config"][key]
     del state["train_config"]["order_search_epochs"]
     torch.save(state, tmp_path / "ckpt.pt")
     resumed = tiny(epochs=2, order="contextual").fit(correlated_table(100), validation=None,
                                                      checkpoint=tmp_path / "ckpt.pt", resume=True)
     assert resumed.denoiser.policy_depth == 2 and len(resumed.history) == 2
     assert not resumed.denoiser.order_posterior.centred and resumed.config.order_search_epochs == 0
+    assert resumed.denoiser.order_posterior.encoder == "block"
 
 
 def order_moved(model) -> dict:
