@@ -1,17 +1,22 @@
 """Contextual generation orders (LoMDM) against static learned and linear orders, in one run
 (issue 13).
 
-Four causal models per (table, seed), all with the default size:
+Seven causal models per (table, seed), all with the default size:
 - `linear`: w = 1 fixed, orders uniform;
 - `static`: learned w, one Plackett-Luce order distribution for the table (MDM(LS));
 - `contextual`: the order policy p_psi(next column | values so far) with the posterior
   q_phi(pi | x) (fastmdm.models.orders), trained on the LoMDM bound alone, on top of a
-  learned w, the posterior not centred (the contextual model of sessions 5-8);
+  learned w, the posterior not centred (the contextual model of sessions 5-8: a
+  transformer-block posterior, w at 1e-3);
 - `contextual-fixed-w`: the same with w = 1 fixed, so the posterior and the policy alone
   shape the orders, as in LoMDM;
-- `contextual-search`: `TabularMDM(order="contextual")` as it now is: the posterior centred
-  per column and the first `fastmdm.train.ORDER_SEARCH_SHARE` of the epochs trained by the order search
-  (`TrainConfig.order_search_epochs`, fastmdm.objective.order_search_loss), then the bound.
+- `contextual-search`: `TabularMDM(order="contextual")` as it now is: the posterior an MLP,
+  centred per column, w at `schedule_lr`, and the first `fastmdm.train.ORDER_SEARCH_SHARE`
+  of the epochs trained by the order search (`TrainConfig.order_search_epochs`,
+  fastmdm.objective.order_search_loss), then the bound;
+- `contextual-search-block`: the same as session 9 had it, with the transformer-block
+  posterior and w at 1e-3;
+- `contextual-no-search`: `contextual-search` on the bound alone, without the order search.
 They get the same CPU-time budget: `static` trains `--epochs` epochs and the others as many
 as fit in the same time, from a probe of each one's step CPU time, their steps interleaved
 (the probe times the bound's step: an order-search step costs about 10% less, so
@@ -54,10 +59,15 @@ from fastmdm.sample import DecodeStats, known_first_order
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "contextual_orders_runs.jsonl")
-BOUND_ONLY = dict(order="contextual", model=dict(centre_posterior=False), order_search_epochs=0)
+#: Until session 10 a contextual model's posterior was a transformer block and its w learned
+#: at order_lr (1e-3), now w's schedule_lr: these options pin what the earlier variants ran.
+BLOCK_SLOW_W = dict(order="contextual", model=dict(posterior="block"), schedule_lr=1e-3)
+BOUND_ONLY = dict(BLOCK_SLOW_W, model=dict(posterior="block", centre_posterior=False), order_search_epochs=0)
 VARIANTS = {"linear": dict(learn_schedule=False), "static": dict(), "contextual": BOUND_ONLY,
             "contextual-fixed-w": dict(BOUND_ONLY, learn_schedule=False),
-            "contextual-search": dict(order="contextual")}
+            "contextual-search-block": BLOCK_SLOW_W,
+            "contextual-search": dict(order="contextual"),
+            "contextual-no-search": dict(order="contextual", order_search_epochs=0)}
 #: Epochs of the static model per table (the time budget): the switch table is small and
 #: learns slowly, so it gets more; --epochs overrides. Adult and MAGIC had 6 until session 8:
 #: MAGIC still gained 1.4 nats an epoch there, so the comparison measured mostly that a
@@ -192,7 +202,7 @@ def run(table: str, seed: int, epochs: int, max_rows: int | None, names: list[st
         if order_lr is not None:
             options = dict(options, order_lr=order_lr)
         if centre_posterior and options.get("order") == "contextual":
-            options = dict(options, model=dict(centre_posterior=True))
+            options = dict(options, model=dict(options.get("model", {}), centre_posterior=True))
         model = TabularMDM(epochs=budget, seed=seed, progress=False, order_warmup_epochs=warmup, **options)
         start = time.perf_counter()
         model.fit(train, validation=0.1)

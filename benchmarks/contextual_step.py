@@ -1,12 +1,14 @@
 """What a contextual order costs per training step and per sampled row, against a static one.
 
 Four causal models per table, the default size: `static` (learned w), `contextual, policy
-after the last block` (`policy_depth` = num_layers, the design before session 8, which
-made the last block run the content stream too), `contextual` (the default policy depth,
-one block before the last) and `contextual, MLP posterior` (its order posterior an MLP on
-the row, not a transformer block: fastmdm.models.orders.OrderPosterior). Reported: the median CPU seconds of a training step (forward,
-backward, update; steps interleaved, `architectures.step_seconds`) and of sampling a batch
-of rows at S = L (interleaved repeats, CPU time), each also as a ratio to static's in the
+after the last block, block posterior` (`policy_depth` = num_layers and a transformer-block
+order posterior: the design of sessions 5-7, which made the last block run the content
+stream too), `contextual, block posterior` (sessions 8-9: the default policy depth, one
+block before the last) and `contextual` (the default since session 10: the order posterior
+an MLP on the row, fastmdm.models.orders.OrderPosterior). Reported: the median CPU seconds
+of a training step (forward, backward, update; steps interleaved,
+`architectures.step_seconds`) and of sampling a batch of rows at S = L (interleaved
+repeats, CPU time), each also as a ratio to static's in the
 same run. The models are untrained: cost does not depend on the weights.
 
     python benchmarks/contextual_step.py                  # adult and magic, 1 thread
@@ -34,11 +36,11 @@ RESULTS = os.path.join(HERE, "results", "contextual_step.md")
 #: Blocks of the default causal model (the denoisers' default, not a copy of it).
 NUM_LAYERS = inspect.signature(TableDenoiser.__init__).parameters["num_layers"].default
 VARIANTS = {"static": dict(architecture="causal"),
-            "contextual, policy after the last block": dict(architecture="causal", order="contextual",
-                                                            model=dict(policy_depth=NUM_LAYERS)),
-            "contextual": dict(architecture="causal", order="contextual"),
-            "contextual, MLP posterior": dict(architecture="causal", order="contextual",
-                                              model=dict(posterior="mlp"))}
+            "contextual, policy after the last block, block posterior": dict(
+                architecture="causal", order="contextual", model=dict(policy_depth=NUM_LAYERS, posterior="block")),
+            "contextual, block posterior": dict(architecture="causal", order="contextual",
+                                                model=dict(posterior="block")),
+            "contextual": dict(architecture="causal", order="contextual")}
 
 
 def sampling_seconds(train, seed: int, rows: int, repeats: int) -> dict[str, float]:
