@@ -283,7 +283,7 @@ def main() -> None:
     parser.add_argument("--order-warmup-share", type=float, default=ORDER_WARMUP_SHARE,
                         help="share of a contextual model's epochs with its order held at the start")
     parser.add_argument("--order-lr", type=float, default=None,
-                        help="learning rate of a contextual model's order: policy, posterior and w (default: TrainConfig.order_lr)")
+                        help="learning rate of a contextual model's policy and posterior (default: TrainConfig.order_lr)")
     parser.add_argument("--centre-posterior", action="store_true",
                         help="centre the contextual order posterior per column (model option centre_posterior)")
     parser.add_argument("--max-rows", type=int, default=None, help="use the first rows of train only (smoke runs)")

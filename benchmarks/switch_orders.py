@@ -19,7 +19,9 @@ models the same share of orders drawn from the posterior q(pi | x) for real rows
 held-out -log p(x | pi) along free-group-first and bound-group-first orders
 (`group_order_nll`): which way its conditionals point a learned order. The oracle replaces the
 training objective for its run only (it patches fastmdm.objective.causal_loss), so run one
-variant per process, as the CLI does.
+variant per process, as the CLI does. The contextual models take the library's defaults:
+runs before session 10 (no `posterior` field in their records) had a transformer-block
+posterior and w at `order_lr`, 1e-3.
 
     python benchmarks/switch_orders.py oracle --epochs 20 --seed 0
     python benchmarks/switch_orders.py contextual --epochs 20 --seed 0
@@ -145,7 +147,7 @@ def main() -> None:
     parser.add_argument("--order-search-epochs", type=int, default=0,
                         help="a contextual model's first epochs trained by the order search (TrainConfig.order_search_epochs)")
     parser.add_argument("--order-lr", type=float, default=None,
-                        help="learning rate of a contextual model's order: policy, posterior and w (default: TrainConfig.order_lr)")
+                        help="learning rate of a contextual model's policy and posterior (default: TrainConfig.order_lr)")
     parser.add_argument("--centre-posterior", action="store_true",
                         help="centre a contextual model's order posterior per column (model option centre_posterior)")
     parser.add_argument("--results", default=RESULTS, help="JSON lines file the run is appended to")
@@ -172,6 +174,7 @@ def main() -> None:
     record = dict(variant=args.variant, seed=args.seed, epochs=args.epochs, order_warmup_epochs=args.order_warmup_epochs,
                   order_search_epochs=args.order_search_epochs,
                   order_lr=model.config.order_lr, centre_posterior=model.denoiser.config.get("centre_posterior", False),
+                  posterior=model.denoiser.config.get("posterior"), schedule_lr=model.config.schedule_lr,
                   policy_depth=model.denoiser.config.get("policy_depth"),
                   cpu_seconds=time.process_time() - start,
                   val_nelbo=[round(r.val_nelbo, 4) for r in model.history],

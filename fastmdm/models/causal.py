@@ -94,7 +94,7 @@ class CausalTransformer(TableDenoiser):
         By default the second-to-last block's output (the last block's, for a one-block
         model): it has seen the whole prefix, and the last block then runs the query stream
         only, as a static model's does. Reading the last block's content output made a
-        contextual training step cost 1.28-1.30x a static one's, against 1.15x now (Adult,
+        contextual training step cost 1.28-1.30x a static one's, against 1.15x (session 8; Adult,
         MAGIC; benchmarks/contextual_step.py). Static models: the last block (unused).
         """
         return self._config.get("policy_depth", len(self.blocks))

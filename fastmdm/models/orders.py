@@ -10,7 +10,7 @@ A contextual causal model carries two extra pieces:
 - `OrderPosterior` q_phi(pi | x) = PL(w * r_phi(x)) from the whole clean row, used only in
   training: an MLP on the sum of the row's value embeddings (or one transformer block over
   them, `posterior="block"`, the only kind until session 10; the MLP's training step costs
-  1.05x a static one's against the block's 1.11-1.12x, and finds the switch table's orders
+  1.03-1.07x a static one's against the block's 1.10-1.15x, and finds the switch table's orders
   as well: README, "Contextual orders"). The factor is r_l(x) = exp(g_l(x)), g = R tanh(raw / R) bounded by `order_range`
   R, so q's scores are the schedule's log w shifted per row, as the policy's logits are.
   g starts at zero, so at initialization q = p_psi = PL(w), the static model, and the
