@@ -107,6 +107,10 @@ class TabularMDM:
             self.model_options.pop("cardinalities")
             saved = dict(state["train_config"])
             saved.setdefault("order_search_epochs", 0)   # a run from before the order search did none
+            if self.model_options.get("order") == "contextual" and saved["order_search_epochs"] is None:
+                # The share was of the run's epochs: a run resumed with more keeps its search
+                # epochs, and does not go back into the search after the bound.
+                saved["order_search_epochs"] = TrainConfig(**saved).order_search_epoch_count
             self.config = dataclasses.replace(TrainConfig(**saved), epochs=self.config.epochs)
             self.learn_schedule = state["learn_schedule"]
             self.architecture = state["architecture"]

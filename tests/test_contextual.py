@@ -139,7 +139,9 @@ def test_order_search_gradients_are_those_of_the_likelihood_and_the_inclusive_kl
     assert (wrong - exact).norm() > 0.1 * exact.norm()
 
 
-def test_trainer_searches_orders_for_the_first_epochs(monkeypatch):
+@pytest.fixture
+def search_calls(monkeypatch):
+    """order_search of every training step's loss, in order."""
     calls = []
     original = fastmdm.train.model_loss
 
@@ -149,10 +151,28 @@ def test_trainer_searches_orders_for_the_first_epochs(monkeypatch):
         return original(*args, order_search=order_search, **kwargs)
 
     monkeypatch.setattr(fastmdm.train, "model_loss", recording)
+    return calls
+
+
+def test_trainer_searches_orders_for_the_first_epochs(search_calls):
     table = pd.DataFrame({"a": torch.randint(0, 3, (64,)).tolist(), "b": torch.randint(0, 2, (64,)).tolist()})
     TabularMDM(order="contextual", model=dict(d_model=8, num_layers=1, num_heads=2, dim_feedforward=16), epochs=3,
                batch_size=32, order_search_epochs=2, progress=False).fit(table, validation=None)
-    assert calls == [True] * 4 + [False] * 2
+    assert search_calls == [True] * 4 + [False] * 2
+
+
+def test_a_resumed_run_keeps_its_search_epochs(search_calls, tmp_path):
+    """The default search share is of the run's epochs: resumed with more epochs, a run that
+    searched 1 of 3 does not go back into the search (40% of 10 would be 4)."""
+    calls = search_calls
+    table = pd.DataFrame({"a": torch.randint(0, 3, (64,)).tolist(), "b": torch.randint(0, 2, (64,)).tolist()})
+    options = dict(order="contextual", model=dict(d_model=8, num_layers=1, num_heads=2, dim_feedforward=16),
+                   batch_size=32, progress=False)
+    TabularMDM(epochs=3, **options).fit(table, validation=None, checkpoint=tmp_path / "run.pt")
+    assert calls == [True] * 2 + [False] * 4
+    calls.clear()
+    resumed = TabularMDM(epochs=10, **options).fit(table, validation=None, checkpoint=tmp_path / "run.pt", resume=True)
+    assert calls == [False] * 14 and resumed.config.order_search_epochs == 1
 
 
 @pytest.mark.parametrize("posterior", POSTERIOR_ENCODERS)
