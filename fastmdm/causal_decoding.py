@@ -46,10 +46,13 @@ def _cell_logits(model, layout: ColumnLayout, h: Tensor, columns: Tensor) -> Ten
 
 
 def _start(model, w: Tensor, known: Tensor | None, known_mask: Tensor | None, num_rows: int,
-           generator) -> tuple[Tensor, Tensor, Tensor]:
-    """(order, n_known, x_ord): orders with known columns first, and the known values placed
-    at their order positions (other positions hold 0 until sampled)."""
+           generator, stats: DecodeStats) -> tuple[Tensor, Tensor, Tensor]:
+    """(order, n_known, x_ord): orders with known columns first (recorded in stats.orders when
+    it is a list), and the known values placed at their order positions (other positions
+    hold 0 until sampled)."""
     order, n_known = known_first_order(w, num_rows, known_mask, generator)
+    if stats.orders is not None:
+        stats.orders.append(order.cpu())
     x_ord = torch.zeros_like(order)
     if known is not None:
         x_ord = torch.where(known_mask.gather(1, order), known.gather(1, order), x_ord)
@@ -70,7 +73,7 @@ def sample_chunks(model, w: Tensor, layout: ColumnLayout, steps: int, temperatur
                   known: Tensor | None, known_mask: Tensor | None, generator, stats: DecodeStats) -> Tensor:
     """Rows of tokens [num_rows, L]: each step queries one chunk of the order, from one prefix."""
     num_columns = w.numel()
-    order, n_known, x_ord = _start(model, w, known, known_mask, num_rows, generator)
+    order, n_known, x_ord = _start(model, w, known, known_mask, num_rows, generator, stats)
     step_of_position = chunk_of_position(n_known, num_columns, steps)
     cache = model.empty_cache(num_rows)
     pending = _pack(step_of_position == -1)           # known columns: encoded in the first call
@@ -176,7 +179,7 @@ def sample_speculative(model, w: Tensor, layout: ColumnLayout, draft: int, tempe
                        stats: DecodeStats) -> Tensor:
     """Rows of tokens [num_rows, L] from the model's exact joint, `draft` columns drafted a round."""
     num_columns = w.numel()
-    full_order, n_known, x_ord = _start(model, w, known, known_mask, num_rows, generator)
+    full_order, n_known, x_ord = _start(model, w, known, known_mask, num_rows, generator, stats)
     order, out = full_order, x_ord.clone()
     alive = torch.arange(num_rows, device=w.device)   # rows still decoding, indices into out
     revealed = n_known.clone()                        # positions 0..revealed-1 hold values

@@ -184,7 +184,7 @@ class DecodeStats:
     rows: int = 0
     rounds: int = 0          # per-row draft-and-verify rounds, summed over rows
     columns: int = 0         # columns revealed by those rounds
-    orders: list[Tensor] | None = None   # set to [] to collect contextual models' orders [n, L] per batch
+    orders: list[Tensor] | None = None   # set to [] to collect causal models' orders [n, L] per batch
 
     @property
     def columns_per_round(self) -> float:
@@ -239,7 +239,7 @@ def sample_tokens(denoiser: Callable[[Tensor], Tensor], w: Tensor | PowerSchedul
     known [num_rows, L] with known_mask ([num_rows, L] or [L], default known != mask_id):
     columns to condition on; they come first in the order and are returned unchanged.
     stats: a DecodeStats to add counts to (columns accepted per speculative round; the
-    generation orders of a contextual model when stats.orders is a list).
+    generation orders of a causal model when stats.orders is a list).
     """
     from . import causal_decoding
     w, steps = _validate(w, mask_id, offsets, num_rows, steps, temperature, batch_size)

@@ -17,7 +17,7 @@ from fastmdm import ops
 from fastmdm.causal_decoding import _cell_logits
 from fastmdm.models import CausalTransformer
 from fastmdm.objective import causal_loss, model_loss
-from fastmdm.sample import ColumnLayout, DecodeStats, sample_tokens
+from fastmdm.sample import ColumnLayout, DecodeStats, known_first_order, sample_tokens
 from fastmdm.schedules import PowerSchedule, plackett_luce_log_prob
 
 SIZES = [2, 3, 2]
@@ -253,6 +253,32 @@ def test_exact_samplers_follow_the_models_joint(options):
     assert chi_square_p(row_counts(tokens, SIZES), exact_joint(model, w)) > 1e-4
     if "speculative" in options:
         assert 1 <= stats.columns_per_round <= min(options["speculative"] + 1, 3)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(steps=2), dict(speculative=2)],
+                         ids=["steps=L", "steps=2", "speculative=2"])
+def test_static_samplers_record_the_orders_they_use(options):
+    """stats.orders gets each batch's orders: the PL(w) draws with known columns first that the
+    sampler makes first from its generator, so a generator seeded alike gives them again."""
+    model = peaky_model(SIZES)
+    w = torch.tensor([0.5, 1.0, 3.0], dtype=torch.float64)
+    known = torch.tensor([[1, 0, 0]]).repeat(10, 1)
+    known_mask = torch.zeros(10, 3, dtype=torch.bool)
+    known_mask[:5, 2] = True
+
+    def recorded(batch_size):
+        stats = DecodeStats(orders=[])
+        sample_tokens(model, w, model.mask_ids, model.offsets, 10, batch_size=batch_size, known=known,
+                      known_mask=known_mask, generator=torch.Generator().manual_seed(3), stats=stats, **options)
+        return stats.orders
+
+    batches = recorded(4)
+    assert [len(o) for o in batches] == [4, 4, 2]
+    orders = torch.cat(batches)
+    assert (orders.sort(1).values == torch.arange(3)).all() and (orders[:5, 0] == 2).all()
+    (whole,) = recorded(10)
+    expected, _ = known_first_order(w, 10, known_mask, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(whole, expected, rtol=0, atol=0)
 
 
 def test_speculative_decoding_reveals_several_columns_per_round():
