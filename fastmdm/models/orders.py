@@ -9,12 +9,13 @@ A contextual causal model carries two extra pieces:
   pass scores every step of an order.
 - `OrderPosterior` q_phi(pi | x) = PL(w * r_phi(x)) from the whole clean row, used only in
   training: an MLP on the sum of the row's value embeddings (or one transformer block over
-  them, `posterior="block"`, the only kind until session 10; the MLP's training step costs
-  1.03-1.07x a static one's against the block's 1.10-1.15x, and finds the switch table's orders
-  as well: README, "Contextual orders"). The factor is r_l(x) = exp(g_l(x)), g = R tanh(raw / R) bounded by `order_range`
-  R, so q's scores are the schedule's log w shifted per row, as the policy's logits are.
-  g starts at zero, so at initialization q = p_psi = PL(w), the static model, and the
-  context only has to learn how rows differ from it. With `centre_posterior`, g is centred
+  them, `posterior="block"`, the only kind until session 10; with the MLP a training step
+  costs 1.03-1.07x a static one's against the block's 1.10-1.15x, and it finds the switch
+  table's orders as well: README, "Contextual orders"). The factor is r_l(x) = exp(g_l(x)),
+  g = R tanh(raw / R) bounded by `order_range` R, so q's scores are the schedule's log w
+  shifted per row, as the policy's logits are. g starts at zero, so at initialization
+  q = p_psi = PL(w), the static model, and the context only has to learn how rows differ
+  from it. With `centre_posterior`, g is centred
   per column (over the batch in training, by a running mean otherwise, as batch norm does),
   so q's static preference is w's alone and the posterior can only learn how rows differ.
   Uncentred, the static direction, the strongest and cheapest signal, is learned first and
@@ -70,8 +71,8 @@ class OrderPosterior(nn.Module):
 
     A value embedding per (column, value), as the denoiser has, then an `encoder` that
     gives a scalar per column: "block", one transformer block over the row's column tokens,
-    or "mlp", a two-layer MLP on the sum of the row's embeddings (one vector per row, so
-    its cost does not grow with L per column). `centred` subtracts its mean per
+    or "mlp", a two-layer MLP on the sum of the row's embeddings (no attention over the
+    row's L tokens: cheaper, and as good on the tables measured). `centred` subtracts its mean per
     column (module docstring): in training the batch's, which also updates `column_mean`,
     the running mean that eval mode (validation, saved models) subtracts instead.
     """
