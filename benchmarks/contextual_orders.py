@@ -62,7 +62,7 @@ RESULTS = os.path.join(HERE, "results", "contextual_orders_runs.jsonl")
 #: Until session 10 a contextual model's posterior was a transformer block and its w learned
 #: at order_lr (1e-3), now w's schedule_lr: these options pin what the earlier variants ran.
 BLOCK_SLOW_W = dict(order="contextual", model=dict(posterior="block"), schedule_lr=1e-3)
-BOUND_ONLY = dict(BLOCK_SLOW_W, model=dict(posterior="block", centre_posterior=False), order_search_epochs=0)
+BOUND_ONLY = dict(BLOCK_SLOW_W, model=dict(BLOCK_SLOW_W["model"], centre_posterior=False), order_search_epochs=0)
 VARIANTS = {"linear": dict(learn_schedule=False), "static": dict(), "contextual": BOUND_ONLY,
             "contextual-fixed-w": dict(BOUND_ONLY, learn_schedule=False),
             "contextual-search-block": BLOCK_SLOW_W,

@@ -154,25 +154,30 @@ def search_calls(monkeypatch):
     return calls
 
 
-def test_trainer_searches_orders_for_the_first_epochs(search_calls):
+def small_search_run(epochs, **options):
+    """A tiny contextual model and a 64-row table it trains on in 2 steps an epoch."""
     table = pd.DataFrame({"a": torch.randint(0, 3, (64,)).tolist(), "b": torch.randint(0, 2, (64,)).tolist()})
-    TabularMDM(order="contextual", model=dict(d_model=8, num_layers=1, num_heads=2, dim_feedforward=16), epochs=3,
-               batch_size=32, order_search_epochs=2, progress=False).fit(table, validation=None)
+    model = TabularMDM(order="contextual", model=dict(d_model=8, num_layers=1, num_heads=2, dim_feedforward=16),
+                       epochs=epochs, batch_size=32, progress=False, **options)
+    return model, table
+
+
+def test_trainer_searches_orders_for_the_first_epochs(search_calls):
+    model, table = small_search_run(3, order_search_epochs=2)
+    model.fit(table, validation=None)
     assert search_calls == [True] * 4 + [False] * 2
 
 
 def test_a_resumed_run_keeps_its_search_epochs(search_calls, tmp_path):
     """The default search share is of the run's epochs: resumed with more epochs, a run that
     searched 1 of 3 does not go back into the search (40% of 10 would be 4)."""
-    calls = search_calls
-    table = pd.DataFrame({"a": torch.randint(0, 3, (64,)).tolist(), "b": torch.randint(0, 2, (64,)).tolist()})
-    options = dict(order="contextual", model=dict(d_model=8, num_layers=1, num_heads=2, dim_feedforward=16),
-                   batch_size=32, progress=False)
-    TabularMDM(epochs=3, **options).fit(table, validation=None, checkpoint=tmp_path / "run.pt")
-    assert calls == [True] * 2 + [False] * 4
-    calls.clear()
-    resumed = TabularMDM(epochs=10, **options).fit(table, validation=None, checkpoint=tmp_path / "run.pt", resume=True)
-    assert calls == [False] * 14 and resumed.config.order_search_epochs == 1
+    model, table = small_search_run(3)
+    model.fit(table, validation=None, checkpoint=tmp_path / "run.pt")
+    assert search_calls == [True] * 2 + [False] * 4
+    search_calls.clear()
+    resumed, _ = small_search_run(10)
+    resumed.fit(table, validation=None, checkpoint=tmp_path / "run.pt", resume=True)
+    assert search_calls == [False] * 14 and resumed.config.order_search_epochs == 1
 
 
 @pytest.mark.parametrize("posterior", POSTERIOR_ENCODERS)

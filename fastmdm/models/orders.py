@@ -72,9 +72,10 @@ class OrderPosterior(nn.Module):
     A value embedding per (column, value), as the denoiser has, then an `encoder` that
     gives a scalar per column: "block", one transformer block over the row's column tokens,
     or "mlp", a two-layer MLP on the sum of the row's embeddings (no attention over the
-    row's L tokens: cheaper, and as good on the tables measured). `centred` subtracts its mean per
-    column (module docstring): in training the batch's, which also updates `column_mean`,
-    the running mean that eval mode (validation, saved models) subtracts instead.
+    row's L tokens: cheaper, and as good on the tables measured). `centred` subtracts its
+    mean per column (module docstring): in training the batch's, which also updates
+    `column_mean`, the running mean that eval mode (validation, saved models) subtracts
+    instead.
     """
 
     def __init__(self, cardinalities: list[int], d_model: int = 32, num_heads: int = 4,
@@ -89,12 +90,11 @@ class OrderPosterior(nn.Module):
         self.register_buffer("_value_offsets", torch.cumsum(sizes, 0) - sizes, persistent=False)
         self.value_embedding = nn.Embedding(int(sizes.sum()), d_model)
         self.encoder = encoder
+        self.norm = nn.LayerNorm(d_model)   # the block's output, or the MLP's input
         if encoder == "block":
             self.block = Block(d_model, num_heads, 2 * d_model, 0.0)
-            self.norm = nn.LayerNorm(d_model)
             self.out = nn.Linear(d_model, 1)
         else:
-            self.norm = nn.LayerNorm(d_model)
             self.hidden = nn.Linear(d_model, 4 * d_model)
             self.out = nn.Linear(4 * d_model, len(cardinalities))
         self.centred = bool(centred)
