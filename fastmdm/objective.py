@@ -51,18 +51,18 @@ def diffusion_loss(denoiser: Callable[[Tensor], Tensor], x: Tensor, schedule: Po
                    num_samples: int = 2, generator: torch.Generator | None = None) -> LossOutput:
     """Monte-Carlo NELBO of rows x [B, L] with `num_samples` masks per row.
 
-    `denoiser(x_t)` maps masked tokens [N, L] to ragged logits [N, V] (column l in
-    offsets[l]:offsets[l+1]). When the schedule is learnable and num_samples >= 2, the
-    returned loss also carries the RLOO score-function gradient for w (its value is
-    unchanged: the surrogate enters as s - s.detach()).
+    `denoiser(x_t, targets=, weight=, mask=)` returns the per-row weighted cross entropy
+    sum_l mask * weight * -log p(targets_l | x_t) of masked tokens x_t [N, L]; the model's
+    fused heads compute it without building the padded [N, V] logits. When the schedule is
+    learnable and num_samples >= 2, the returned loss also carries the RLOO score-function
+    gradient for w (its value is unchanged: the surrogate enters as s - s.detach()).
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     rows, num_columns = x.shape
     x_rep = x.repeat_interleave(num_samples, dim=0)
     masked = draw_masks(x_rep, schedule, mask_id, estimator, generator)
-    logits = denoiser(masked.x_t)
-    per_sample = ops.weighted_ce(logits, x_rep, masked.weight, masked.mask, offsets)
+    per_sample = denoiser(masked.x_t, targets=x_rep, weight=masked.weight, mask=masked.mask)
     return _with_rloo(per_sample, masked.score, schedule, rows, num_samples)
 
 

@@ -32,7 +32,11 @@ class LookupDenoiser:
         self.tables = [torch.randn(k, vocab, generator=generator, dtype=torch.float64) * 1.5
                        for k in sizes]
 
-    def __call__(self, x_t):
+    def __call__(self, x_t, targets=None, weight=None, mask=None):
+        """Ragged logits [N, V]; with targets, the per-row weighted cross entropy (the
+        contract of `diffusion_loss`), here through the reference op."""
+        if targets is not None:
+            return ops.weighted_ce(self(x_t), targets, weight, mask, self.offsets)
         logits = self.bias.expand(x_t.shape[0], -1).clone()
         for col, table in enumerate(self.tables):
             visible = x_t[:, col] < self.sizes[col]

@@ -557,3 +557,27 @@ def test_training_on_adult_follows_the_padded_loss_curve():
     fused, padded = curve(True), curve(False)
     assert float(padded[-20:].mean()) < 0.7 * float(padded[:5].mean())   # it did learn
     torch.testing.assert_close(fused, padded, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("architecture", ["bidirectional", "causal"])
+def test_default_fit_score_and_sample_never_build_padded_logits(monkeypatch, architecture):
+    """The public path (fit with validation, nelbo, sample) goes through the fused heads: the
+    padded [N, V] logits of `RaggedHeads.logits` are never built. A 3,000-category column
+    makes the padded tensor the largest thing a step would allocate."""
+    import numpy as np
+    import pandas as pd
+    from fastmdm import TabularMDM
+    from fastmdm.models.base import RaggedHeads
+
+    def refuse(self, h):
+        raise AssertionError("padded logits built on a default path")
+
+    monkeypatch.setattr(RaggedHeads, "logits", refuse)
+    rng = np.random.default_rng(0)
+    wide = np.repeat(np.arange(3000), 2).astype(str)   # every value twice: not a unique key
+    df = pd.DataFrame({"wide": wide, "small": rng.choice(["a", "b"], 6000), "x": rng.normal(size=6000)})
+    model = TabularMDM(architecture=architecture, epochs=1, batch_size=1024, category_cap=None,
+                       progress=False, model=dict(d_model=8, num_layers=1, num_heads=2, dim_feedforward=8))
+    model.fit(df)
+    assert np.isfinite(model.nelbo(df.head(50)))
+    assert len(model.sample(20, seed=0)) == 20
