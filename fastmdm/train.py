@@ -27,8 +27,7 @@ from .schedules import PowerSchedule
 
 
 #: Share of a contextual model's epochs trained by the order search when `order_search_epochs`
-#: is None: 10 of 26 found the switch table's orders on 5 seeds of 5, one late (README,
-#: "Contextual orders").
+#: is None: 10 of 26 found the switch table's orders on 5 seeds of 5 (docs/findings.md).
 ORDER_SEARCH_SHARE = 0.4
 
 
@@ -39,14 +38,13 @@ class TrainConfig:
     batch_size: int = 1024          # rows per step (all processes together)
     lr: float = 2e-3
     schedule_lr: float = 1e-2       # learning rate for log w (the schedule)
-    order_lr: float = 1e-3          # learning rate for a contextual model's policy and posterior (see README)
+    order_lr: float = 1e-3          # learning rate for a contextual model's policy and posterior
     weight_decay: float = 0.0
     estimator: str = "order"        # "order" (ours, low variance) or "tspace" (the paper's)
     num_samples: int = 2            # masks per row (K); RLOO needs >= 2
     ema_decay: float = 0.995
     grad_clip: float = 1.0
     warmup_steps: int = 100
-    order_warmup_epochs: int = 0    # epochs with the order (w, a contextual policy and posterior) held at its start
     order_search_epochs: int | None = None  # a contextual model's first epochs train by objective.order_search_loss
     #                                 (None: ORDER_SEARCH_SHARE of the epochs)
     val_samples: int = 4            # masks per validation row for the validation NELBO
@@ -60,9 +58,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "num_samples", "val_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("order_warmup_epochs", "order_search_epochs"):
-            if (getattr(self, name) or 0) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if (self.order_search_epochs or 0) < 0:
+            raise ValueError(f"order_search_epochs must be >= 0, got {self.order_search_epochs}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
         if self.lr <= 0 or self.schedule_lr < 0 or self.order_lr < 0:
@@ -124,19 +121,17 @@ class Trainer:
         self.ema_schedule = copy.deepcopy(self.schedule).requires_grad_(False)
         # w learns at schedule_lr, a contextual model's policy and posterior at order_lr:
         # faster, the posterior collapses onto a static order before it can depend on the
-        # values (README, "Contextual orders"). The order's parameters are not clipped: their
+        # values (docs/findings.md). The order's parameters are not clipped: their
         # RLOO gradients are noisy and, clipped together with the denoiser's, would shrink
         # the denoiser's steps.
         named = list(self.denoiser.named_parameters())
         order_params = [p for name, p in named if name.startswith("order_")]
         self.clipped_params = [p for name, p in named if not name.startswith("order_")]
-        groups = [{"params": self.clipped_params, "lr": config.lr, "order": False}]
+        groups = [{"params": self.clipped_params, "lr": config.lr}]
         if order_params:
-            groups.append({"params": order_params, "lr": config.order_lr, "order": True})
+            groups.append({"params": order_params, "lr": config.order_lr})
         if self.schedule.learnable:
-            groups.append({"params": [self.schedule.log_w], "lr": config.schedule_lr, "weight_decay": 0.0,
-                           "order": True})
-        self.is_order_group = [g.pop("order") for g in groups]   # held during order_warmup_epochs
+            groups.append({"params": [self.schedule.log_w], "lr": config.schedule_lr, "weight_decay": 0.0})
         self.optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
         self.base_lrs = [g["lr"] for g in groups]
         self.model = self.denoiser
@@ -172,18 +167,15 @@ class Trainer:
 
     # ---- training ----------------------------------------------------------------------
     def _set_lr(self) -> None:
-        """Linear warmup, then cosine decay to 10% over the configured epochs. During the first
-        `order_warmup_epochs` the order's groups (w, policy, posterior) do not move, so the
-        denoiser first learns under the initial, broad orders."""
+        """Linear warmup, then cosine decay to 10% over the configured epochs."""
         total = max(1, self.total_steps)
         if self.step < self.config.warmup_steps:
             factor = (self.step + 1) / self.config.warmup_steps
         else:
             progress = min(1.0, (self.step - self.config.warmup_steps) / max(1, total - self.config.warmup_steps))
             factor = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-        holding_order = self.epoch < self.config.order_warmup_epochs
-        for group, base, is_order in zip(self.optimizer.param_groups, self.base_lrs, self.is_order_group):
-            group["lr"] = 0.0 if is_order and holding_order else base * factor
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * factor
 
     def _update_ema(self) -> None:
         decay = min(self.config.ema_decay, (1 + self.step) / (10 + self.step))

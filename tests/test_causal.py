@@ -27,7 +27,7 @@ def peaky_model(sizes, seed=0, dtype=torch.float64, **options):
     """A small causal model with large random weights, so conditionals are far from uniform
     and strongly depend on the prefix (a random-init model would be nearly uniform)."""
     torch.manual_seed(seed)
-    model = CausalTransformer(sizes, d_model=8, num_layers=2, num_heads=2, dim_feedforward=16, **options)
+    model = CausalTransformer(sizes, **{**dict(d_model=8, num_layers=2, num_heads=2, dim_feedforward=16), **options})
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "norm" not in name:

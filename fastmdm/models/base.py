@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import INT_DTYPES, check_tensor
-from ..ops import ragged_head_ce, ragged_head_sample, weighted_ce
+from ..ops import ragged_head_ce, ragged_head_sample
 from ..ops.reference import segment_layout
 from .layers import Block
 
@@ -19,8 +19,7 @@ class RaggedHeads(nn.Module):
     against its own column's head only, in vocabulary chunks, and never build logits: the
     work is sum_l K_l per cell instead of L * Kmax. `logits` evaluates every head on every
     column state as one batched product against a padded [L, Kmax, d] view and gathers the
-    valid entries back to [N, V]; `fused = False` makes `loss` use it too (the pre-fusion
-    path, kept for comparisons).
+    valid entries back to [N, V] (for callers that need the distributions themselves).
     """
 
     def __init__(self, offsets: Tensor, d_model: int):
@@ -35,7 +34,6 @@ class RaggedHeads(nn.Module):
         self.weight = nn.Parameter(torch.empty(vocab, d_model))
         self.bias = nn.Parameter(torch.zeros(vocab))
         nn.init.normal_(self.weight, std=d_model ** -0.5)
-        self.fused = True
 
     def logits(self, h: Tensor) -> Tensor:
         """h [N, L, d] (column l's state at position l) -> ragged logits [N, V]."""
@@ -45,8 +43,6 @@ class RaggedHeads(nn.Module):
 
     def loss(self, h: Tensor, targets: Tensor, weight: Tensor, mask: Tensor) -> Tensor:
         """Per-row sum_l mask * weight * -log p(targets_l | h_l), shape [N], for h [N, L, d]."""
-        if not self.fused:
-            return weighted_ce(self.logits(h), targets, weight, mask, self.offsets)
         return ragged_head_ce(h, self.weight, self.bias, self.offsets, targets, weight, mask)
 
     def sample(self, h: Tensor, columns: Tensor, temperature: float = 1.0,
