@@ -1,5 +1,5 @@
 """Causal vs bidirectional denoiser, in one run: training speed, NELBO at equal CPU time,
-estimator noise, sampling speed and fidelity (issue 9).
+estimator noise, sampling speed and fidelity.
 
 For each dataset and seed both architectures get the same default size (parameter counts
 within 1%) and the same CPU-time budget: the bidirectional model trains `--epochs` epochs;

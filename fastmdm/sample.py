@@ -1,4 +1,4 @@
-"""Learned-order parallel decoding (Algorithm 1 of DESIGN.md, made parallel), conditioning, imputation.
+"""Learned-order parallel decoding (docs/design.md), conditioning, imputation.
 
 Each row draws its reveal order pi ~ Plackett-Luce(w) from exponential keys (the smallest key is
 revealed first; the same as revealing by decreasing transition time t* = U^{1/w}). The ranks of
