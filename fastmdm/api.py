@@ -44,8 +44,10 @@ class TabularMDM:
     `num_bins` quantile bins per numeric column; `category_cap` most tokens per
     categorical column (rarer values share an "other" token; see TableCodec.fit); `learn_schedule` learns w
     (False keeps w = 1, the linear MDM); `estimator` "order" (order-space, low variance) or
-    "tspace" (the paper's); `model` keyword arguments of the denoiser (d_model,
-    num_layers, ...); the rest are TrainConfig fields (epochs, batch_size, lr, seed, ...).
+    "tspace" (the paper's; bidirectional only); `model` keyword arguments of the denoiser
+    (d_model, num_layers, num_heads, dim_feedforward, dropout); the rest are TrainConfig
+    fields (epochs, batch_size, lr, seed, ...). `save` writes, and `load` and a resumed `fit`
+    read, files of one format version (`_FORMAT`); another version is refused by name.
     """
 
     def __init__(self, *, architecture: str | None = None, order: str = "static",
@@ -329,7 +331,8 @@ class TabularMDM:
         """Write the fitted model (codec, denoiser, schedule, history) atomically."""
         self._require_fitted()
         atomic_save({**self._metadata(), "denoiser": self.denoiser.state_dict(),
-                     "schedule": self.schedule.state_dict(), "history": [dataclasses.asdict(r) for r in self.history]}, path)
+                     "schedule": self.schedule.state_dict(),
+                     "history": [dataclasses.asdict(r) for r in self.history]}, path)
 
     def _restore(self, state, path) -> None:
         """Take the settings, the codec and a fresh denoiser and schedule from a model file or
