@@ -63,16 +63,12 @@ def table_files(path: str | os.PathLike) -> list[Path]:
 _PARQUET_MAGIC = b"PAR1"
 
 
-def _as_dates(column: pd.Series, dtype, path: Path) -> pd.Series:
-    """A later chunk's text column parsed as the dates its first chunk held, in that chunk's zone."""
-    try:
-        dates = _iso_dates(column)
-    except (ValueError, TypeError) as err:
-        raise ValueError(f"column {column.name!r} of {os.fspath(path)!r} holds ISO dates in its first rows but "
-                         f"not in later ones ({err})") from err
-    if getattr(dtype, "tz", None) is not None and dates.dt.tz is not None:
-        dates = dates.dt.tz_convert(dtype.tz)
-    return dates
+def _as_dates(column: pd.Series) -> pd.Series:
+    """ISO 8601 text as datetimes; ValueError if it is not. Text with offsets becomes UTC
+    instants: a CSV holds offsets, not zones, and a zone with summer time writes two, so
+    chunks of one column would otherwise come back in different fixed-offset types."""
+    dates = _iso_dates(column)
+    return dates.dt.tz_convert("UTC") if dates.dt.tz is not None else dates
 
 
 def _csv_chunks(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
@@ -88,15 +84,20 @@ def _csv_chunks(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
         except pd.errors.EmptyDataError as err:
             raise ValueError(f"CSV file {os.fspath(path)!r} has no columns (no header row)") from err
         text = {c: str for c in head.columns if head[c].dtype == object}
-        dates = {}
+        dates = []
         for name in text:
             try:
-                dates[name] = _iso_dates(head[name]).dtype
+                _as_dates(head[name])
+                dates.append(name)
             except (ValueError, TypeError):   # not dates: the column stays text
                 pass
         for chunk in pd.read_csv(path, chunksize=chunk_rows, skipinitialspace=True, dtype=text):
-            for name, dtype in dates.items():
-                chunk[name] = _as_dates(chunk[name], dtype, path)
+            for name in dates:
+                try:
+                    chunk[name] = _as_dates(chunk[name])
+                except (ValueError, TypeError) as err:
+                    raise ValueError(f"column {name!r} of {os.fspath(path)!r} holds ISO dates in its first "
+                                     f"{len(head):,} rows but not in later ones; clean it or store the table as Parquet") from err
             yield chunk
     except UnicodeDecodeError as err:
         raise ValueError(f"{os.fspath(path)!r} is not a UTF-8 CSV file ({err.reason}); save it as UTF-8; "
