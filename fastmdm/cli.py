@@ -117,15 +117,28 @@ def cmd_sample(args) -> None:
 
 
 def cmd_impute(args) -> None:
+    """Fills the table a chunk of rows at a time (bounded memory) into a file that appears only
+    when complete. With --seed, chunk k draws from a seed derived from (seed, k), so the output
+    depends on the seed alone."""
+    import numpy as np
+    import torch
     from .api import TabularMDM
-    from .table_files import read_table, table_format, write_table
+    from .table_files import TableWriter, read_chunks, table_files, table_format
     table_format(args.output)
     model = TabularMDM.load(args.model, device=args.device)
-    df, _ = read_table(args.data)
-    filled = model.impute(df, steps=args.steps, speculative=args.speculative, temperature=args.temperature,
-                          seed=args.seed)
-    write_table(args.output, filled)
-    print(f"filled {int(df.isna().sum().sum()):,} missing cells in {len(df):,} rows; wrote {args.output}")
+    chunks = read_chunks(table_files(args.data))
+    # One real value per column and no missing one fixes the Parquet schema (a chunk whose
+    # column is all missing would give it a null type), as in TabularMDM.sample_to.
+    example = model.codec.decode(torch.zeros(1, model.codec.num_columns, dtype=torch.int64),
+                                 generator=torch.Generator().manual_seed(0))
+    rows = holes = 0
+    with TableWriter(args.output, example) as writer:
+        for index, chunk in enumerate(chunks):
+            seed = None if args.seed is None else int(np.random.SeedSequence([args.seed, index]).generate_state(1)[0])
+            writer.write(model.impute(chunk, steps=args.steps, speculative=args.speculative,
+                                      temperature=args.temperature, seed=seed))
+            rows, holes = rows + len(chunk), holes + int(chunk.isna().sum().sum())
+    print(f"filled {holes:,} missing cells in {rows:,} rows; wrote {args.output}")
 
 
 def _read_for_evaluation(role: str, path: str, max_rows: int, seed: int):

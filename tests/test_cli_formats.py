@@ -123,6 +123,37 @@ def test_impute(table, model_path, tmp_path, fmt, capsys):
     pd.testing.assert_frame_equal(filled.where(known), holes.where(known), check_dtype=False)
 
 
+def test_impute_fills_a_chunk_at_a_time_into_a_complete_file(table, model_path, tmp_path, monkeypatch):
+    """In chunks of 7 rows: no chunk larger reaches the model, the output is the same for a
+    seed and keeps every known cell; a failure in the third chunk leaves no output file."""
+    import fastmdm.table_files
+    read_chunks, impute = fastmdm.table_files.read_chunks, TabularMDM.impute
+    monkeypatch.setattr(fastmdm.table_files, "read_chunks", lambda files: read_chunks(files, chunk_rows=7))
+    sizes = []
+    monkeypatch.setattr(TabularMDM, "impute", lambda self, df, **kw: sizes.append(len(df)) or impute(self, df, **kw))
+    holes = with_holes(table)
+    given = write(holes, tmp_path, "holes", "parquet")
+    runs = []
+    for name in ("a", "b"):
+        assert cli_main(["impute", model_path, given, "-o", str(tmp_path / f"{name}.parquet"), "--seed", "1"]) == 0
+        runs.append(pd.read_parquet(tmp_path / f"{name}.parquet"))
+    assert sizes == [7, 7, 7, 7, 2] * 2
+    pd.testing.assert_frame_equal(runs[0], runs[1])
+    known = holes.notna()
+    pd.testing.assert_frame_equal(runs[0].where(known), holes.where(known), check_dtype=False)
+
+    def fail_third(self, df, **kw):
+        sizes.append(len(df))
+        if len(sizes) % 3 == 0:
+            raise RuntimeError("stopped")
+        return impute(self, df, **kw)
+    monkeypatch.setattr(TabularMDM, "impute", fail_third)
+    sizes.clear()
+    assert cli_main(["impute", model_path, given, "-o", str(tmp_path / "c.parquet")]) == 2
+    assert sizes == [7, 7, 7] and sorted(p.name for p in tmp_path.iterdir()) == ["a.parquet", "b.parquet",
+                                                                                 "holes.parquet"]
+
+
 # ----------------------------------------------------------------------------- errors
 def bad_inputs(root, table) -> dict[str, str]:
     """A path per way of not being a table, each a file name the error must repeat."""
