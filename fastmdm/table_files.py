@@ -97,7 +97,8 @@ def _csv_chunks(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
                     chunk[name] = _as_dates(chunk[name])
                 except (ValueError, TypeError) as err:
                     raise ValueError(f"column {name!r} of {os.fspath(path)!r} holds ISO dates in its first "
-                                     f"{len(head):,} rows but not in later ones; clean it or store the table as Parquet") from err
+                                     f"{len(head):,} rows but not in later ones; clean it or store the table "
+                                     "as Parquet") from err
             yield chunk
     except UnicodeDecodeError as err:
         raise ValueError(f"{os.fspath(path)!r} is not a UTF-8 CSV file ({err.reason}); save it as UTF-8; "
