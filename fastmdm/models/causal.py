@@ -151,7 +151,7 @@ class CausalTransformer(TableDenoiser):
         `policy_depth` (which the order policy reads) come first.
         """
         content = self.embed_values(values, value_columns)
-        query = self.query_embedding + self.column_embedding[query_columns]
+        query = self.query_embedding + self.embed_columns(query_columns)
         write = (value_positions + 1).clamp(max=self.trash_slot)
         # A content token at position p sees slots 0..p+1 (itself included); a query sees
         # slots 0..query_sees; padding content sees only the start token.
