@@ -38,11 +38,23 @@ def _cell_logits(model, layout: ColumnLayout, h: Tensor, columns: Tensor) -> Ten
     """Logits [..., Kmax] (padding at -inf) of column columns[...] from query states h [..., d].
 
     Speculative decoding needs whole distributions (p, q and max(p - q, 0)); the other
-    samplers draw through the heads' chunked Gumbel-max and never build these."""
+    samplers draw through the heads' chunked Gumbel-max and never build these. Each cell is
+    scored against its own column's head only, one matrix product per column present: the
+    work is K_l * d per cell, and nothing as wide as the vocabulary V = sum_l K_l is built.
+    """
     flat_h, flat_columns = h.reshape(-1, h.shape[-1]), columns.reshape(-1)
-    logits = flat_h @ model.heads.weight.T.to(h.dtype) + model.heads.bias.to(h.dtype)
-    segments = layout.segments(logits, torch.arange(flat_h.shape[0], device=h.device), flat_columns)
-    return segments.view(*columns.shape, -1)
+    heads = model.heads
+    weight, bias = heads.weight.to(h.dtype), heads.bias.to(h.dtype)
+    offsets = heads.offsets.tolist()
+    width = layout.pad_index.shape[1]
+    logits = flat_h.new_full((flat_h.shape[0], width), float("-inf"))
+    by_column = torch.argsort(flat_columns, stable=True)
+    counts = torch.bincount(flat_columns, minlength=len(offsets) - 1).tolist()
+    for column, cells in enumerate(torch.split(by_column, counts)):
+        if cells.numel():
+            start, stop = offsets[column], offsets[column + 1]
+            logits[cells, :stop - start] = torch.addmm(bias[start:stop], flat_h[cells], weight[start:stop].T)
+    return logits.view(*columns.shape, width)
 
 
 def _start(model, w: Tensor, known: Tensor | None, known_mask: Tensor | None, num_rows: int,

@@ -143,6 +143,21 @@ def test_cached_steps_equal_one_full_pass():
             torch.testing.assert_close(step, full[:, position], rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("sizes, shape", [([1, 4, 2, 9, 3], (7, 3)), ([300, 2, 5], (11,)), ([2, 2], (0, 2))])
+def test_cell_logits_equal_the_full_logits_segments(sizes, shape):
+    """Speculative decoding's per-column logits against the [M, V] product sliced by
+    ColumnLayout.segments: random states and columns (some columns absent, a 1-value one, an
+    empty batch); float64, so both sum the same d products and agree to rounding (1e-12)."""
+    model = peaky_model(sizes)
+    generator = torch.Generator().manual_seed(1)
+    columns = torch.randint(0, len(sizes) - 1, shape, generator=generator)   # the last column absent
+    h = torch.randn(*shape, model.heads.weight.shape[1], generator=generator, dtype=torch.float64)
+    layout = ColumnLayout.of(model.mask_ids, model.offsets)
+    full = h.reshape(-1, h.shape[-1]) @ model.heads.weight.T + model.heads.bias
+    expected = layout.segments(full, torch.arange(full.shape[0]), columns.reshape(-1)).view(*shape, max(sizes))
+    torch.testing.assert_close(_cell_logits(model, layout, h, columns), expected, rtol=1e-12, atol=1e-12)
+
+
 def permuted_copy(model, perm):
     """The same model for a table whose column j is column perm[j] of the original."""
     sizes = [model.cardinalities[p] for p in perm]
