@@ -36,7 +36,7 @@ import torch
 from fastmdm import TabularMDM, datasets
 from fastmdm.metrics import score
 from fastmdm.objective import model_loss
-from fastmdm.sample import DecodeStats
+from fastmdm.decoding import DecodeStats
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "architectures_runs.jsonl")

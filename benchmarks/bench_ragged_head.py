@@ -1,6 +1,6 @@
 """CPU benchmark of the fused ragged heads (`ops.ragged_head_ce`, `RaggedHeads.sample`)
 against today's padded heads (`RaggedHeads.logits` + `ops.weighted_ce`, Gumbel-max over
-padded segments as fastmdm.sample does).
+padded segments, as fastmdm.decoding does for a denoiser that returns logits).
 
     python benchmarks/bench_ragged_head.py                 # every table, 1 thread
     python benchmarks/bench_ragged_head.py --tables adult --threads 2 --tasks head_op
@@ -127,7 +127,7 @@ def sample_rows(model, num_rows: int, steps: int, batch_rows: int, fused: bool, 
             rows, cols = (step_of == s).nonzero(as_tuple=True)
             if fused:
                 values = model.heads.sample(column_states(model, x)[rows, cols], cols, 1.0, gen)
-            else:  # what fastmdm.sample does today: all logits, then the revealed segments
+            else:  # a logits denoiser: all logits, then the revealed segments
                 segment = model(x)[rows[:, None], pad_index[cols]].masked_fill(~valid[cols], float("-inf"))
                 u = torch.rand(segment.shape, generator=gen).clamp(min=torch.finfo(torch.float32).tiny)
                 values = (segment - torch.log(-torch.log(u))).argmax(1)

@@ -43,7 +43,7 @@ import torch
 from architectures import grouped_runs, report_path, sampling_rate, stat, step_seconds
 from fastmdm import TabularMDM, datasets
 from fastmdm.metrics import score
-from fastmdm.sample import DecodeStats, known_first_order
+from fastmdm.decoding import DecodeStats, known_first_order
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "contextual_orders_runs.jsonl")

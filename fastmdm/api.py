@@ -12,7 +12,7 @@ import torch
 
 from .data import DEFAULT_CATEGORY_CAP, DEFAULT_NUM_BINS, TableCodec
 from .models import ARCHITECTURES, ORDERS, TableDenoiser, build_denoiser
-from .sample import DecodeStats, known_first_order, sample_tokens
+from .decoding import DecodeStats, known_first_order, sample_tokens
 from .schedules import PowerSchedule
 from .streaming import BlockPlan, fresh_seed, shard_path
 from .table_files import TableWriter

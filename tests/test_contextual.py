@@ -18,7 +18,7 @@ import fastmdm.train
 from fastmdm import TabularMDM
 from fastmdm.models import CausalTransformer
 from fastmdm.objective import causal_loss, contextual_loss, model_loss, order_search_loss
-from fastmdm.sample import DecodeStats, sample_tokens
+from fastmdm.decoding import DecodeStats, sample_tokens
 from fastmdm.schedules import plackett_luce_log_prob
 from test_causal import SIZES, all_orders, all_rows, chi_square_p, peaky_model, repeated_gradients, schedule_with
 

@@ -3,6 +3,7 @@ and the ragged per-column output heads."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import INT_DTYPES, check_tensor
@@ -132,7 +133,17 @@ class TableDenoiser(nn.Module):
 
     def embed_values(self, x: Tensor, columns: Tensor) -> Tensor:
         """Embedding of value x (or MASK) in column `columns`, same shapes, plus [..., d]."""
-        return self.token_embedding(x + self._embed_offsets[columns]) + self.column_embedding[columns]
+        return self.token_embedding(x + self._embed_offsets[columns]) + self.embed_columns(columns)
+
+    def embed_columns(self, columns: Tensor) -> Tensor:
+        """The column embedding of each id in `columns`, plus [..., d].
+
+        A lookup rather than `column_embedding[columns]`: on several CPU threads, indexing's
+        backward adds the gradients of repeated ids with atomics (index_put_ with
+        accumulate), in an order that changes from run to run; the lookup's backward adds
+        each row's gradients in index order, so seeded training is bitwise reproducible.
+        """
+        return F.embedding(columns, self.column_embedding)
 
     def loss_or_logits(self, h: Tensor, targets: Tensor | None, weight: Tensor | None,
                        mask: Tensor | None) -> Tensor:

@@ -16,7 +16,7 @@ mixture over orders, p(x) = E_{pi ~ PL(w)} p(x | pi); E_pi[-log p(x | pi)] bound
 
 Everything runs through `extend`, which appends content tokens to a key/value cache and
 answers query tokens against it. Training calls it once on an empty cache with the whole
-order; sampling calls it once per step (see fastmdm.causal_decoding), so the two can
+order; sampling calls it once per step (see fastmdm.decoding.causal), so the two can
 never disagree. Cache slot 0 is the start token, slot p + 1 is order position p, and the
 last slot takes writes from padding tokens and is never attended to.
 
@@ -141,7 +141,7 @@ class CausalTransformer(TableDenoiser):
         `policy_depth` (which the order policy reads) come first.
         """
         content = self.embed_values(values, value_columns)
-        query = self.query_embedding + self.column_embedding[query_columns]
+        query = self.query_embedding + self.embed_columns(query_columns)
         write = (value_positions + 1).clamp(max=self.trash_slot)
         # A content token at position p sees slots 0..p+1 (itself included); a query sees
         # slots 0..query_sees; padding content sees only the start token.
