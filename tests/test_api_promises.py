@@ -130,6 +130,13 @@ def free_counts(tokens: torch.Tensor, known: dict[int, int]) -> torch.Tensor:
     return counts[keep]
 
 
+def test_a_seed_reproduces_the_rows_and_no_seed_draws_fresh_ones(bidirectional):
+    first = bidirectional.sample(50, seed=3)
+    pd.testing.assert_frame_equal(bidirectional.sample(50, seed=3), first)
+    assert not bidirectional.sample(50, seed=4).equals(first)
+    assert not bidirectional.sample(50).equals(bidirectional.sample(50))
+
+
 def test_sample_follows_the_learned_order_distribution(bidirectional):
     """sample() draws each row's order from PL(model.weights): the rows follow the mixture over
     orders with those weights, not the one with uniform orders (w = 1)."""
