@@ -135,6 +135,33 @@ def test_a_seed_reproduces_the_rows_and_no_seed_draws_fresh_ones(bidirectional):
     pd.testing.assert_frame_equal(bidirectional.sample(50, seed=3), first)
     assert not bidirectional.sample(50, seed=4).equals(first)
     assert not bidirectional.sample(50).equals(bidirectional.sample(50))
+    holes = pd.DataFrame({"a": [None] * 50, "b": [None] * 50, "c": [None] * 50})
+    filled = bidirectional.impute(holes, seed=3)
+    pd.testing.assert_frame_equal(bidirectional.impute(holes, seed=3), filled)
+    assert not bidirectional.impute(holes, seed=4).equals(filled)
+    assert not bidirectional.impute(holes).equals(bidirectional.impute(holes))
+
+
+def test_one_step_draws_every_column_from_the_empty_prefix(bidirectional):
+    """steps=1 reveals all columns in one denoiser call: the rows follow the product of the
+    all-masked conditionals, which the exact joint (steps = L) rejects."""
+    counts = row_counts(tokens_of(bidirectional, bidirectional.sample(NUM_ROWS, steps=1, seed=5)), SIZES)
+    rows = all_rows(SIZES)
+    denoiser = copy.deepcopy(bidirectional.denoiser).double()
+    with torch.no_grad():
+        masked = denoiser.mask_ids.expand_as(rows)
+        product = torch.exp(-denoiser(masked, targets=rows, weight=torch.ones(rows.shape, dtype=torch.float64),
+                                      mask=torch.ones(rows.shape, dtype=torch.bool)))
+    assert p_value(counts, product) > ACCEPT
+    assert p_value(counts, exact_distribution(bidirectional)) < REJECT
+
+
+def test_speculative_decoding_is_refused_for_the_bidirectional_model(bidirectional):
+    holes = pd.DataFrame({"a": [None], "b": ["b1"], "c": [None]})
+    with pytest.raises(ValueError, match="causal"):
+        bidirectional.sample(5, speculative=2)
+    with pytest.raises(ValueError, match="causal"):
+        bidirectional.impute(holes, speculative=2)
 
 
 def test_sample_follows_the_learned_order_distribution(bidirectional):
@@ -189,6 +216,8 @@ def test_impute_samples_each_row_given_its_known_cells(bidirectional):
         assert p_value(counts, exact_distribution(bidirectional, known=given)) > ACCEPT
     free_marginal = exact_distribution(bidirectional).view(SIZES).sum(1).flatten()
     assert p_value(free_counts(tokens[:half], {1: 2}), free_marginal) < REJECT
+    greedy = tokens_of(bidirectional, bidirectional.impute(holes.iloc[:half], temperature=0, seed=4))
+    assert p_value(free_counts(greedy, {1: 2}), exact_distribution(bidirectional, temperature=0, known={1: 2})) > ACCEPT
 
 
 def test_fitted_and_saved_weights_are_the_averaged_ones(tmp_path):
@@ -204,4 +233,6 @@ def test_fitted_and_saved_weights_are_the_averaged_ones(tmp_path):
         assert torch.equal(written["denoiser"][key], value), key
     assert torch.equal(written["schedule"]["log_w"], run["ema_schedule"]["log_w"])
     assert not torch.equal(run["schedule"]["log_w"], run["ema_schedule"]["log_w"])
-    pd.testing.assert_series_equal(TabularMDM.load(saved).weights, model.weights)
+    loaded = TabularMDM.load(saved)
+    pd.testing.assert_series_equal(loaded.weights, model.weights)
+    assert loaded.history == model.history and len(model.history) == 2
