@@ -54,8 +54,8 @@ EXPLANATIONS: dict[str, str] = {
     "fastmdm.api.TabularMDM._split": f"the validation split: test_api.py, {NOT_SELECTED} (the selected tests fit "
         "with validation=None)",
     "fastmdm.sample._validate_known": "message text and device checks (one device here: equivalent); the "
-        "out-of-range check on known values (39, 41) is a real gap: no selected test passes out-of-range values "
-        "(through the API the codec cannot produce them)",
+        "range check of known values against shifted sizes (39, 41): killed since by test_argument_errors, "
+        "which now checks a later column too",
     "fastmdm.api.TabularMDM.impute": "steps, speculative, temperature and the seed not passed on: killed since "
         "by the tests added after this run (one step, speculative refused, temperature 0, seed reproduces); "
         "batch_size changes memory, not the rows' distribution (equivalent)",
