@@ -2,6 +2,7 @@
 must be switched on before triton is first imported."""
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -31,3 +32,22 @@ def order_uniforms(rows, w, generator):
             return u
         u[close] = torch.rand(int(close.sum()), generator=generator)
     raise AssertionError("could not draw separated keys")
+
+
+def outputs_per_thread_count(compute, counts=(1, 2)):
+    """compute() run with the C++ kernels on each OpenMP thread count, in order. Skips the test
+    when fastmdm._C was built without OpenMP (one thread always: a comparison across thread
+    counts would pass without testing anything) and checks that each count took effect."""
+    from fastmdm import _C
+    if not _C.has_openmp:
+        pytest.skip("fastmdm._C was built without OpenMP: it always runs one thread")
+    before = _C.num_threads()
+    outputs = []
+    try:
+        for count in counts:
+            _C.set_num_threads(count)
+            assert _C.num_threads() == count
+            outputs.append(compute())
+    finally:
+        _C.set_num_threads(before)
+    return outputs

@@ -1,4 +1,5 @@
 """End to end: TabularMDM fit / sample / condition / impute / save / load, resume, DDP, CLI."""
+import io
 import os
 import subprocess
 import sys
@@ -54,10 +55,6 @@ def test_sample_has_schema_and_learned_dependency(fitted):
     # In the data red always has size < 3 and others >= 5. Sampling the columns independently
     # would give about 0.5 for both rates; a tiny model after 12 epochs reaches ~0.8.
     assert (red["size"] < 3).mean() > 0.7 and (synth.loc[synth.color != "red", "size"] >= 5).mean() > 0.7
-
-
-def test_sample_is_reproducible_with_seed(fitted):
-    pd.testing.assert_frame_equal(fitted.sample(50, seed=3), fitted.sample(50, seed=3))
 
 
 def test_conditioning_fixes_columns(fitted):
@@ -149,10 +146,12 @@ def test_resume_after_interruption_gives_identical_result(tmp_path):
 
 @pytest.mark.parametrize("estimator, learn", [("tspace", True), ("order", False)])
 def test_other_training_modes_run(estimator, learn):
-    model = tiny(estimator=estimator, learn_schedule=learn, epochs=2).fit(correlated_table(300), validation=0.2)
+    """Both estimators train (the validation NELBO falls); a fixed schedule keeps w = 1 exactly."""
+    model = tiny(estimator=estimator, learn_schedule=learn, epochs=4, lr=5e-3).fit(correlated_table(300),
+                                                                                    validation=0.2)
+    assert model.history[-1].val_nelbo < model.history[0].val_nelbo - 0.2
     w = model.weights
-    assert np.isfinite(model.history[-1].val_nelbo)
-    assert (w == 1.0).all() if not learn else (w != 1.0).any()
+    assert (w == 1.0).all() if not learn else (abs(np.log(w)) > 1e-3).all()
 
 
 @pytest.mark.parametrize("order", ["static", "contextual"])
@@ -204,11 +203,25 @@ def test_train_config_validation():
         TrainConfig(ema_decay=1.0)
 
 
-def test_fit_logs_one_line_per_epoch_without_a_terminal(capsys):
-    """Under pytest stderr is not a terminal, so there is no live bar: fit prints each epoch."""
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("terminal", [False, True], ids=["log", "terminal"])
+def test_fit_logs_one_line_per_epoch_without_a_terminal(capsys, monkeypatch, terminal):
+    """With stderr not a terminal (a log, nohup, CI) there is no live bar: fit prints each
+    epoch; on a terminal the bar shows progress instead. stderr is set here, so the outcome
+    does not depend on how pytest was run (-s on a terminal or not)."""
+    stderr = _Terminal() if terminal else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stderr)
     tiny(epochs=2, progress=True).fit(correlated_table(300), validation=0.2)
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch")]
-    assert len(lines) == 2 and lines[1].endswith("[2/2]") and "validation NELBO" in lines[0]
+    if terminal:
+        assert lines == [] and "training" in stderr.getvalue()
+    else:
+        assert len(lines) == 2 and lines[1].endswith("[2/2]") and "validation NELBO" in lines[0]
+        assert stderr.getvalue() == ""
 
 
 def test_datetime_and_nullable_columns_end_to_end():

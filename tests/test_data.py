@@ -298,7 +298,8 @@ def frames(draw):
     return df.loc[:, df.notna().any()]
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, derandomize=True,   # the same examples every run: failures reproduce
+          suppress_health_check=[HealthCheck.too_slow])
 @given(df=frames(), num_bins=st.integers(2, 16), seed=st.integers(0, 2**31))
 def test_encode_decode_invariants(df, num_bins, seed):
     if df.shape[1] == 0:

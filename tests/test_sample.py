@@ -212,9 +212,10 @@ def test_argument_errors():
     with pytest.raises(ValueError, match="known_mask"):
         sample_tokens(oracle, w, MASK_ID, OFFSETS, 5, known=torch.zeros(5, 3, dtype=torch.int64),
                       known_mask=torch.ones(5, 2, dtype=torch.bool))
-    with pytest.raises(ValueError, match="outside"):
-        sample_tokens(oracle, w, MASK_ID, OFFSETS, 1, known=torch.tensor([[2, 0, 0]]),
-                      known_mask=torch.tensor([True, False, False]))
+    for known, column in (([[2, 0, 0]], 0), ([[0, 3, 0]], 1)):   # each column against its own size
+        with pytest.raises(ValueError, match="outside"):
+            sample_tokens(oracle, w, MASK_ID, OFFSETS, 1, known=torch.tensor(known),
+                          known_mask=torch.arange(3) == column)
     with pytest.raises(ValueError, match="without known"):
         sample_tokens(oracle, w, MASK_ID, OFFSETS, 5, known_mask=torch.ones(3, dtype=torch.bool))
     with pytest.raises(ValueError, match="denoiser returned"):

@@ -23,8 +23,13 @@ def test_init_is_linear_schedule():
 
 
 def test_fixed_schedule_has_no_gradient():
-    assert PowerSchedule(3, learnable=False).learnable is False
-    assert PowerSchedule(3).learnable is True
+    """learnable=False freezes w: nothing computed from it asks for a gradient. The default learns it."""
+    t = torch.tensor([0.3, 0.7])
+    fixed, learned = PowerSchedule(3, learnable=False), PowerSchedule(3)
+    assert not fixed.learnable and not fixed.alpha(t).requires_grad
+    assert not any(p.requires_grad for p in fixed.parameters())
+    learned.alpha(t).sum().backward()
+    assert learned.learnable and (learned.log_w.grad != 0).all()
 
 
 @pytest.mark.parametrize("bad", [dict(num_columns=0), dict(num_columns=3, init_w=0.0),
@@ -132,18 +137,25 @@ def test_tspace_score_matches_autograd():
 @pytest.mark.parametrize("log_t", [-3e4, -1e3, math.log(1e-7), math.log(1e-3), math.log(0.5),
                                    math.log1p(-1e-6), 0.0])
 def test_tspace_score_edges_are_finite_and_accurate(w, log_t):
-    """float32 guarded score against float64 evaluation (relative 1e-4: float32 log/exp error).
+    """float32 guarded score against autograd of log q in float64, written with log t:
+    d/dw [w log t] masked, d/dw log(1 - t^w) visible, whose limit at t = 1 is 1/w (relative
+    1e-4: float32 log/exp error).
 
     log t = -3e4 is the most negative time the t-space sampler draws at w = 1e-3 (log(2^-24) /
     5e-4): t itself underflows float32 there, log t does not."""
     w32 = torch.tensor([w], dtype=torch.float32)
     log_t32 = torch.tensor([log_t], dtype=torch.float32)
     for masked in (True, False):
-        mask = torch.tensor([[masked]])
-        got = tspace_score(w32, log_t32, mask)
-        want = tspace_score(w32.double(), log_t32.double(), mask)
+        got = tspace_score(w32, log_t32, torch.tensor([[masked]]))
+        w_leaf = w32.double().requires_grad_(True)
+        a = w_leaf * log_t32.double()
+        if masked or log_t != 0:
+            (a if masked else torch.log(-torch.expm1(a))).sum().backward()
+            want = w_leaf.grad
+        else:
+            want = 1 / w32.double()
         assert torch.isfinite(got).all()
-        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(got.double().view(1), want, rtol=1e-4, atol=1e-6)
 
 
 TSPACE_W = [[1.0], [1.0, 1.0, 1.0], [3.0, 1.0, 0.5, 0.2], [1e-3, 0.05, 1.0, 20.0, 1e3]]

@@ -1,6 +1,6 @@
 """Compile every Triton kernel ahead of time for GPUs that are not here, and read its resources.
 
-    python -m fastmdm.triton.aot                          # sm_80 and sm_90, representative shapes
+    python -m fastmdm.triton.aot --markdown benchmarks/results/triton_resources.md   # sm_80 and sm_90, representative shapes
     python -m fastmdm.triton.aot --exhaustive --markdown benchmarks/results/triton_resources_exhaustive.md
     python -m fastmdm.triton.aot --exhaustive --only ragged_head  # one op's kernels
 
