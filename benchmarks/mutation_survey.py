@@ -53,7 +53,7 @@ EXPLANATIONS: dict[str, str] = {
         "that sample() always overrides; message text",
     "fastmdm.api.TabularMDM._split": f"the validation split: test_api.py, {NOT_SELECTED} (the selected tests fit "
         "with validation=None)",
-    "fastmdm.sample._validate_known": "message text and device checks (one device here: equivalent); the "
+    "fastmdm.decoding.sampler._validate_known": "message text and device checks (one device here: equivalent); the "
         "range check of known values against shifted sizes (39, 41): killed since by test_argument_errors, "
         "which now checks a later column too",
     "fastmdm.api.TabularMDM.impute": "steps, speculative, temperature and the seed not passed on: killed since "
@@ -66,17 +66,17 @@ EXPLANATIONS: dict[str, str] = {
     "fastmdm.api.TabularMDM.sample": "steps, speculative and seed not passed on: killed since by the tests "
         "added after this run; batch_size 4097 and progress change memory and display only (equivalent)",
     "fastmdm.api.TabularMDM._generate_blocks": "progress bar arguments: display only (equivalent)",
-    "fastmdm.sample.impute_tokens": "known_mask=None is its default rule (tokens != MASK), which the tests' "
+    "fastmdm.decoding.sampler.impute_tokens": "known_mask=None is its default rule (tokens != MASK), which the tests' "
         "inputs follow (equivalent there); a name in a message",
-    "fastmdm.sample._sample_bidirectional": "33, 38: skipping rows with nothing left to reveal is an "
+    "fastmdm.decoding.bidirectional.sample_bidirectional": "33, 38: skipping rows with nothing left to reveal is an "
         "optimisation (equivalent); 63, 64: message text; 68: the generator of the logits path (callable "
         "denoisers only), whose reproducibility no test checks",
     "fastmdm.api._resolve_device": "'auto' picks CUDA when there is one: no GPU here (equivalent on this machine)",
-    "fastmdm.sample.chunk_of_position": "device=None is the CPU here (equivalent); clamp(min=2) differs only for "
+    "fastmdm.decoding.common.chunk_of_position": "device=None is the CPU here (equivalent); clamp(min=2) differs only for "
         "a row with one unknown column, whose rank 0 goes to step 0 either way (equivalent)",
-    "fastmdm.sample.gumbel_max": "temperature >= 0 adds 0 x noise at T = 0, argmax(+1) of [M, K] is argmax(-1) "
+    "fastmdm.decoding.common.gumbel_max": "temperature >= 0 adds 0 x noise at T = 0, argmax(+1) of [M, K] is argmax(-1) "
         "(both equivalent); generator=None: the logits path's reproducibility, untested",
-    "fastmdm.sample.gumbel_noise": "generator and device None: the logits path's reproducibility (untested) and "
+    "fastmdm.decoding.common.gumbel_noise": "generator and device None: the logits path's reproducibility (untested) and "
         "device (one here)",
     "fastmdm.api.TabularMDM._denoiser_options": f"'CAUSAL': a static causal model's default order is 'static' "
         f"(equivalent); contextual models: test_contextual.py, {NOT_SELECTED}",
