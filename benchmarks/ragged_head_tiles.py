@@ -3,7 +3,7 @@ state width class and alignment, the largest tile that compiles for sm_80 and sm
 
     nice -n 10 python benchmarks/ragged_head_tiles.py --jobs 2
 
-No GPU needed: every candidate is compiled ahead of time through `fastmdm.triton.aot` (the
+No GPU needed: every candidate is compiled ahead of time through `triton_resources.py` (the
 ops' own launch plans on meta tensors, with the candidate's tile put in). Writes
 benchmarks/results/ragged_head_tiles.md (the winners, and the larger tiles that lost, with
 why) and ragged_head_tiles_runs.jsonl (every compile); `_TILES` in
@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from fastmdm.triton import aot
+import triton_resources as aot
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BLOCK_DS = (16, 32, 64, 128, 256)

@@ -14,7 +14,7 @@ from .data import DEFAULT_CATEGORY_CAP, DEFAULT_NUM_BINS, TableCodec
 from .models import ARCHITECTURES, ORDERS, TableDenoiser, build_denoiser
 from .decoding import DecodeStats, known_first_order, sample_tokens
 from .schedules import PowerSchedule
-from .streaming import BlockPlan, fresh_seed, shard_path
+from .sample_blocks import BlockPlan, fresh_seed, shard_path
 from .table_files import TableWriter
 from .token_store import prepare_token_store
 from .train import EpochRecord, TrainConfig, Trainer, atomic_save, estimate_nelbo
@@ -227,7 +227,7 @@ class TabularMDM:
         """Generate rows a batch at a time: DataFrames of up to batch_size rows, indexed by row number.
 
         Memory is one batch, whatever num_rows. Block b of batch_size rows draws from a seed
-        derived from (seed, b) (see fastmdm.streaming), so the rows depend on seed and
+        derived from (seed, b) (see fastmdm.sample_blocks), so the rows depend on seed and
         batch_size only, and `shard=(k, n)` yields the k-th of n contiguous runs of blocks:
         the n shards concatenated are the rows of shard=None. Sharding needs a seed.
         Other arguments as in `sample`.

@@ -98,7 +98,7 @@ def _conditions(model, args):
 def cmd_sample(args) -> None:
     """Writes batch by batch (bounded memory); under torchrun each rank writes its own shard."""
     from .api import TabularMDM
-    from .streaming import BlockPlan, parse_shard, shard_from_environment
+    from .sample_blocks import BlockPlan, parse_shard, shard_from_environment
     from .table_files import table_format
     shard = parse_shard(args.shard) if args.shard else shard_from_environment()
     device = args.device

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from fastmdm.cli import main as cli_main
-from fastmdm.streaming import BlockPlan, parse_shard, shard_path
+from fastmdm.sample_blocks import BlockPlan, parse_shard, shard_path
 from test_api import correlated_table, tiny
 
 

@@ -2,20 +2,20 @@
 
 The interpreter (TRITON_INTERPRET=1, how the other Triton tests run without a GPU) checks what
 the kernels compute; only a compile checks that they build for a real GPU and fit its registers.
-`python -m fastmdm.triton.aot` compiles each launch the ops' own plan functions make (on meta
+`python benchmarks/triton_resources.py` compiles each launch the ops' own plan functions make (on meta
 tensors, specialized as a real launch would be), reads registers and stack from the cubin with
 the cuobjdump that ships in the triton wheel and the shared memory the launch requests from
-Triton's metadata (at most 99 KiB, `aot.SHARED_LIMIT`). It runs in a subprocess
+Triton's metadata (at most 99 KiB, `triton_resources.SHARED_LIMIT`). It runs in a subprocess
 because the test run has set TRITON_INTERPRET=1, under which kernels cannot be compiled.
 
 Representative shapes only (the largest tile of every width class, and the ragged heads at
 d = 16, 48, 128, 256 in float32 and bfloat16: 140 compiles, several minutes on 2 cores the
 first time, seconds from Triton's on-disk cache afterwards). The exhaustive sweep over
 every power-of-two shape and every head width (1,108 compiles) is
-`python -m fastmdm.triton.aot --exhaustive --jobs N` (`--only ragged_head`: 176 of them).
+`python benchmarks/triton_resources.py --exhaustive --jobs N` (`--only ragged_head`: 176 of them).
 The test writes its table to a temporary folder; the committed report
 benchmarks/results/triton_resources.md is written by
-`python -m fastmdm.triton.aot --markdown benchmarks/results/triton_resources.md`.
+`python benchmarks/triton_resources.py --markdown benchmarks/results/triton_resources.md`.
 
 The ragged heads' tiles themselves come from `benchmarks/ragged_head_tiles.py`, a search over
 candidate tiles with the same compiler; the last test checks that the dispatched table is
@@ -30,29 +30,30 @@ from pathlib import Path
 import pytest
 
 triton = pytest.importorskip("triton", reason="triton is not installed")
-from fastmdm.triton.aot import SHARED_LIMIT  # noqa: E402  (needs triton)
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from triton_resources import SHARED_LIMIT  # noqa: E402  (needs triton)
 if not hasattr(triton.runtime.jit, "native_specialize_impl"):
-    pytest.skip(f"triton {triton.__version__} lacks the specialization API fastmdm.triton.aot uses",
+    pytest.skip(f"triton {triton.__version__} lacks the specialization API benchmarks/triton_resources.py uses",
                 allow_module_level=True)
 cuobjdump = Path(triton.knobs.nvidia.cuobjdump.path)
 if not cuobjdump.exists():
     pytest.skip(f"no cuobjdump at {cuobjdump} (triton without its NVIDIA backend)", allow_module_level=True)
 
-ROOT = Path(__file__).resolve().parents[1]
 KERNELS = {"_mask_tspace_kernel", "_mask_order_kernel", "_weighted_ce_kernel", "_rloo_partial_kernel",
            "_ragged_head_ce_kernel", "_ragged_head_sample_kernel"}
 
 
 def compile_in_subprocess(*args: str, code: str | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    command = [sys.executable, "-c", code] if code else [sys.executable, "-m", "fastmdm.triton.aot", *args]
+    command = [sys.executable, "-c", code] if code else [sys.executable, "benchmarks/triton_resources.py", *args]
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
 
 
 def test_every_dispatched_configuration_compiles_without_spills(tmp_path):
     raw, table = tmp_path / "resources.json", tmp_path / "triton_resources.md"
     run = compile_in_subprocess("--json", str(raw), "--markdown", str(table))
-    assert raw.exists() and table.exists(), f"aot did not finish:\n{run.stderr[-3000:]}"
+    assert raw.exists() and table.exists(), f"triton_resources.py did not finish:\n{run.stderr[-3000:]}"
     results = json.loads(raw.read_text())
     failing = [r for r in results if r["error"] or r["stack"] or r["local"] or r["shared"] > SHARED_LIMIT]
     assert not failing, "compile errors, spills or too much shared memory:\n" + "\n".join(
@@ -77,7 +78,9 @@ def test_a_spilling_configuration_is_reported():
     code = """
 import dataclasses, json
 import torch
-from fastmdm.triton import aot
+import sys
+sys.path.insert(0, "benchmarks")
+import triton_resources as aot
 from fastmdm.triton.rloo import plan_rloo_grad
 launch = plan_rloo_grad(aot._meta((4096, 2)), aot._meta((4096, 2, 128)))[1]
 launch = dataclasses.replace(launch, constexprs=dict(launch.constexprs, BLOCK_R=64), num_warps=1)

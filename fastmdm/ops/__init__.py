@@ -1,6 +1,6 @@
 """Fused ops with a torch reference, a C++ CPU path and a Triton GPU path (see _dispatch)."""
 from ._dispatch import available_backends, use_backend
-from .elbo import weighted_ce
+from .cross_entropy import weighted_ce
 from .masking import MaskedBatch, mask_order, mask_tspace
 from .ragged_head import ragged_head_ce, ragged_head_sample
 from .rloo import rloo_grad

@@ -1,6 +1,6 @@
 """Torch reference kernels: the source of truth every fast path (C++, Triton) is tested against.
 
-These are plain functions (no autograd wiring); `fastmdm.ops.masking`, `.elbo` and `.rloo`
+These are plain functions (no autograd wiring); `fastmdm.ops.masking`, `.cross_entropy` and `.rloo`
 wrap whichever backend dispatch picks into torch.library custom ops with gradients.
 The C++ (`fastmdm.ops.cpu_backend`) and Triton (`fastmdm.triton`) backends implement the
 same four functions with the same signatures and return dtypes:

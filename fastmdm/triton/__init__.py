@@ -11,7 +11,7 @@ import os
 import torch
 import triton  # noqa: F401  (a missing triton must raise here, at import)
 
-from .elbo import weighted_ce
+from .cross_entropy import weighted_ce
 from .masking import MAX_ORDER_COLUMNS, mask_order, mask_tspace
 from .ragged_head import MAX_HEAD_WIDTH, ragged_head_ce, ragged_head_config, ragged_head_sample
 from .rloo import rloo_grad

@@ -2,7 +2,7 @@
 
 Every op module has a `plan_<op>` function that allocates the outputs and returns them with the
 `Launch` it would make (grid, arguments, constexprs, num_warps, num_stages). The op runs the launch;
-`fastmdm.triton.aot` calls the same plan functions on meta tensors and compiles each launch
+`benchmarks/triton_resources.py` calls the same plan functions on meta tensors and compiles each launch
 for a GPU that is not there, so the configurations it checks are exactly those dispatch picks.
 """
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Compile every Triton kernel ahead of time for GPUs that are not here, and read its resources.
 
-    python -m fastmdm.triton.aot --markdown benchmarks/results/triton_resources.md   # sm_80 and sm_90, representative shapes
-    python -m fastmdm.triton.aot --exhaustive --markdown benchmarks/results/triton_resources_exhaustive.md
-    python -m fastmdm.triton.aot --exhaustive --only ragged_head  # one op's kernels
+    python benchmarks/triton_resources.py --markdown benchmarks/results/triton_resources.md   # sm_80 and sm_90, representative shapes
+    python benchmarks/triton_resources.py --exhaustive --markdown benchmarks/results/triton_resources_exhaustive.md
+    python benchmarks/triton_resources.py --exhaustive --only ragged_head  # one op's kernels
 
 No GPU is needed: `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))` builds
 the cubin and `cuobjdump --dump-resource-usage` (shipped in the triton wheel) reads its
@@ -94,7 +94,7 @@ def _head_weight(vocab: int, d: int, dtype: torch.dtype, misaligned: bool) -> to
 def ragged_head_loss_launch(d: int, dtype: torch.dtype, compute_grad: bool, *, strided: bool = False,
                             misaligned: bool = False, columns: int = 16, rows: int = 2048, vocab: int = 4096):
     """The ragged_head_ce launch for h [rows, columns, d] (strided: no unit stride), W [vocab, d]."""
-    from .ragged_head import plan_ragged_head_ce
+    from fastmdm.triton.ragged_head import plan_ragged_head_ce
     h = _meta((d, columns, 2 * rows), dtype)[:, :, ::2].permute(2, 1, 0) if strided else _meta((rows, columns, d), dtype)
     cells = (rows, columns)
     tiles = tuple(_meta((rows * columns // 64,), torch.int64) for _ in range(3))
@@ -106,7 +106,7 @@ def ragged_head_loss_launch(d: int, dtype: torch.dtype, compute_grad: bool, *, s
 def ragged_head_sample_launch(d: int, dtype: torch.dtype, temperature: float, *, strided: bool = False,
                               misaligned: bool = False, columns: int = 16, cells: int = 2048, vocab: int = 4096):
     """The ragged_head_sample launch for the states h [cells, d] of cells of `columns` columns."""
-    from .ragged_head import plan_ragged_head_sample
+    from fastmdm.triton.ragged_head import plan_ragged_head_sample
     h = _meta((d, 2 * cells), dtype)[:, ::2].t() if strided else _meta((cells, d), dtype)
     tiles = tuple(_meta((cells // 64,), torch.int64) for _ in range(3))
     return plan_ragged_head_sample(h, _meta((cells,), torch.int64), tiles, _head_weight(vocab, d, dtype, misaligned),
@@ -115,10 +115,10 @@ def ragged_head_sample_launch(d: int, dtype: torch.dtype, temperature: float, *,
 
 def problems(exhaustive: bool):
     """(kernel-agnostic shape label, Launch) for every problem class, from the ops' plan functions."""
-    from .elbo import plan_weighted_ce
-    from .masking import MAX_ORDER_COLUMNS, plan_mask_order, plan_mask_tspace
-    from .ragged_head import MAX_HEAD_WIDTH
-    from .rloo import plan_rloo_grad
+    from fastmdm.triton.cross_entropy import plan_weighted_ce
+    from fastmdm.triton.masking import MAX_ORDER_COLUMNS, plan_mask_order, plan_mask_tspace
+    from fastmdm.triton.ragged_head import MAX_HEAD_WIDTH
+    from fastmdm.triton.rloo import plan_rloo_grad
 
     powers = lambda top: [2**i for i in range(top.bit_length())]  # noqa: E731
     rows_classes = powers(REPRESENTATIVE_ROWS) if exhaustive else [REPRESENTATIVE_ROWS]
@@ -220,7 +220,7 @@ def check(exhaustive: bool = False, archs=ARCHS, jobs: int = 2, only: str = "") 
     """Compile every distinct configuration that `problems` reaches, for each arch (only the
     kernels whose name contains `only`)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
-        raise RuntimeError("fastmdm.triton.aot compiles kernels: run it without TRITON_INTERPRET=1")
+        raise RuntimeError("benchmarks/triton_resources.py compiles kernels: run it without TRITON_INTERPRET=1")
     first_shapes: dict[str, tuple[Job, str]] = {}
     for shapes, launch in problems(exhaustive):
         if only not in launch.kernel.fn.__name__:
@@ -241,7 +241,7 @@ def markdown(results: list[Result], exhaustive: bool, only: str = "") -> str:
     lines = [
         "# Triton kernels compiled ahead of time: registers, stack (spills), shared memory",
         "",
-        f"`python -m fastmdm.triton.aot{' --exhaustive' if exhaustive else ''}{f' --only {only}' if only else ''}` (triton "
+        f"`python benchmarks/triton_resources.py{' --exhaustive' if exhaustive else ''}{f' --only {only}' if only else ''}` (triton "
         f"{_triton_version()}, no GPU needed). One row per configuration the ops' launch code picks "
         f"({'every power-of-two shape class, every head width' if exhaustive else representative}); "
         "'shapes' is the first problem that picks it. Stack and local memory must be 0 (no spills); "
