@@ -2,15 +2,23 @@
 
 Masked diffusion works on discrete tokens, so every column becomes a small vocabulary:
 categorical columns map each category to an id, numeric columns map each value to a
-quantile bin. Decoding a bin draws a real training value from that bin, which keeps point
-masses (capital-gain = 0), integer values and the within-bin shape of the distribution.
+quantile bin. Decoding a bin draws a new number inside the bin from the column's quantile
+sketch, at the column's observed precision; point masses (capital-gain = 0) come back
+exactly. The codec stores quantile levels, never training rows' values (see `_Numeric`).
 A column that had missing values when fitted gets one extra token for "missing".
+
+Every categorical column has an "other" token, after its categories: values it has no token
+for, that is, categories first seen after fitting (a held-out split's) and, in a column with
+more than `category_cap` values, the rare ones beyond the cap. So any split of a table
+encodes, and the model scores an unseen category by the probability it gives "other" (learnt
+from the rare values' share in a capped column; in other columns the model never sees the
+token in training, so an unseen value costs what a never-seen token costs, typically several
+nats). See `_Categorical` for what "other" decodes to: the codec keeps no list of rare
+values to copy.
 
 Datetimes (naive or tz-aware) and timedeltas are numbers here: integer counts of their unit
 (tz-aware ones in UTC), binned like any number and decoded back to the fitted dtype, unit
-and timezone. Categorical columns with more than `category_cap` values keep a token for the
-most frequent ones and share one "other" token among the rest; decoding "other" draws one
-of the rare training values by frequency, as a bin draws a value.
+and timezone.
 """
 from __future__ import annotations
 
@@ -24,16 +32,17 @@ import torch
 from ._checks import INT_DTYPES, check_tensor
 
 __all__ = ["TableCodec", "infer_categorical", "DEFAULT_NUM_BINS", "DEFAULT_MAX_CATEGORIES",
-           "DEFAULT_CATEGORY_CAP"]
+           "DEFAULT_CATEGORY_CAP", "OTHER_LABEL"]
 
-# Bin-count experiment: round trip decode(encode(train)) on Adult and MAGIC (fit on train):
+# Bin-count experiment: round trip decode(encode(train)) on Adult and MAGIC (fit on train),
+# decoding by resampling training values inside a bin:
 #   num_bins                                16      32      64      128
 #   max KS over numeric columns, Adult    .0019   .0016   .0011   .0008
 #   max KS over numeric columns, MAGIC    .0030   .0025   .0018   .0012
 #   max |Spearman corr drift|, MAGIC      .0073   .0020   .0007   .0002
 #   max |Pearson corr drift|, MAGIC       .080    .038    .025    .018
 #   max median |x - decoded| / IQR, MAGIC .058    .029    .014    .007
-# Resampling real values within a bin keeps every marginal (KS < 0.01 at any count), so KS
+# Resampling inside a bin keeps every marginal (KS < 0.01 at any count), so KS
 # cannot pick the count; what bins lose is dependence between columns inside a bin. 32 is the
 # smallest count keeping correlation drift under ~0.04 (16 loses 0.08 of Pearson correlation
 # on MAGIC, a ceiling no model could beat) while the vocabulary stays small for the model.
@@ -46,16 +55,20 @@ DEFAULT_MAX_CATEGORIES = 20
 # so a column with thousands of rare values (flights' 4,043 tail numbers) would dominate the
 # model's size and cost while each rare value is seen too seldom to learn.
 DEFAULT_CATEGORY_CAP = 1000
-# Real values kept per bin (and for "other") for decoding: enough to reproduce the
-# within-bin distribution.
-SAMPLES_PER_BIN = 256
+# Equal-mass quantile levels each numeric column stores for decoding inside a bin: 32 per
+# default bin, so marginals stay within 1/1024 of the data's (less than a KS test detects
+# below ~10^6 rows) at 8 KiB a column.
+SKETCH_LEVELS = 1024
+# Most decimals a float column is checked for; beyond it a column is continuous (MAGIC's).
+MAX_DECIMALS = 10
+# What the "other" token of a text column decodes to.
+OTHER_LABEL = "(other)"
 # A column with at least this many distinct values can be flagged as a unique key (below it,
 # a table is too small to tell a key from a coincidence): text most of whose rows hold a value
 # seen once is refused (it cannot be modelled), all-distinct integers get a warning (they are
 # binned like any number, which works but may repeat identifiers).
 KEY_MIN_VALUES = 100
-_STATE_VERSION = 2
-_READABLE_STATE_VERSIONS = (1, 2)
+_STATE_VERSION = 3
 
 
 def _python_scalar(value):
@@ -126,12 +139,6 @@ def _exact_values(plain: pd.Series) -> np.ndarray:
     return np.sort(plain.dropna().to_numpy(dtype=np.int64 if integer else np.float64))
 
 
-def _spread_ranks(start: int, end: int) -> np.ndarray:
-    """Up to SAMPLES_PER_BIN evenly spaced positions in [start, end) of sorted values: a sample
-    that keeps their distribution (each value about as often as it occurs)."""
-    return np.unique(np.round(np.linspace(start, end - 1, min(end - start, SAMPLES_PER_BIN)))).astype(np.int64)
-
-
 def _is_numeric_plain(dtype) -> bool:
     return pd.api.types.is_numeric_dtype(dtype) and not pd.api.types.is_bool_dtype(dtype)
 
@@ -159,14 +166,22 @@ def infer_categorical(series: pd.Series, max_categories: int = DEFAULT_MAX_CATEG
 
 class _Categorical:
     """One token per category (sorted when comparable, else in first-seen order; a category
-    dtype's declared order), plus one shared "other" token for the rare ones beyond the cap."""
+    dtype's declared order), then the "other" token for every value without one (rare
+    values beyond the cap, values first seen after fitting).
+
+    Decoding "other": in a capped column it stands for the rare values, and becomes
+    OTHER_LABEL (missing where the dtype cannot hold text). In an uncapped column no training
+    row holds it, so a model generates it only by error (an undertrained model now and then);
+    it becomes a category drawn by the training counts, so synthetic rows hold only the
+    column's categories.
+    """
 
     is_numeric = False
 
-    def __init__(self, name, dtype: str, has_missing: bool, categories: list,
-                 other: list | None = None, domain: list | None = None, ordered: bool = False):
+    def __init__(self, name, dtype: str, has_missing: bool, categories: list, counts: list[int], capped: bool,
+                 domain: list | None = None, ordered: bool = False):
         self.name, self.dtype, self.has_missing = name, dtype, has_missing
-        self.categories, self.other = categories, other
+        self.categories, self.counts, self.capped = categories, counts, capped
         self.domain, self.ordered = domain, ordered  # a category dtype's declared categories
         self._index = pd.Index(categories, dtype=object)
         self.pandas_dtype = (pd.CategoricalDtype(domain, ordered=ordered) if dtype == "category"
@@ -190,67 +205,74 @@ class _Categorical:
                              f"{(counts == 1).sum() / len(plain):.0%} of the rows hold a value seen only once): "
                              "a generator can only copy such values, not learn them. Drop it before fitting, "
                              "and number the synthetic rows yourself if you need a key.")
-        other = None
-        if cap is not None and len(values) > cap:
+        capped = cap is not None and len(values) > cap
+        if capped:
             # Most frequent first; ties keep the category order (a stable sort).
             kept = set(counts.sort_values(ascending=False, kind="stable").index[:cap - 1])
-            rare = [v for v in values if v not in kept]
             values = [v for v in values if v in kept]
-            other = cls._frequency_sample(plain[plain.isin(rare)], rare)
         domain = [_python_scalar(v) for v in series.cat.categories] if is_category else None
         return cls(name, str(series.dtype), has_missing, [_python_scalar(v) for v in values],
-                   other, domain, bool(series.cat.ordered) if is_category else False)
-
-    @staticmethod
-    def _frequency_sample(rows: pd.Series, rare: list) -> list:
-        """Up to SAMPLES_PER_BIN rare values, each about as often as in `rows` (evenly spaced
-        ranks of the rows sorted by category), or every rare category when no row holds one."""
-        if len(rows) == 0:
-            return [_python_scalar(v) for v in rare]
-        order = np.sort(pd.Index(rare, dtype=object).get_indexer(rows.to_numpy(dtype=object)))
-        return [_python_scalar(rare[i]) for i in order[_spread_ranks(0, len(order))]]
+                   [int(counts[v]) for v in values], capped, domain,
+                   bool(series.cat.ordered) if is_category else False)
 
     @property
     def num_values(self) -> int:
-        return len(self.categories) + int(self.other is not None)
+        return len(self.categories) + 1  # the categories, then "other"
 
     def encode(self, series: pd.Series, missing: np.ndarray) -> np.ndarray:
-        values = series.to_numpy(dtype=object)
-        codes = self._index.get_indexer(values)
-        unseen = (codes < 0) & ~missing
-        if self.other is not None:
-            codes[unseen] = len(self.categories)
-        elif unseen.any():
-            raise ValueError(f"column {self.name!r} has categories not seen when the codec was fitted: "
-                             f"{_examples(values[unseen])}")
+        codes = self._index.get_indexer(series.to_numpy(dtype=object))
+        codes[(codes < 0) & ~missing] = len(self.categories)
         return codes
 
     def decode(self, codes: np.ndarray, missing: np.ndarray, generator) -> pd.Series:
         codes = np.where(missing, 0, codes)
+        other = codes == len(self.categories)
+        u = torch.rand(len(codes), generator=generator, dtype=torch.float64).numpy()
+        if not self.capped:
+            cumulative = np.cumsum(self.counts)
+            drawn = np.minimum(np.searchsorted(cumulative, u * cumulative[-1], side="right"), len(self.categories) - 1)
+            codes, other = np.where(other, drawn, codes), np.zeros(len(codes), dtype=bool)
         values = np.empty(len(codes), dtype=object)
-        known = codes < len(self.categories)
-        values[known] = np.array(self.categories, dtype=object)[codes[known]]
-        if self.other is not None:
-            u = torch.rand(len(codes), generator=generator, dtype=torch.float64).numpy()
-            pick = np.minimum((u * len(self.other)).astype(np.int64), len(self.other) - 1)
-            values[~known] = np.array(self.other, dtype=object)[pick[~known]]
+        values[~other] = np.array(self.categories, dtype=object)[codes[~other]]
+        if pd.api.types.is_object_dtype(self.pandas_dtype) or pd.api.types.is_string_dtype(self.pandas_dtype):
+            values[other] = OTHER_LABEL
+        else:
+            values[other] = self.categories[0]  # a placeholder of the right type, masked below
+            missing = missing | other
         return _from_plain(values, missing, self.pandas_dtype)
 
     def state_dict(self) -> dict:
-        return {"kind": "categorical", "categories": list(self.categories), "other": self.other,
-                "domain": self.domain, "ordered": self.ordered}
+        return {"kind": "categorical", "categories": list(self.categories), "counts": list(self.counts),
+                "capped": self.capped, "domain": self.domain, "ordered": self.ordered}
 
 
 class _Numeric:
-    """Quantile bins [left_k, left_{k+1}); decoding resamples stored training values of the bin."""
+    """Quantile bins [left_k, left_{k+1}) as tokens; a bin decodes to a new number drawn from
+    the column's quantile sketch inside the bin, at the column's observed precision.
+
+    The sketch holds SKETCH_LEVELS + 1 equal-mass quantile levels, each an interpolation
+    between two neighbouring sorted training values (never one of them, unless the two are
+    equal: a value repeated across a level is a point mass and is kept exactly). Bin edges are
+    levels of the sketch. Decoding draws from the piecewise-linear distribution between the
+    levels, restricted to the bin: every marginal stays within 1 / SKETCH_LEVELS of the data,
+    point masses come back exactly (a bin of its own for one filling a quantile step, flat runs
+    of levels for smaller ones), and no stored or generated number is read off a training row.
+    Precision: integer columns (datetimes and timedeltas as counts of their unit) decode to
+    multiples of the greatest common divisor of their values (whole days stay whole days);
+    float columns to the fewest decimals that hold every value (none when no count up to
+    MAX_DECIMALS does).
+    """
 
     is_numeric = True
 
-    def __init__(self, name, dtype: str, has_missing: bool, lefts: torch.Tensor,
-                 samples: torch.Tensor, sample_offsets: torch.Tensor):
+    def __init__(self, name, dtype: str, has_missing: bool, lefts: torch.Tensor, sketch: torch.Tensor,
+                 step: int | None, decimals: int | None):
         self.name, self.dtype, self.has_missing = name, dtype, has_missing
-        self.lefts, self.samples, self.sample_offsets = lefts, samples, sample_offsets
-        self._lefts_np = lefts.numpy()
+        self.lefts, self.sketch, self.step, self.decimals = lefts, sketch, step, decimals
+        self._lefts_np, self._sketch_np = lefts.numpy(), sketch.numpy()
+        rights = np.append(self._lefts_np[1:], np.inf)
+        self._point = rights == np.nextafter(self._lefts_np, np.inf)  # bins holding one value
+        self._cdf_range = np.stack([self._cdf(self._lefts_np), self._cdf(rights)], axis=1)
         self.pandas_dtype = pd.api.types.pandas_dtype(dtype)
 
     @classmethod
@@ -262,23 +284,19 @@ class _Numeric:
             warnings.warn(f"column {name!r} may be a unique key: its {len(x):,} integers are all distinct. "
                           "It is binned like any number, so synthetic rows get values drawn from its bins "
                           "and may repeat them; drop it before fitting if it is an identifier.", stacklevel=3)
-        edges = np.quantile(x, np.linspace(0.0, 1.0, num_bins + 1))
+        levels = max(SKETCH_LEVELS, num_bins)
+        sketch = _quantile_sketch(x, levels)
+        edges = sketch[np.round(np.linspace(0, levels, num_bins + 1)).astype(np.int64)]
         # A value that fills several quantile steps is a point mass: give it a bin of its own
         # by starting the next bin just above it. This never exceeds num_bins bins.
         repeated = np.unique(edges[:-1][edges[:-1] == edges[1:]])
-        lefts = np.union1d(edges[:-1], np.nextafter(repeated, np.inf))
-        # Drop bins no training value falls in (merging them into the bin below).
-        counts = np.bincount(np.searchsorted(lefts, x, side="right") - 1, minlength=len(lefts))
-        lefts = lefts[counts > 0]
-        ends = np.searchsorted(x, lefts[1:], side="left").tolist() + [len(x)]
-        starts = [0] + ends[:-1]
-        samples, offsets = [], [0]
-        for start, end in zip(starts, ends):
-            ranks = _spread_ranks(start, end)
-            samples.append(exact[ranks])
-            offsets.append(offsets[-1] + len(ranks))
-        return cls(name, str(series.dtype), has_missing, torch.from_numpy(lefts),
-                   torch.from_numpy(np.concatenate(samples)), torch.tensor(offsets, dtype=torch.int64))
+        lefts = _drop_empty_bins(np.union1d(edges[:-1], np.nextafter(repeated, np.inf)), x)
+        if exact.dtype == np.int64:
+            step, decimals = max(int(np.gcd.reduce(exact)), 1), None
+        else:
+            step, decimals = None, _decimals(x)
+        return cls(name, str(series.dtype), has_missing, torch.from_numpy(lefts), torch.from_numpy(sketch),
+                   step, decimals)
 
     @property
     def num_values(self) -> int:
@@ -293,21 +311,101 @@ class _Numeric:
         if bad.any():
             raise TypeError(f"column {self.name!r} is numeric but holds non-numeric values: "
                             f"{_examples(series.to_numpy(dtype=object)[bad])}")
-        # Values at a bin's left edge belong to that bin; out-of-range values clip to the ends.
-        codes = np.searchsorted(self._lefts_np, np.where(missing, self._lefts_np[0], x), side="right") - 1
-        return np.maximum(codes, 0)
+        return self._bins(np.where(missing, self._lefts_np[0], x))
+
+    def _bins(self, x: np.ndarray) -> np.ndarray:
+        """Bin of each value: a value at a bin's left edge belongs to that bin; out-of-range
+        values clip to the end bins."""
+        return np.maximum(np.searchsorted(self._lefts_np, x, side="right") - 1, 0)
+
+    def _cdf(self, x: np.ndarray) -> np.ndarray:
+        """The sketch's distribution function just below x (a point mass at x excluded)."""
+        sketch, levels = self._sketch_np, len(self._sketch_np) - 1
+        k = np.searchsorted(sketch, x, side="left")   # sketch[k - 1] < x <= sketch[k]
+        inside = (k > 0) & (k <= levels)
+        lo, hi = sketch[np.clip(k - 1, 0, levels)], sketch[np.clip(k, 0, levels)]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            frac = np.where(inside, (x - lo) / np.where(hi > lo, hi - lo, 1.0), 0.0)
+        return np.where(k > levels, 1.0, np.where(inside, (k - 1 + frac) / levels, 0.0))
+
+    def _quantile(self, u: np.ndarray) -> np.ndarray:
+        """Inverse of `_cdf`: exact on flat runs of levels (point masses)."""
+        sketch, levels = self._sketch_np, len(self._sketch_np) - 1
+        t = u * levels
+        k = np.clip(np.floor(t).astype(np.int64), 0, levels - 1)
+        return sketch[k] + (t - k) * (sketch[k + 1] - sketch[k])
 
     def decode(self, codes: np.ndarray, missing: np.ndarray, generator) -> pd.Series:
-        bins = torch.from_numpy(np.where(missing, 0, codes))
-        start = self.sample_offsets[bins]
-        count = self.sample_offsets[bins + 1] - start
-        u = torch.rand(len(bins), generator=generator, dtype=torch.float64)
-        pick = start + torch.minimum((u * count).long(), count - 1)
-        return _from_plain(self.samples[pick].numpy(), missing, self.pandas_dtype)
+        bins = np.where(missing, 0, codes)
+        u = torch.rand(len(bins), generator=generator, dtype=torch.float64).numpy()
+        start, end = self._cdf_range[bins, 0], self._cdf_range[bins, 1]
+        drawn = self._quantile(start + u * np.maximum(end - start, 0.0))
+        lefts = self._lefts_np[bins]
+        drawn = np.where(self._point[bins] | (end <= start), lefts, drawn)
+        return _from_plain(self._on_grid(drawn, bins), missing, self.pandas_dtype)
+
+    def _on_grid(self, drawn: np.ndarray, bins: np.ndarray) -> np.ndarray:
+        """Drawn numbers rounded to the column's precision, kept inside their bins (a rounded
+        value that leaves its bin takes the bin's first grid value; the bin holds a training
+        value, so it has one)."""
+        if self.step is None and self.decimals is None:
+            return drawn
+        if self.step is not None:
+            to_value = lambda k: k.astype(np.int64) * self.step  # noqa: E731  (exact integers)
+            scaled, scale = drawn / self.step, 1.0 / self.step
+        else:
+            to_value = lambda k: k / 10.0 ** self.decimals  # noqa: E731  (the nearest float to the decimal)
+            scaled, scale = drawn * 10.0 ** self.decimals, 10.0 ** self.decimals
+        values = to_value(np.round(scaled))
+        lefts = self._lefts_np[bins]
+        first = np.ceil(lefts * scale)
+        first = to_value(first + (to_value(first).astype(np.float64) < lefts))
+        outside = self._bins(values.astype(np.float64)) != bins
+        return np.where(outside, first, values)
 
     def state_dict(self) -> dict:
-        return {"kind": "numeric", "lefts": self.lefts, "samples": self.samples,
-                "sample_offsets": self.sample_offsets}
+        return {"kind": "numeric", "lefts": self.lefts, "sketch": self.sketch, "step": self.step,
+                "decimals": self.decimals}
+
+
+def _quantile_sketch(x: np.ndarray, levels: int) -> np.ndarray:
+    """levels + 1 equal-mass quantiles of sorted x, none of them a training value unless it is
+    repeated: each interpolates between two neighbouring order statistics, and a level that
+    would land exactly on one (or on an end) takes the midpoint with its neighbour."""
+    n = len(x)
+    if n == 1:
+        return np.full(levels + 1, x[0])
+    position = np.linspace(0.0, n - 1, levels + 1)
+    below = np.minimum(np.floor(position).astype(np.int64), n - 2)
+    frac = position - below
+    on_value = (frac == 0.0) | (frac == 1.0)
+    frac = np.where(on_value, 0.5, frac)
+    return np.sort(x[below] + frac * (x[below + 1] - x[below]))
+
+
+def _drop_empty_bins(lefts: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Remove bins no value of sorted x falls in (bin 0 also holds the values below its left
+    edge). An empty bin merges into the bin below it, except just above a point mass, where it
+    merges into the bin above so the point mass keeps its own bin."""
+    lefts = list(lefts)
+    k = 0
+    while k < len(lefts):
+        start = 0 if k == 0 else np.searchsorted(x, lefts[k], side="left")
+        end = np.searchsorted(x, lefts[k + 1], side="left") if k + 1 < len(lefts) else len(x)
+        if end > start:
+            k += 1
+            continue
+        below_is_point = k > 0 and lefts[k] == np.nextafter(lefts[k - 1], np.inf)
+        del lefts[k + 1 if below_is_point and k + 1 < len(lefts) else k]
+    return np.asarray(lefts, dtype=np.float64)
+
+
+def _decimals(x: np.ndarray) -> int | None:
+    """The fewest decimals (up to MAX_DECIMALS) that write every value exactly, or None."""
+    for decimals in range(MAX_DECIMALS + 1):
+        if np.array_equal(np.round(x, decimals), x):
+            return decimals
+    return None
 
 
 class TableCodec:
@@ -341,7 +439,8 @@ class TableCodec:
         categorical, other numeric columns (datetimes and timedeltas included) get up to
         num_bins quantile bins. A list names exactly the categorical columns.
         A categorical column with more than `category_cap` values keeps a token for the
-        category_cap - 1 most frequent ones and one "other" token for the rest (None: no cap).
+        category_cap - 1 most frequent ones; the rest share the "other" token every categorical
+        column has for values it has no token for (None: no cap).
         A categorical column that looks like a unique key (most rows hold a value seen once) is
         refused with a message naming it; all-distinct integers (row ids) get a warning.
         """
@@ -440,8 +539,8 @@ class TableCodec:
     def keep_given(self, given: pd.DataFrame, decoded: pd.DataFrame) -> pd.DataFrame:
         """`decoded` with every known (non-NaN) cell of `given` put back as given, in the
         fitted dtype (text parsed as encoding does). A token is a numeric bin or the shared
-        rare-category token, and decoding draws a value from it, so the tokens alone would
-        not return a conditioned or imputed row's known values."""
+        "other" token, and decoding draws a number inside the bin or writes OTHER_LABEL, so
+        the tokens alone would not return a conditioned or imputed row's known values."""
         self._check_frame(given)
         if len(given) != len(decoded):
             raise ValueError(f"given has {len(given)} rows but decoded has {len(decoded)}")
@@ -466,8 +565,9 @@ class TableCodec:
     def decode(self, tokens: torch.Tensor, generator: torch.Generator | None = None) -> pd.DataFrame:
         """DataFrame with the fitted column names, order and dtypes.
 
-        Numeric bins decode to a training value drawn from the bin (random via `generator`,
-        a CPU torch.Generator); missing tokens decode to NaN.
+        Numeric bins decode to a number drawn inside the bin (random via `generator`, a CPU
+        torch.Generator; see `_Numeric`); missing tokens decode to NaN; "other" tokens as
+        `_Categorical` says.
         """
         check_tensor("tokens", tokens, ndim=2, dtypes=INT_DTYPES)
         if tokens.shape[1] != self.num_columns:
@@ -494,17 +594,18 @@ class TableCodec:
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "TableCodec":
-        if state.get("version") not in _READABLE_STATE_VERSIONS:
-            raise ValueError(f"unsupported TableCodec state version {state.get('version')!r}")
+        version = state.get("version")
+        if version != _STATE_VERSION:
+            raise ValueError(f"unsupported TableCodec state version {version!r} (this fastmdm reads version "
+                             f"{_STATE_VERSION}); refit the model with this version")
         columns = []
         for c in state["columns"]:
             common = (c["name"], c["dtype"], c["has_missing"])
             if c["kind"] == "categorical":
-                domain = c.get("domain") or (list(c["categories"]) if c["dtype"] == "category" else None)
-                columns.append(_Categorical(*common, list(c["categories"]), c.get("other"), domain,
-                                            c.get("ordered", False)))
+                columns.append(_Categorical(*common, list(c["categories"]), list(c["counts"]), c["capped"],
+                                            c["domain"], c["ordered"]))
             else:
-                columns.append(_Numeric(*common, c["lefts"], c["samples"], c["sample_offsets"]))
+                columns.append(_Numeric(*common, c["lefts"], c["sketch"], c["step"], c["decimals"]))
         return cls(columns)
 
     def __repr__(self) -> str:

@@ -8,6 +8,10 @@
   a logistic regression cannot: independently shuffled columns score ~.99 on ``c2st``, far less here.
 * ``mle``: machine-learning efficiency, train XGBoost on synthetic rows and test on real held-out rows
   (ROC AUC for classification, RMSE for regression; the task follows the target's type).
+* ``dcr_share`` / ``exact_copies``: privacy (``privacy``), both need held-out rows: the share of
+  synthetic rows closer to the training rows than to as many held-out rows (TabSyn's DCR score;
+  .5 = the generator is no closer to what it trained on than to unseen data, 1 = it copies), and
+  the share of synthetic rows equal to a training row.
 
 ``evaluate`` scores a synthetic table and, in a second row, real rows the generator never saw by the
 same code ("real vs real"): each number can then be read against the ceiling it has on this data.
@@ -39,6 +43,7 @@ __all__ = [
     "c2st",
     "c2st_xgb",
     "mle",
+    "privacy",
     "infer_task",
     "score",
     "score_reference",
@@ -46,7 +51,8 @@ __all__ = [
     "format_report",
 ]
 
-ALL_METRICS = ("shape", "trend", "alpha", "beta", "c2st", "c2st_xgb", "mle")
+ALL_METRICS = ("shape", "trend", "alpha", "beta", "c2st", "c2st_xgb", "mle", "dcr_share", "exact_copies")
+_PRIVACY = ("dcr_share", "exact_copies")
 SYNTHETIC_ROW = "synthetic"
 REFERENCE_ROW = "real vs real"
 _TASKS = ("classification", "regression")
@@ -359,6 +365,62 @@ def mle(
     return _ovr_auc(y_test, best.predict_proba(x_test), classes)
 
 
+def _privacy_embedding(train: pd.DataFrame, *others: pd.DataFrame) -> list[np.ndarray]:
+    """Rows as points for nearest-neighbour distances: numbers min-max scaled on the training
+    rows (missing ones at the training mean, plus a 0/1 missing column), categories one-hot
+    (compared as text, missing as its own value); so one differing category counts as much as
+    a number moved across its whole range. Fitted on ``train``, applied to every frame."""
+    train, others = _times_as_numbers(train), [_times_as_numbers(o[list(train.columns)]) for o in others]
+    numerical = [c for c in train.columns if _is_numerical(train[c])]
+    categorical = [c for c in train.columns if c not in numerical]
+    blocks: list[list[np.ndarray]] = [[] for _ in range(1 + len(others))]
+    frames = [train, *others]
+    if numerical:
+        imputer = SimpleImputer(strategy="mean", keep_empty_features=True, add_indicator=True)
+        scaler = MinMaxScaler()
+        scaler.fit(imputer.fit_transform(_as_float(train[numerical])))
+        for block, frame in zip(blocks, frames):
+            block.append(scaler.transform(imputer.transform(_as_float(frame[numerical]))))
+    if categorical:
+        encoder = OneHotEncoder(handle_unknown="ignore", sparse_output=False)
+        encoder.fit(train[categorical].astype(str))
+        for block, frame in zip(blocks, frames):
+            block.append(encoder.transform(frame[categorical].astype(str)))
+    return [np.hstack(block) for block in blocks]
+
+
+def _row_keys(frame: pd.DataFrame) -> pd.Index:
+    """One hashable key per row, equal for equal rows whatever the dtypes (numbers as float64,
+    the rest as text, missing as missing)."""
+    frame = _times_as_numbers(frame)
+    plain = {c: (_as_float(frame[[c]])[:, 0] if _is_numerical(frame[c])
+                 else frame[c].astype(object).where(frame[c].notna(), None).to_numpy(dtype=object).astype(str))
+             for c in frame.columns}
+    return pd.Index(pd.util.hash_pandas_object(pd.DataFrame(plain), index=False).to_numpy())
+
+
+def privacy(train: pd.DataFrame, holdout: pd.DataFrame, synth: pd.DataFrame) -> dict[str, float]:
+    """``dcr_share``: TabSyn's DCR score, the share of ``synth`` rows whose nearest training row
+    is closer than their nearest ``holdout`` row (L1 distance on ``_privacy_embedding``; a tie,
+    a row equal to a row of both, counts one half, so that tables with duplicate rows across
+    splits, such as Adult, still score .5 for real rows). TabSyn compares sets of equal size,
+    where an ideal generator scores .5 and one copying its training rows 1. With all rows of
+    sets of different sizes the odds of the nearest row being a training row grow with the
+    training set's size, so the share is reported at equal size: its odds are multiplied by
+    len(holdout) / len(train). (Subsampling the training rows instead would hide copies of
+    the rows left out.)
+    ``exact_copies``: the share of ``synth`` rows equal to some training row.
+    """
+    x_train, x_holdout, x_synth = _privacy_embedding(train, holdout, synth)
+    to_train = NearestNeighbors(n_neighbors=1, metric="manhattan").fit(x_train).kneighbors(x_synth)[0][:, 0]
+    to_holdout = NearestNeighbors(n_neighbors=1, metric="manhattan").fit(x_holdout).kneighbors(x_synth)[0][:, 0]
+    tie = np.isclose(to_train, to_holdout, rtol=0, atol=1e-12)
+    share = float(np.where(tie, 0.5, to_train < to_holdout).mean())
+    closer, farther = share * len(holdout), (1 - share) * len(train)
+    copies = _row_keys(synth[list(train.columns)]).isin(_row_keys(train))
+    return {"dcr_share": closer / (closer + farther), "exact_copies": float(copies.mean())}
+
+
 def _mle_grid(seed: int, n_jobs: int) -> list[dict]:
     """Every combination of ``_MLE_GRID`` as XGBoost keyword arguments."""
     fixed = {"tree_method": "hist", "n_jobs": n_jobs, "random_state": seed}
@@ -399,7 +461,8 @@ def score(
     mle_train: pd.DataFrame | None = None,
 ) -> dict[str, float]:
     """Scores of one table ``synth`` against ``real``; ``mle`` runs only when both ``test`` and
-    ``target`` are given, training on ``mle_train`` (default: ``synth``).
+    ``target`` are given, training on ``mle_train`` (default: ``synth``); the privacy scores
+    run when ``test`` is given (``privacy`` with ``test`` as the holdout).
 
     ``real`` is the data the generator was trained on; ``test`` is real data it never saw.
     ``task`` None infers classification or regression from ``real[target]`` (``infer_task``).
@@ -430,6 +493,8 @@ def score(
     if run_mle:
         train = synth if mle_train is None else mle_train[list(real.columns)]
         results["mle"] = mle(train, test[list(real.columns)], target, task, seed=seed, n_jobs=n_jobs)
+    if set(_PRIVACY) & set(metrics) and test is not None:
+        results.update(privacy(real, test, synth))
     return {name: results[name] for name in metrics if name in results}
 
 
@@ -445,7 +510,9 @@ def score_reference(
     duplicated rows are what a detector learns to spot (MAGIC: XGBoost C2ST .19 for its test
     split resampled to the train size, 1.0 for the test split as it is) and they lower beta.
     MLE trains on up to ``num_rows`` rows of ``real`` (the usual "train on real" ceiling) and
-    tests on ``test``. ``options`` are ``score``'s.
+    tests on ``test``. Privacy scores held-out rows that are not in the privacy holdout: the
+    scored rows are those of ``test`` in the first half of its shuffled order, the holdout
+    the second half. ``options`` are ``score``'s.
     """
     order = np.random.default_rng(seed).permutation(len(real if test is None else test))
     if test is None:
@@ -456,7 +523,11 @@ def score_reference(
         compared, sample = real, test.iloc[order[:rows]]
         kind = "held-out" if rows == num_rows else f"held-out, {rows:,} rows"
     mle_train = real.sample(n=min(num_rows, len(real)), random_state=seed)
-    scores = score(compared, sample.reset_index(drop=True), test=test, seed=seed, mle_train=mle_train, **options)
+    scores = score(compared, sample.reset_index(drop=True), test=test, seed=seed, mle_train=mle_train,
+                   **{**options, "metrics": [m for m in options.get("metrics", ALL_METRICS) if m not in _PRIVACY]})
+    if test is not None and set(_PRIVACY) & set(options.get("metrics", ALL_METRICS)):
+        half = len(test) // 2
+        scores.update(privacy(real, test.iloc[order[half:]], test.iloc[order[:min(half, num_rows)]]))
     return f"{REFERENCE_ROW} ({kind})", scores
 
 
@@ -493,6 +564,8 @@ _DESCRIPTIONS = {
     "c2st": "logistic detection, 1 = indistinguishable",
     "c2st_xgb": "XGBoost detection, 1 = indistinguishable",
     "mle": "XGBoost on synthetic -> real test: AUC higher / RMSE lower is better",
+    "dcr_share": "rows closer to train than to held-out rows, .5 = no memorising",
+    "exact_copies": "rows equal to a training row, lower is more private",
 }
 
 

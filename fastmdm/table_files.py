@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from .datasets import _iso_dates
-from .data import (DEFAULT_CATEGORY_CAP, DEFAULT_MAX_CATEGORIES, DEFAULT_NUM_BINS, SAMPLES_PER_BIN, TableCodec,
+from .data import (DEFAULT_CATEGORY_CAP, DEFAULT_MAX_CATEGORIES, DEFAULT_NUM_BINS, TableCodec,
                    _exact_values, _is_numeric_plain, _python_scalar, is_time_dtype, to_plain)
 
 __all__ = ["table_files", "table_format", "read_chunks", "read_table", "fit_codec", "TableWriter", "write_table",
@@ -201,17 +201,15 @@ class _ColumnPass:
 
     def fix_vocabulary(self, entry: dict, category_cap: int | None) -> None:
         """Give a categorical column's state (fitted on the reservoir) every value of the
-        table, or, beyond category_cap, the cap - 1 most frequent ones by exact count; the
-        "other" token keeps the reservoir's frequency sample of the rest."""
+        table, or, beyond category_cap, the cap - 1 most frequent ones by exact count (the
+        rest take the "other" token)."""
         values = self.categories()
-        if category_cap is None or len(values) <= category_cap:
-            entry["categories"], entry["other"] = values, None
-            return
         counts = pd.Series([self.counts.get(v, 0) for v in values], index=pd.Index(values, dtype=object))
-        kept = set(counts.sort_values(ascending=False, kind="stable").index[:category_cap - 1])
-        entry["categories"] = [v for v in values if v in kept]
-        rare = [v for v in values if v not in kept]
-        entry["other"] = [v for v in entry["other"] or () if v not in kept] or rare[:SAMPLES_PER_BIN]
+        entry["capped"] = category_cap is not None and len(values) > category_cap
+        if entry["capped"]:
+            kept = set(counts.sort_values(ascending=False, kind="stable").index[:category_cap - 1])
+            values = [v for v in values if v in kept]
+        entry["categories"], entry["counts"] = values, [int(counts[v]) for v in values]
 
 
 def _keep_smallest(frame: pd.DataFrame | None, keys: np.ndarray | None, chunk: pd.DataFrame,
@@ -243,10 +241,9 @@ def fit_codec(chunks: Iterable[pd.DataFrame], *, num_bins: int = DEFAULT_NUM_BIN
     of categorical columns. `TableCodec.fit` then runs on the reservoir with the categorical
     columns decided by the exact pass, and the exact categories (up to category_cap, chosen
     by exact counts) and missing flags replace the reservoir's. So every category of the
-    table has its token, or the "other" token beyond the cap (a category only seen later, at
-    encode time, raises ValueError, or takes the "other" token of a capped column, as for any
-    codec), while numeric bins, the values they decode to, the "other" token's sample and
-    the unique-key check come from the reservoir. With at most reservoir_rows rows the
+    table has its token, or the "other" token beyond the cap (as does a category only seen
+    later, at encode time, in any codec), while numeric bins, the quantile sketch they decode
+    from and the unique-key check come from the reservoir. With at most reservoir_rows rows the
     result equals TableCodec.fit on the whole table.
 
     Memory: the reservoir, one chunk, and the value counts of the categorical columns.

@@ -158,14 +158,16 @@ def test_datetimes_and_capped_categories(tmp_path):
     assert_same_codec(fit_codec(chunks(), category_cap=10), TableCodec.fit(df, category_cap=10))
     small = {c["name"]: c for c in fit_codec(chunks(), category_cap=10, reservoir_rows=300).state_dict()["columns"]}
     top = df["tag"].value_counts().sort_index().sort_values(ascending=False, kind="stable").index[:9]
-    assert small["tag"]["categories"] == sorted(top) and set(small["tag"]["other"]).isdisjoint(top)
+    assert small["tag"]["categories"] == sorted(top) and small["tag"]["capped"]
+    assert small["tag"]["counts"] == df["tag"].value_counts()[sorted(top)].tolist()  # exact, not the reservoir's
     assert small["when"]["kind"] == "numeric"
 
 
-def test_unseen_category_at_encode_time_raises(files):
+def test_unseen_category_at_encode_time_takes_the_other_token(files):
     codec = fit_codec(read_chunks(table_files(files / "one.parquet")))
-    with pytest.raises(ValueError, match="not seen"):
-        codec.encode(awkward_table(10).assign(color="ultraviolet"))
+    color = codec.columns.index("color")
+    tokens = codec.encode(awkward_table(10).assign(color="ultraviolet"))
+    assert (tokens[:, color] == codec.state_dict()["columns"][color]["categories"].__len__()).all()
 
 
 def test_bad_files_raise_clear_errors(table, tmp_path):
