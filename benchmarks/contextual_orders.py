@@ -212,7 +212,7 @@ def run(table: str, seed: int, epochs: int, max_rows: int | None, names: list[st
         record = dict(
             table=table, seed=seed, variant=name, parameters=model.denoiser.num_parameters(), epochs=budget,
             order_warmup_epochs=warmup,
-            order_search_epochs=model.config.order_search_epoch_count if model.order == "contextual" else 0,
+            order_search_epochs=model.config.order_search_epoch_count(budget) if model.order == "contextual" else 0,
             order_lr=model.config.order_lr,
             centre_posterior=model.denoiser.config.get("centre_posterior", False),
             posterior=model.denoiser.config.get("posterior"), schedule_lr=model.config.schedule_lr,

@@ -17,7 +17,7 @@ from .schedules import PowerSchedule
 from .streaming import BlockPlan, fresh_seed, shard_path
 from .table_files import TableWriter
 from .token_store import prepare_token_store
-from .train import EpochRecord, TrainConfig, Trainer, atomic_save, estimate_nelbo
+from .train import Budget, EpochRecord, TrainConfig, Trainer, atomic_save, estimate_nelbo
 
 _FORMAT = "fastmdm-tabular-2"
 _OLD_FORMATS = ("fastmdm-tabular-1",)   # before the models package: bidirectional, out_weight/out_bias
@@ -33,7 +33,7 @@ def _resolve_device(device: str | torch.device) -> torch.device:
 class TabularMDM:
     """Masked diffusion model of a table with a learned (or fixed linear) per-column schedule.
 
-    >>> model = TabularMDM(epochs=30).fit(train_df)
+    >>> model = TabularMDM().fit(train_df)
     >>> synth = model.sample(10_000)
     >>> filled = model.impute(df_with_nans)
 
@@ -45,7 +45,10 @@ class TabularMDM:
     categorical column (rarer values share an "other" token; see TableCodec.fit); `learn_schedule` learns w
     (False keeps w = 1, the linear MDM); `estimator` "order" (order-space, low variance) or
     "tspace" (the paper's); `model` keyword arguments of the denoiser (d_model,
-    num_layers, ...); the rest are TrainConfig fields (epochs, batch_size, lr, seed, ...).
+    num_layers, ...); the rest are TrainConfig fields (steps, epochs, batch_size, lr, seed, ...).
+    Left unset, the budget, batch size and warm-up follow the table's size, and training stops
+    early, keeping the best weights, once the validation NELBO stops improving (see
+    fastmdm.train.TrainConfig.budget); it warns when the budget looks too short.
     """
 
     def __init__(self, *, architecture: str | None = None, order: str = "static",
@@ -110,8 +113,11 @@ class TabularMDM:
             if self.model_options.get("order") == "contextual" and saved["order_search_epochs"] is None:
                 # The share was of the run's epochs: a run resumed with more keeps its search
                 # epochs, and does not go back into the search after the bound.
-                saved["order_search_epochs"] = TrainConfig(**saved).order_search_epoch_count
-            self.config = dataclasses.replace(TrainConfig(**saved), epochs=self.config.epochs)
+                run_epochs = Budget(**state["budget"]).epochs if state.get("budget") else saved["epochs"]
+                saved["order_search_epochs"] = TrainConfig(**saved).order_search_epoch_count(run_epochs)
+            # The budget is the caller's: a run resumed with more steps or epochs trains on.
+            self.config = dataclasses.replace(TrainConfig(**saved), epochs=self.config.epochs,
+                                              steps=self.config.steps)
             self.learn_schedule = state["learn_schedule"]
             self.architecture = state["architecture"]
             self.order = self.model_options.pop("order", "static")
@@ -180,6 +186,12 @@ class TabularMDM:
     def _require_fitted(self) -> None:
         if self.denoiser is None:
             raise RuntimeError("the model is not fitted: call fit(df) or TabularMDM.load(path) first")
+
+    @property
+    def training_steps(self) -> int | None:
+        """Optimizer steps the model trained for (early stopping may end a run before its
+        budget); None for a model file written before steps were recorded."""
+        return self.history[-1].step if self.history else None
 
     @property
     def weights(self) -> pd.Series:

@@ -208,7 +208,7 @@ def test_fit_logs_one_line_per_epoch_without_a_terminal(capsys):
     """Under pytest stderr is not a terminal, so there is no live bar: fit prints each epoch."""
     tiny(epochs=2, progress=True).fit(correlated_table(300), validation=0.2)
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch")]
-    assert len(lines) == 2 and lines[1].endswith("[2/2]") and "validation NELBO" in lines[0]
+    assert len(lines) == 2 and lines[1].endswith("[2/2 steps]") and "validation NELBO" in lines[0]
 
 
 def test_datetime_and_nullable_columns_end_to_end():
