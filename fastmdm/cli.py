@@ -23,7 +23,7 @@ def _add_training_options(parser: argparse.ArgumentParser, epochs: int | None) -
                              "the validation NELBO stops improving)")
     parser.add_argument("--epochs", type=int, default=epochs, help="passes over the table, instead of --steps")
     parser.add_argument("--batch-size", type=int, default=None,
-                        help="rows per step (default: about an eighth of the rows, at most 1024)")
+                        help="rows per step (default: about a sixteenth of the rows, 32 to 1024)")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--estimator", choices=["order", "tspace"], default="order",
                         help="order-space (low variance, default) or the paper's t-space estimator")

@@ -36,17 +36,18 @@ from .schedules import PowerSchedule
 #: "Contextual orders").
 ORDER_SEARCH_SHARE = 0.4
 
-#: Largest default batch, in rows; smaller tables get about an eighth of their rows, so that
-#: an epoch is at least ~8 optimizer steps.
+#: Largest default batch, in rows; smaller tables get about a sixteenth of their rows, so
+#: that an epoch is ~16 optimizer steps: small tables need steps more than rows per step.
 MAX_BATCH_SIZE = 1024
 MIN_BATCH_SIZE = 32
-#: Large tables train for LARGE_TABLE_EPOCHS epochs by default. Smaller ones see at least
-#: MIN_ROWS_SEEN rows (steps x batch), in at most MAX_FLOOR_STEPS steps: a table of a few
-#: thousand rows needs hundreds of epochs to learn its dependencies (benchmarks/budgets.py),
+#: Large tables (from ~15,000 rows) train for LARGE_TABLE_EPOCHS epochs of MAX_BATCH_SIZE
+#: rows by default, as before the budget followed the table. Smaller ones see at least
+#: MIN_ROWS_SEEN rows (steps x batch) in at most MAX_FLOOR_STEPS steps: 30 epochs of a
+#: table of a few thousand rows are a few dozen steps, too few to learn its dependencies,
 #: and early stopping keeps the extra epochs from overfitting it.
 LARGE_TABLE_EPOCHS = 30
-MIN_ROWS_SEEN = 512_000
-MAX_FLOOR_STEPS = 4000
+MIN_ROWS_SEEN = 256_000
+MAX_FLOOR_STEPS = 2000
 #: Learning-rate warm-up as a share of the steps, when `warmup_steps` is None.
 WARMUP_SHARE = 0.1
 #: Validation checks (and checkpoints) per budget, at whole epochs.
@@ -75,9 +76,9 @@ class Budget:
 
 
 def default_batch_size(rows: int) -> int:
-    """About an eighth of the rows, a power of two in [MIN_BATCH_SIZE, MAX_BATCH_SIZE]."""
-    eighth = max(1, rows / 8)
-    return int(min(MAX_BATCH_SIZE, max(MIN_BATCH_SIZE, 2 ** round(math.log2(eighth)))))
+    """About a sixteenth of the rows, a power of two in [MIN_BATCH_SIZE, MAX_BATCH_SIZE]."""
+    sixteenth = max(1, rows / 16)
+    return int(min(MAX_BATCH_SIZE, max(MIN_BATCH_SIZE, 2 ** round(math.log2(sixteenth)))))
 
 
 def default_steps(rows: int, batch_size: int) -> int:
