@@ -376,12 +376,11 @@ class Trainer:
         if record.val_nelbo is None:
             return
         if self.best is None or record.val_nelbo < self.best["val_nelbo"]:
-            self.best = {"val_nelbo": record.val_nelbo, "step": record.step,
+            self.best = {"val_nelbo": record.val_nelbo, "step": record.step, "checks": len(self.history),
                          "ema": copy.deepcopy(self.ema.state_dict()),
                          "ema_schedule": copy.deepcopy(self.ema_schedule.state_dict())}
         elif self.config.patience is not None:
-            checks_since_best = sum(r.step > self.best["step"] for r in self.history)
-            self.stopped_early = checks_since_best >= self.config.patience
+            self.stopped_early = len(self.history) - self.best["checks"] >= self.config.patience
 
     def _warn_if_unconverged(self, marginal: float) -> None:
         """Warn when the validation NELBO was still falling fast at the end of the budget, or
