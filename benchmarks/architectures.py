@@ -1,5 +1,5 @@
 """Causal vs bidirectional denoiser, in one run: training speed, NELBO at equal CPU time,
-estimator noise, sampling speed and fidelity (issue 9).
+estimator noise, sampling speed and fidelity.
 
 For each dataset and seed both architectures get the same default size (parameter counts
 within 1%) and the same CPU-time budget: the bidirectional model trains `--epochs` epochs;
@@ -36,7 +36,7 @@ import torch
 from fastmdm import TabularMDM, datasets
 from fastmdm.metrics import score
 from fastmdm.objective import model_loss
-from fastmdm.sample import DecodeStats
+from fastmdm.decoding import DecodeStats
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "architectures_runs.jsonl")
@@ -54,7 +54,7 @@ def step_seconds(train, seed: int, variants: dict[str, dict], steps: int = 15) -
     """
     probes = {}
     for name, options in variants.items():
-        model = TabularMDM(epochs=1, seed=seed, progress=False, **options)
+        model = TabularMDM(epochs=1, batch_size=1024, seed=seed, progress=False, **options)
         batch = model.config.batch_size
         model.fit(train.head(2 * batch), validation=None)
         probes[name] = (model._trainer, model.codec.encode(train.head(batch)))

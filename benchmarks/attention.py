@@ -13,10 +13,14 @@ Medians of 7 runs; ratio = explicit / SDPA time (below 1: explicit is faster).
 from __future__ import annotations
 
 import argparse
+import os
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+REPORT = Path(__file__).resolve().parent / "results" / "attention.md"
 
 
 def explicit(q, k, v, allowed):
@@ -56,7 +60,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     heads, width = 4, 12
-    print(f"| case | L | SDPA (ms) | explicit (ms) | explicit / SDPA |\n|---|---|---|---|---|")
+    lines = ["# Attention: torch SDPA vs explicit batched matmuls", "",
+             f"`python benchmarks/attention.py` on {args.device} ({args.threads} torch thread(s), load average "
+             f"{os.getloadavg()[0]:.1f} at the start: single cells are noisy, compare the ratios). {args.rows:,} rows, "
+             f"{heads} heads of width {width}; median of 7 runs each.", "",
+             "| case | L | SDPA (ms) | explicit (ms) | explicit / SDPA |", "|---|---|---|---|---|"]
+    print("\n".join(lines))
     for length in (15, 60):
         slots = torch.arange(length + 2, device=device)
         sees = torch.cat([torch.arange(1, length + 2), torch.arange(length)]).to(device)
@@ -71,7 +80,9 @@ def main() -> None:
             shapes = [(args.rows, heads, queries, width), (args.rows, heads, keys, width), (args.rows, heads, keys, width)]
             a = median_ms(sdpa, shapes, allowed, backward, device)
             b = median_ms(explicit, shapes, allowed, backward, device)
-            print(f"| {name} | {length} | {a:.2f} | {b:.2f} | {b / a:.2f} |", flush=True)
+            lines.append(f"| {name} | {length} | {a:.2f} | {b:.2f} | {b / a:.2f} |")
+            print(lines[-1], flush=True)
+    REPORT.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

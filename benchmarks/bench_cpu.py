@@ -8,7 +8,7 @@ The "full loss step" of order-space training, per the paper's estimator:
 B = 4096 data rows (8192 masked rows with K = 2), L in {15, 100}.
 
 Run from the repository root, in the environment fastmdm is installed in, as pytest-benchmark
-(a ratio table is printed at the end of the session):
+(a ratio table is printed at the end of the run):
     python -m pytest benchmarks/bench_cpu.py
 or as a script that times with its own loop and prints the markdown table:
     python benchmarks/bench_cpu.py [--rows 4096] [--repeats 5] [--ops full_step,weighted_ce]

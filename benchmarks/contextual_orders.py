@@ -1,29 +1,17 @@
-"""Contextual generation orders (LoMDM) against static learned and linear orders, in one run
-(issue 13).
+"""Contextual generation orders against static learned and linear orders, in one run.
 
-Seven causal models per (table, seed), all with the default size:
+Four causal models per (table, seed), all with the default size:
 - `linear`: w = 1 fixed, orders uniform;
 - `static`: learned w, one Plackett-Luce order distribution for the table (MDM(LS));
-- `contextual`: the order policy p_psi(next column | values so far) with the posterior
-  q_phi(pi | x) (fastmdm.models.orders), trained on the LoMDM bound alone, on top of a
-  learned w, the posterior not centred (the contextual model of sessions 5-8: a
-  transformer-block posterior, w at 1e-3);
-- `contextual-fixed-w`: the same with w = 1 fixed, so the posterior and the policy alone
-  shape the orders, as in LoMDM;
-- `contextual-search`: `TabularMDM(order="contextual")` as it now is: the posterior an MLP,
-  centred per column, w at `schedule_lr`, and the first `fastmdm.train.ORDER_SEARCH_SHARE`
-  of the epochs trained by the order search (`TrainConfig.order_search_epochs`,
-  fastmdm.objective.order_search_loss), then the bound;
-- `contextual-search-block`: the same as session 9 had it, with the transformer-block
-  posterior and w at 1e-3;
-- `contextual-no-search`: `contextual-search` on the bound alone, without the order search.
+- `contextual`: `TabularMDM(order="contextual")`: the order policy p_psi(next column |
+  values so far) and the posterior q_phi(pi | x) (fastmdm.models.orders), the first
+  `fastmdm.train.ORDER_SEARCH_SHARE` of the epochs trained by the order search
+  (fastmdm.objective.order_search_loss), then the bound;
+- `contextual-no-search`: the same on the bound alone (`order_search_epochs=0`).
 They get the same CPU-time budget: `static` trains `--epochs` epochs and the others as many
 as fit in the same time, from a probe of each one's step CPU time, their steps interleaved
 (the probe times the bound's step: an order-search step costs about 10% less, so
-`contextual-search` gets slightly less than its share).
-The contextual models learn their order at the default `order_lr`; `--order-warmup-share`
-holds it at its start for a share of their epochs (default `ORDER_WARMUP_SHARE`: none);
-`--centre-posterior` centres their order posterior per column (fastmdm.models.orders).
+`contextual` gets slightly less than its share).
 Reported: validation NELBO (nats per row; for the contextual model, its bound, which also
 bounds -log p(x)), training rows/s, sampling rows/s at S = L, fidelity of as many rows as the
 real train split (fastmdm.metrics.score), how often the first revealed columns change across
@@ -55,28 +43,17 @@ import torch
 from architectures import grouped_runs, report_path, sampling_rate, stat, step_seconds
 from fastmdm import TabularMDM, datasets
 from fastmdm.metrics import score
-from fastmdm.sample import DecodeStats, known_first_order
+from fastmdm.decoding import DecodeStats, known_first_order
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "contextual_orders_runs.jsonl")
-#: Until session 10 a contextual model's posterior was a transformer block and its w learned
-#: at order_lr (1e-3), now w's schedule_lr: these options pin what the earlier variants ran.
-BLOCK_SLOW_W = dict(order="contextual", model=dict(posterior="block"), schedule_lr=1e-3)
-BOUND_ONLY = dict(BLOCK_SLOW_W, model=dict(BLOCK_SLOW_W["model"], centre_posterior=False), order_search_epochs=0)
-VARIANTS = {"linear": dict(learn_schedule=False), "static": dict(), "contextual": BOUND_ONLY,
-            "contextual-fixed-w": dict(BOUND_ONLY, learn_schedule=False),
-            "contextual-search-block": BLOCK_SLOW_W,
-            "contextual-search": dict(order="contextual"),
+VARIANTS = {"linear": dict(learn_schedule=False), "static": dict(), "contextual": dict(order="contextual"),
             "contextual-no-search": dict(order="contextual", order_search_epochs=0)}
 #: Epochs of the static model per table (the time budget): the switch table is small and
-#: learns slowly, so it gets more; --epochs overrides. Adult and MAGIC had 6 until session 8:
-#: MAGIC still gained 1.4 nats an epoch there, so the comparison measured mostly that a
-#: contextual step's extra CPU (1.1-1.25x) cost it a whole epoch (5 against 6).
+#: learns slowly, so it gets more; --epochs overrides. At 6 epochs MAGIC still gained 1.4
+#: nats an epoch, so the comparison would measure mostly that a contextual step's extra CPU
+#: cost it a whole epoch.
 DEFAULT_EPOCHS = {"switch": 30, "adult": 12, "magic": 12}
-#: Share of a contextual model's epochs with its order held at the start
-#: (TrainConfig.order_warmup_epochs). 0: with order_lr at 1e-3 a quarter of the budget held
-#: did no better on the switch table (README, "Contextual orders").
-ORDER_WARMUP_SHARE = 0.0
 
 
 def switch_table(rows: int = 20_000, categories: int = 7, noise: float = 0.05, seed: int = 0) -> pd.DataFrame:
@@ -90,12 +67,9 @@ def switch_table(rows: int = 20_000, categories: int = 7, noise: float = 0.05, s
     the first free value is a function of all three sums, and a static order, which cannot
     see the switch, meets that three-way conditional on about half the rows.
 
-    Why sums: an earlier version used ((u v + w), (v w + u), (w u + v)) mod 6, where every
-    conditional of the free-first order is three-way too. A causal model trained on uniform
-    orders then found that order the *hardest* (8.28 nats against 8.04 for the bound group
-    first and 7.96 for uniform orders after the switch, 8 epochs), so no gradient could lead
-    a learned order to it, though training on it alone beat static w by 0.19 nats
-    (benchmarks/results/switch_orders_products.md).
+    Why sums: with products such as (u v + w) mod 6 every conditional of the free-first
+    order is three-way too, and a causal model trained on uniform orders finds that order
+    the hardest, so no gradient can lead a learned order to it.
     """
     rng = np.random.default_rng(seed)
     switch = rng.integers(0, 2, rows)
@@ -185,9 +159,7 @@ def easy_order_share_sampled(model: TabularMDM, rows: int = 2000) -> float:
     return easy_order_share(orders, list(model.codec.columns), model.codec.decode(tokens)["switch"].to_numpy())
 
 
-def run(table: str, seed: int, epochs: int, max_rows: int | None, names: list[str],
-        order_warmup_share: float = ORDER_WARMUP_SHARE, order_lr: float | None = None,
-        centre_posterior: bool = False) -> list[dict]:
+def run(table: str, seed: int, epochs: int, max_rows: int | None, names: list[str]) -> list[dict]:
     train, test, target, task = load_table(table, seed)
     if max_rows:
         train = train.head(max_rows)
@@ -198,12 +170,7 @@ def run(table: str, seed: int, epochs: int, max_rows: int | None, names: list[st
     for name in names:
         options = variants[name]
         budget = max(1, round(epochs * probe["static"] / probe[name]))
-        warmup = round(order_warmup_share * budget) if options.get("order") == "contextual" else 0
-        if order_lr is not None:
-            options = dict(options, order_lr=order_lr)
-        if centre_posterior and options.get("order") == "contextual":
-            options = dict(options, model=dict(options.get("model", {}), centre_posterior=True))
-        model = TabularMDM(epochs=budget, seed=seed, progress=False, order_warmup_epochs=warmup, **options)
+        model = TabularMDM(epochs=budget, seed=seed, progress=False, **options)
         start = time.perf_counter()
         model.fit(train, validation=0.1)
         train_seconds = time.perf_counter() - start
@@ -211,12 +178,8 @@ def run(table: str, seed: int, epochs: int, max_rows: int | None, names: list[st
         synth = model.sample(len(train), seed=seed)
         record = dict(
             table=table, seed=seed, variant=name, parameters=model.denoiser.num_parameters(), epochs=budget,
-            order_warmup_epochs=warmup,
             order_search_epochs=model.config.order_search_epoch_count(budget) if model.order == "contextual" else 0,
-            order_lr=model.config.order_lr,
-            centre_posterior=model.denoiser.config.get("centre_posterior", False),
-            posterior=model.denoiser.config.get("posterior"), schedule_lr=model.config.schedule_lr,
-            policy_depth=model.denoiser.config.get("policy_depth"),
+            order_lr=model.config.order_lr, schedule_lr=model.config.schedule_lr,
             probe_step_seconds=probe[name], train_seconds=train_seconds,
             train_rows_per_second=0.9 * len(train) * budget / sum(r.seconds for r in model.history),
             val_nelbo=model.history[-1].val_nelbo, best_val_nelbo=min(r.val_nelbo for r in model.history),
@@ -280,12 +243,6 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None,
                         help=f"epochs of the static model, which set the time budget (default per table: {DEFAULT_EPOCHS})")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--order-warmup-share", type=float, default=ORDER_WARMUP_SHARE,
-                        help="share of a contextual model's epochs with its order held at the start")
-    parser.add_argument("--order-lr", type=float, default=None,
-                        help="learning rate of a contextual model's policy and posterior (default: TrainConfig.order_lr)")
-    parser.add_argument("--centre-posterior", action="store_true",
-                        help="centre the contextual order posterior per column (model option centre_posterior)")
     parser.add_argument("--max-rows", type=int, default=None, help="use the first rows of train only (smoke runs)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps timings stable)")
     parser.add_argument("--results", default=RESULTS, help="JSON lines file the runs are appended to")
@@ -297,8 +254,7 @@ def main() -> None:
         for seed in args.seeds:         # seeds outermost: every table is covered early
             for table in args.tables:
                 epochs = args.epochs or DEFAULT_EPOCHS.get(table, 10)
-                for record in run(table, seed, epochs, args.max_rows, args.variants, args.order_warmup_share,
-                                  args.order_lr, args.centre_posterior):
+                for record in run(table, seed, epochs, args.max_rows, args.variants):
                     with open(args.results, "a") as handle:
                         handle.write(json.dumps(record) + "\n")
     print(report(args.results))

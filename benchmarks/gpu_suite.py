@@ -4,11 +4,10 @@ A fresh machine with network access (install a CUDA build of torch first if it h
 
     pip install -e ".[dev]" && python benchmarks/gpu_suite.py
 
-A machine that has torch, triton and a C++ compiler but no network (the device tool's image,
-which lacks sdmetrics, copulas, plotly and xgboost-cpu: carry them as wheels in .whl/, see
-the device tool's README):
+A machine that has torch, triton and a C++ compiler but no network: bring the missing
+dependencies (for example sdmetrics, copulas, plotly and xgboost-cpu) as wheels in .whl/:
 
-    python benchmarks/gpu_suite.py --wheels .whl; rc=$?; cp benchmarks/results/gpu_* "$OUT"/; exit $rc
+    python benchmarks/gpu_suite.py --wheels .whl
 
 Steps, each a subprocess run from the repository root with the working tree on PYTHONPATH and
 TRITON_INTERPRET unset (the suite goes on after a failing step):
@@ -23,8 +22,7 @@ TRITON_INTERPRET unset (the suite goes on after a failing step):
             S = L/4, bf16 and fp32, Triton and reference ops
 The report is benchmarks/results/gpu_<device>.md (the raw output of every step beside it,
 gpu_<device>.log). The exit status is 1 if any step failed (a test, a timeout, a crash).
---quick trims the benchmarks, meant to fit one 10-minute call with the tests (not yet timed
-on a GPU).
+--quick trims the benchmarks to about ten minutes with the tests (not yet timed on a GPU).
 """
 from __future__ import annotations
 

@@ -73,7 +73,7 @@ LABELS = {
 }
 METRICS = ("shape", "trend", "alpha", "beta", "c2st", "c2st_xgb", "mle")
 
-# DESIGN.md section 6 (Garg, Kohli, Sarawagi 2025; TabDiff's / TabSyn's copied from its paper).
+# Garg, Kohli, Sarawagi 2025 (TabDiff's / TabSyn's copied from its paper).
 PAPER = {
     "adult": [
         ("paper: MDM(LS)", {"shape": .9878, "trend": .9778, "alpha": .9909, "beta": .4534, "val_nelbo": 13.1524}),
@@ -335,9 +335,7 @@ def report(args) -> str:
         "are unbiased for the same NELBO and differ only in variance); **MDM(LS) t-space** = learned "
         "per-column w, t-space estimator with K = 2 RLOO for w, as in the paper; **MDM(LS) order-space** "
         "= learned w, our order-space estimator. The t-space rows use the exact t-space estimator "
-        "(time drawn by importance, no clamp; issue 8); the runs made with the earlier, clamped one "
-        "are kept in `reproduce_tspace_prefix_runs.jsonl` (`--report --results` on that file "
-        "rebuilds their table).",
+        "(time drawn by importance, no clamp).",
         "",
         "NELBO caveat: our NELBO (nats per row, order-space estimator with 4 masks per row, EMA model) "
         "is over our tokenization, with numeric columns cut into 32 quantile bins (plus the "

@@ -11,16 +11,16 @@ import pandas as pd
 import torch
 
 from .data import DEFAULT_CATEGORY_CAP, DEFAULT_NUM_BINS, TableCodec
-from .models import ARCHITECTURES, ORDERS, TableDenoiser, architecture_of, build_denoiser
-from .sample import DecodeStats, known_first_order, sample_tokens
+from .models import ARCHITECTURES, ORDERS, TableDenoiser, build_denoiser
+from .decoding import DecodeStats, known_first_order, sample_tokens
 from .schedules import PowerSchedule
 from .streaming import BlockPlan, fresh_seed, shard_path
 from .table_files import TableWriter
 from .token_store import prepare_token_store
 from .train import Budget, EpochRecord, TrainConfig, Trainer, atomic_save, estimate_nelbo
 
-_FORMAT = "fastmdm-tabular-2"
-_OLD_FORMATS = ("fastmdm-tabular-1",)   # before the models package: bidirectional, out_weight/out_bias
+#: The version of the files save() and checkpoints write; load() and resume read this one only.
+_FORMAT = "fastmdm-tabular-3"
 DEFAULT_ARCHITECTURE = "bidirectional"
 
 
@@ -44,11 +44,13 @@ class TabularMDM:
     `num_bins` quantile bins per numeric column; `category_cap` most tokens per
     categorical column (rarer values share an "other" token; see TableCodec.fit); `learn_schedule` learns w
     (False keeps w = 1, the linear MDM); `estimator` "order" (order-space, low variance) or
-    "tspace" (the paper's); `model` keyword arguments of the denoiser (d_model,
-    num_layers, ...); the rest are TrainConfig fields (steps, epochs, batch_size, lr, seed, ...).
-    Left unset, the budget, batch size and warm-up follow the table's size, and training stops
-    early, keeping the best weights, once the validation NELBO stops improving (see
-    fastmdm.train.TrainConfig.budget); it warns when the budget looks too short.
+    "tspace" (the paper's; bidirectional only); `model` keyword arguments of the denoiser
+    (d_model, num_layers, num_heads, dim_feedforward, dropout); the rest are TrainConfig
+    fields (steps, epochs, batch_size, lr, seed, ...). Left unset, the budget, batch size and
+    warm-up follow the table's size, and training stops early, keeping the best weights, once
+    the validation NELBO stops improving (see fastmdm.train.TrainConfig.budget); it warns when
+    the budget looks too short. `save` writes, and `load` and a resumed `fit`
+    read, files of one format version (`_FORMAT`); another version is refused by name.
     """
 
     def __init__(self, *, architecture: str | None = None, order: str = "static",
@@ -104,23 +106,16 @@ class TabularMDM:
         state = None
         if resume and checkpoint is not None and os.path.exists(checkpoint):
             state = torch.load(checkpoint, weights_only=True, map_location="cpu")
-            self._check_format(state, checkpoint)
-            self.codec = TableCodec.from_state_dict(state["codec"])
-            self.model_options = self._saved_model_config(state)
-            self.model_options.pop("cardinalities")
-            saved = dict(state["train_config"])
-            saved.setdefault("order_search_epochs", 0)   # a run from before the order search did none
-            if self.model_options.get("order") == "contextual" and saved["order_search_epochs"] is None:
-                # The share was of the run's epochs: a run resumed with more keeps its search
-                # epochs, and does not go back into the search after the bound.
-                run_epochs = Budget(**state["budget"]).epochs if state.get("budget") else saved["epochs"]
-                saved["order_search_epochs"] = TrainConfig(**saved).order_search_epoch_count(run_epochs)
-            # The budget is the caller's: a run resumed with more steps or epochs trains on.
-            self.config = dataclasses.replace(TrainConfig(**saved), epochs=self.config.epochs,
-                                              steps=self.config.steps)
-            self.learn_schedule = state["learn_schedule"]
-            self.architecture = state["architecture"]
-            self.order = self.model_options.pop("order", "static")
+            budget = dict(steps=self.config.steps, epochs=self.config.epochs)
+            self._restore(state, checkpoint)
+            # Only the budget comes from this call. A contextual run's search epochs were a share
+            # of its epochs: a run resumed with more keeps them, and does not go back into
+            # the search after the bound.
+            search = None
+            if self.order == "contextual":
+                run_epochs = Budget(**state["budget"]).epochs if state.get("budget") else self.config.epochs
+                search = self.config.order_search_epoch_count(run_epochs)
+            self.config = dataclasses.replace(self.config, order_search_epochs=search, **budget)
         with contextlib.ExitStack() as cleanup:
             if from_files:
                 self.codec, train_tokens, val_tokens = prepare_token_store(
@@ -131,8 +126,8 @@ class TabularMDM:
             else:
                 train_tokens, val_tokens = self._encode_frame(data, validation, categorical, fit_codec=state is None)
             torch.manual_seed(self.config.seed)
-            self.denoiser = build_denoiser(self.architecture, self.codec.cardinalities, **self._denoiser_options())
-            self.schedule = PowerSchedule(self.codec.num_columns, learnable=self.learn_schedule)
+            if state is None:
+                self._build_model()
             trainer = Trainer(self.denoiser, self.schedule, self.codec.mask_ids, self.codec.offsets,
                               self.config, self.device)
             if state is not None:
@@ -142,11 +137,13 @@ class TabularMDM:
         self._use_ema(trainer)
         return self
 
-    def _denoiser_options(self) -> dict:
-        """The denoiser's keyword arguments: the `model` options, plus the order for causal models."""
+    def _build_model(self) -> None:
+        """A fresh denoiser and schedule for the codec's columns, from this model's settings."""
+        options = dict(self.model_options)
         if self.architecture == "causal":
-            return {**self.model_options, "order": self.order}
-        return dict(self.model_options)
+            options["order"] = self.order
+        self.denoiser = build_denoiser(self.architecture, self.codec.cardinalities, **options)
+        self.schedule = PowerSchedule(self.codec.num_columns, learnable=self.learn_schedule)
 
     def _encode_frame(self, df: pd.DataFrame, validation, categorical, fit_codec: bool):
         """(train tokens, validation tokens or None) of an in-memory table, fitting the codec first if asked."""
@@ -178,9 +175,9 @@ class TabularMDM:
         self.schedule = trainer.ema_schedule
 
     def _metadata(self) -> dict:
-        return {"format": _FORMAT, "codec": self.codec.state_dict(),
-                "model_config": self.denoiser.config, "learn_schedule": self.learn_schedule,
-                "architecture": architecture_of(self.denoiser)}
+        return {"format": _FORMAT, "codec": self.codec.state_dict(), "architecture": self.architecture,
+                "order": self.order, "model_options": self.model_options, "learn_schedule": self.learn_schedule,
+                "train_config": dataclasses.asdict(self.config)}
 
     # ------------------------------------------------------------------------- using it
     def _require_fitted(self) -> None:
@@ -345,51 +342,36 @@ class TabularMDM:
         """Write the fitted model (codec, denoiser, schedule, history) atomically."""
         self._require_fitted()
         atomic_save({**self._metadata(), "denoiser": self.denoiser.state_dict(),
-                     "schedule": self.schedule.state_dict(), "train_config": dataclasses.asdict(self.config),
+                     "schedule": self.schedule.state_dict(),
                      "history": [dataclasses.asdict(r) for r in self.history]}, path)
 
-    @staticmethod
-    def _check_format(state, path) -> None:
-        if not isinstance(state, dict) or state.get("format") not in (_FORMAT, *_OLD_FORMATS):
+    def _restore(self, state, path) -> None:
+        """Take the settings, the codec and a fresh denoiser and schedule from a model file or
+        checkpoint: the one way load() and a resumed fit rebuild a saved model."""
+        found = state.get("format") if isinstance(state, dict) else None
+        if found is None:
             raise ValueError(f"{os.fspath(path)!r} is not a fastmdm model file")
-        if state["format"] in _OLD_FORMATS:   # upgrade in place: name the heads as today
-            state["architecture"] = DEFAULT_ARCHITECTURE
-            for key in ("denoiser", "ema"):
-                if key in state:
-                    weights = state[key]
-                    weights["heads.weight"] = weights.pop("out_weight")
-                    weights["heads.bias"] = weights.pop("out_bias")
-
-    @staticmethod
-    def _saved_model_config(state) -> dict:
-        """The denoiser's config from a model file or checkpoint, as the code that wrote it meant
-        it: a contextual model written before `policy_depth` existed read its policy after
-        the last block, one written before `centre_posterior` existed was not centred, and one
-        written before `posterior` existed read the row with a transformer block."""
-        model_config = dict(state["model_config"])
-        if model_config.get("order") == "contextual":
-            model_config.setdefault("policy_depth", model_config["num_layers"])
-            model_config.setdefault("centre_posterior", False)   # written before centring existed
-            model_config.setdefault("posterior", "block")        # written before the MLP posterior existed
-        return model_config
+        if found != _FORMAT:
+            raise ValueError(f"{os.fspath(path)!r} is a fastmdm file of format {found!r}; this version of "
+                             f"fastmdm reads {_FORMAT!r} only: train the model again")
+        self.architecture, self.order = state["architecture"], state["order"]
+        self.learn_schedule = state["learn_schedule"]
+        self.model_options = dict(state["model_options"])
+        self.config = TrainConfig(**state["train_config"])
+        self.codec = TableCodec.from_state_dict(state["codec"])
+        self._build_model()
+        self.history = [EpochRecord(**r) for r in state.get("history", [])]
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: str | torch.device = "auto") -> "TabularMDM":
         """Load a model written by save() (or a training checkpoint); safe: weights_only."""
         state = torch.load(path, weights_only=True, map_location="cpu")
-        cls._check_format(state, path)
-        model_config = cls._saved_model_config(state)
-        self = cls(architecture=state["architecture"], learn_schedule=state["learn_schedule"], device=device,
-                   **state["train_config"])
-        self.codec = TableCodec.from_state_dict(state["codec"])
-        self.denoiser = build_denoiser(self.architecture, **model_config)
-        self.model_options = {k: v for k, v in model_config.items() if k not in ("cardinalities", "order")}
-        self.order = model_config.get("order", "static")
-        self.schedule = PowerSchedule(self.codec.num_columns, learnable=False)
+        self = cls(device=device)
+        self._restore(state, path)
         # A checkpoint holds the live and the EMA weights: prefer the EMA ones.
         self.denoiser.load_state_dict(state.get("ema", state["denoiser"]))
         self.schedule.load_state_dict(state.get("ema_schedule", state["schedule"]))
+        self.schedule.requires_grad_(False)
         self.denoiser.to(self.device).eval()
         self.schedule.to(self.device)
-        self.history = [EpochRecord(**r) for r in state.get("history", [])]
         return self

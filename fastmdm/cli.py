@@ -1,4 +1,9 @@
-"""Command line: fastmdm {demo, train, sample, impute, evaluate, plot}."""
+"""Command line: fastmdm {demo, train, sample, impute, evaluate, plot}.
+
+Every table a command reads or writes is a .csv or .parquet file (by its extension) or, to
+read, a directory of them: read and written by fastmdm.table_files, as `fit(path)` and
+`sample_to` do.
+"""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +14,11 @@ import time
 
 DEMO_EPOCHS = 20
 DEMO_SAMPLE_ROWS = 10_000
+# evaluate scores at most this many rows of each table (a seeded uniform sample beyond it):
+# the metrics' cost grows with the rows (nearest neighbours, detectors), their precision
+# hardly at all past tens of thousands.
+EVALUATE_MAX_ROWS = 50_000
+TABLE = "a .csv or .parquet file, or a directory of them"
 
 
 def _add_training_options(parser: argparse.ArgumentParser, epochs: int | None) -> None:
@@ -35,7 +45,7 @@ def _add_training_options(parser: argparse.ArgumentParser, epochs: int | None) -
 
 
 def _add_generation_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-o", "--output", required=True, help="file to write: .csv (sample: also .parquet)")
+    parser.add_argument("-o", "--output", required=True, help="table to write: .csv or .parquet")
     parser.add_argument("--steps", type=int, default=None, help="denoiser calls per row (default: columns)")
     parser.add_argument("--speculative", type=int, default=None, metavar="K",
                         help="causal models: draft K columns per round and verify them (exact)")
@@ -72,39 +82,84 @@ def cmd_train(args) -> None:
     print(f"trained {model.training_steps:,} steps; saved model to {args.output}")
 
 
+def _conditions(model, args):
+    """(conditions frame or None, rows to sample): --conditions holds one row per sampled row,
+    some of the model's columns, empty cells free; -n, if given, must match its rows."""
+    from .table_files import read_table
+    if args.conditions is None:
+        if args.num_rows is None:
+            raise ValueError("give the number of rows to sample (-n), or a --conditions table")
+        return None, args.num_rows
+    conditions, rows = read_table(args.conditions)
+    unknown = [c for c in conditions.columns if c not in model.codec.columns]
+    if unknown:
+        raise ValueError(f"{args.conditions!r} has columns the model does not have: {unknown}; "
+                         f"its columns: {model.codec.columns}")
+    if args.num_rows is not None and args.num_rows != rows:
+        raise ValueError(f"-n {args.num_rows} but {args.conditions!r} has {rows} rows (one per sampled row)")
+    return conditions, rows
+
+
 def cmd_sample(args) -> None:
     """Writes batch by batch (bounded memory); under torchrun each rank writes its own shard."""
     from .api import TabularMDM
     from .streaming import BlockPlan, parse_shard, shard_from_environment
+    from .table_files import table_format
     shard = parse_shard(args.shard) if args.shard else shard_from_environment()
     device = args.device
     if device == "auto" and shard[1] > 1 and "LOCAL_RANK" in os.environ:
         import torch
         device = f"cuda:{os.environ['LOCAL_RANK']}" if torch.cuda.is_available() else "cpu"
+    table_format(args.output)
     model = TabularMDM.load(args.model, device=device)
+    conditions, num_rows = _conditions(model, args)
     start = time.perf_counter()
-    path = model.sample_to(args.output, args.num_rows, shard=shard, steps=args.steps, speculative=args.speculative,
-                           temperature=args.temperature, seed=args.seed, batch_size=args.batch_size, progress=True)
-    rows = len(BlockPlan(args.num_rows, args.batch_size, 0, *shard).rows)
+    path = model.sample_to(args.output, num_rows, shard=shard, steps=args.steps, speculative=args.speculative,
+                           temperature=args.temperature, conditions=conditions, seed=args.seed,
+                           batch_size=args.batch_size, progress=True)
+    rows = len(BlockPlan(num_rows, args.batch_size, 0, *shard).rows)
     print(f"wrote {rows:,} rows to {path} ({rows / (time.perf_counter() - start):,.0f} rows/s)")
 
 
 def cmd_impute(args) -> None:
+    """Fills the table a chunk of rows at a time (bounded memory) into a file that appears only
+    when complete. With --seed, chunk k draws from a seed derived from (seed, k), so the output
+    depends on the seed alone."""
+    import numpy as np
+    import torch
     from .api import TabularMDM
-    from .datasets import load_csv
+    from .table_files import TableWriter, read_chunks, table_files, table_format
+    table_format(args.output)
     model = TabularMDM.load(args.model, device=args.device)
-    df = load_csv(args.data)
-    filled = model.impute(df, steps=args.steps, speculative=args.speculative, temperature=args.temperature,
-                          seed=args.seed)
-    filled.to_csv(args.output, index=False)
-    print(f"filled {int(df.isna().sum().sum())} missing cells; wrote {args.output}")
+    chunks = read_chunks(table_files(args.data))
+    # One real value per column and no missing one fixes the Parquet schema (a chunk whose
+    # column is all missing would give it a null type), as in TabularMDM.sample_to.
+    example = model.codec.decode(torch.zeros(1, model.codec.num_columns, dtype=torch.int64),
+                                 generator=torch.Generator().manual_seed(0))
+    rows = holes = 0
+    with TableWriter(args.output, example) as writer:
+        for index, chunk in enumerate(chunks):
+            seed = None if args.seed is None else int(np.random.SeedSequence([args.seed, index]).generate_state(1)[0])
+            writer.write(model.impute(chunk, steps=args.steps, speculative=args.speculative,
+                                      temperature=args.temperature, seed=seed))
+            rows, holes = rows + len(chunk), holes + int(chunk.isna().sum().sum())
+    print(f"filled {holes:,} missing cells in {rows:,} rows; wrote {args.output}")
+
+
+def _read_for_evaluation(role: str, path: str, max_rows: int, seed: int):
+    """A table for evaluate, sampled down to max_rows rows; prints how many rows it used."""
+    from .table_files import read_table
+    frame, rows = read_table(path, max_rows=max_rows, seed=seed)
+    used = f"all {rows:,} rows" if len(frame) == rows else f"{len(frame):,} of {rows:,} rows (uniform, seed {seed})"
+    print(f"{role}: {used} of {path}")
+    return frame
 
 
 def cmd_evaluate(args) -> None:
-    from .datasets import load_csv
     from .metrics import evaluate, format_report
-    real, synth = load_csv(args.real), load_csv(args.synth)
-    test = load_csv(args.test) if args.test else None
+    tables = {"real": args.real, "synthetic": args.synth, "test": args.test}
+    real, synth, test = (_read_for_evaluation(role, path, args.max_rows, args.seed) if path else None
+                         for role, path in tables.items())
     print(format_report(evaluate(real, synth, test=test, target=args.target, task=args.task,
                                  reference=not args.no_reference, seed=args.seed, n_jobs=args.jobs)))
 
@@ -124,6 +179,9 @@ def cmd_demo(args) -> None:
     from . import datasets
     from .metrics import evaluate, format_report
     from .plots import plot_schedule
+    from .table_files import table_format, write_table
+    if args.output:
+        table_format(args.output)
     train, test = datasets.load("adult")
     print(f"UCI Adult: {len(train):,} training rows, {len(test):,} test rows, {train.shape[1]} columns")
     model = _model_from_args(args)
@@ -137,7 +195,7 @@ def cmd_demo(args) -> None:
     synth = model.sample(args.num_rows, seed=args.seed, progress=True)
     print(f"sampled {len(synth):,} rows in {time.perf_counter() - start:.1f} s")
     if args.output:
-        synth.to_csv(args.output, index=False)
+        write_table(args.output, synth)
         model.save(f"{args.output}.model.pt")
         plot_schedule(model.weights, f"{args.output}.schedule.png")
         print(f"wrote {args.output}, its model and a schedule plot beside it")
@@ -154,11 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="train on UCI Adult, sample, print fidelity")
     _add_training_options(demo, DEMO_EPOCHS)
     demo.add_argument("-n", "--num-rows", type=int, default=DEMO_SAMPLE_ROWS)
-    demo.add_argument("-o", "--output", default=None, help="also write the synthetic rows to this CSV")
+    demo.add_argument("-o", "--output", default=None, help="also write the synthetic rows here (.csv or .parquet)")
     demo.set_defaults(func=cmd_demo)
 
-    train = sub.add_parser("train", help="fit a model to a table: a Parquet or CSV file or a directory of them")
-    train.add_argument("data")
+    train = sub.add_parser("train", help=f"fit a model to a table: {TABLE}")
+    train.add_argument("data", help=f"the table: {TABLE}")
     train.add_argument("-o", "--output", required=True, help="model file to write")
     train.add_argument("--checkpoint", help="training checkpoint (default: OUTPUT.ckpt)")
     train.add_argument("--resume", action="store_true", help="continue from the checkpoint if it exists")
@@ -169,8 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sample = sub.add_parser("sample", help="generate rows from a trained model")
     sample.add_argument("model")
-    sample.add_argument("-n", "--num-rows", type=int, required=True)
+    sample.add_argument("-n", "--num-rows", type=int, default=None,
+                        help="rows to sample (default with --conditions: one per row of it)")
     _add_generation_options(sample)
+    sample.add_argument("--conditions", metavar="TABLE",
+                        help=f"values to sample around ({TABLE}): one row per sampled row holding some of the "
+                             "model's columns; empty cells are sampled, the others kept")
     sample.add_argument("--batch-size", type=int, default=4096,
                         help="rows per batch: bounds memory; the rows depend on seed and batch size")
     sample.add_argument("--shard", metavar="K/N",
@@ -178,22 +240,25 @@ def build_parser() -> argparse.ArgumentParser:
                              "needs --seed; files are named OUT-0000K-of-0000N.parquet")
     sample.set_defaults(func=cmd_sample)
 
-    impute = sub.add_parser("impute", help="fill the empty cells of a CSV")
+    impute = sub.add_parser("impute", help="fill the empty cells of a table")
     impute.add_argument("model")
-    impute.add_argument("data")
+    impute.add_argument("data", help=f"the table with empty cells: {TABLE}")
     _add_generation_options(impute)
     impute.set_defaults(func=cmd_impute)
 
-    evaluate = sub.add_parser("evaluate", help="fidelity of a synthetic CSV against a real one")
-    evaluate.add_argument("real")
-    evaluate.add_argument("synth")
-    evaluate.add_argument("--test", help="real held-out CSV for MLE")
+    evaluate = sub.add_parser("evaluate", help="fidelity of a synthetic table against a real one")
+    evaluate.add_argument("real", help=f"the training table: {TABLE}")
+    evaluate.add_argument("synth", help=f"the synthetic table: {TABLE}")
+    evaluate.add_argument("--test", help="real held-out table for MLE and the 'real vs real' row")
     evaluate.add_argument("--target", help="label column for MLE")
     evaluate.add_argument("--task", choices=["classification", "regression"], default=None,
                           help="MLE task (default: inferred from the target, as the codec types columns)")
     evaluate.add_argument("--no-reference", action="store_true",
                           help="skip the 'real vs real' column (a real sample scored the same way)")
-    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--max-rows", type=int, default=EVALUATE_MAX_ROWS,
+                          help="score a seeded uniform sample of this many rows of a larger table "
+                               f"(default {EVALUATE_MAX_ROWS:,}), read without loading the rest")
+    evaluate.add_argument("--seed", type=int, default=0, help="seeds the row samples and the metrics")
     evaluate.add_argument("--jobs", type=int, default=2,
                           help="XGBoost threads; use 1 on a busy machine (spin-waiting threads can run 10x slower)")
     evaluate.set_defaults(func=cmd_evaluate)
@@ -210,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, TypeError, OSError, RuntimeError) as err:
         print(f"fastmdm {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

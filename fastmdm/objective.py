@@ -90,7 +90,7 @@ def causal_loss(denoiser: Callable[..., Tensor], x: Tensor, schedule: PowerSched
 
 def contextual_loss(denoiser: Callable[..., Tensor], x: Tensor, schedule: PowerSchedule, *,
                     num_samples: int = 2, generator: torch.Generator | None = None) -> LossOutput:
-    """Negative LoMDM bound (DESIGN.md section 9) of a contextual causal model, K orders per row.
+    """Negative LoMDM bound (docs/design.md) of a contextual causal model, K orders per row.
 
     Orders come from the model's posterior q_phi(pi | x) = PL(w * r_phi(x)); each sample's
     value is f = -log p_theta(x | pi) - log p_psi(pi | x) + log q_phi(pi | x), whose mean

@@ -2,8 +2,10 @@
 
 A table is a .parquet or .csv file, or a directory of them (read in sorted file name order,
 so the shards `out-00000-of-00004.parquet`, ... that `fastmdm sample` writes read back in
-row order). Nothing here holds more than one chunk of rows, except `fit_codec`'s bounded
-reservoir sample.
+row order). The format follows the file name's extension. CSV text columns whose values are
+all ISO 8601 dates or times are read as datetimes, so a table with datetime columns reads
+back the same from either format. Nothing here holds more than one chunk of rows, except
+the bounded samples of `fit_codec` and `read_table`.
 """
 from __future__ import annotations
 
@@ -15,13 +17,16 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import pandas as pd
 
+from .datasets import _iso_dates
 from .data import (DEFAULT_CATEGORY_CAP, DEFAULT_MAX_CATEGORIES, DEFAULT_NUM_BINS, SAMPLES_PER_BIN, TableCodec,
                    _exact_values, _is_numeric_plain, _python_scalar, is_time_dtype, to_plain)
 
-__all__ = ["table_files", "read_chunks", "fit_codec", "TableWriter", "DEFAULT_CHUNK_ROWS",
-           "DEFAULT_RESERVOIR_ROWS"]
+__all__ = ["table_files", "table_format", "read_chunks", "read_table", "fit_codec", "TableWriter", "write_table",
+           "DEFAULT_CHUNK_ROWS", "DEFAULT_RESERVOIR_ROWS"]
 
 FORMATS = {".parquet": "Parquet", ".csv": "CSV"}
+# Ends every error about a path that is not a readable table.
+ACCEPTED = "a table is a .parquet or .csv file, or a directory of them"
 # Rows per chunk when reading or encoding: a few MB of pandas frame for typical tables.
 DEFAULT_CHUNK_ROWS = 65_536
 # Rows the codec fits its quantile bins on. Quantile error is ~sqrt(p(1-p)/n) <= 0.0016 of a
@@ -29,45 +34,87 @@ DEFAULT_CHUNK_ROWS = 65_536
 DEFAULT_RESERVOIR_ROWS = 100_000
 
 
-def _format_of(path: Path) -> str:
-    if path.suffix not in FORMATS:
-        raise ValueError(f"{os.fspath(path)!r}: expected a .parquet or .csv file")
-    return FORMATS[path.suffix]
+def table_format(path: str | os.PathLike) -> str:
+    """"Parquet" or "CSV", by the file name's extension (any case); ValueError for another one.
+    Writers call it before any work, so a mistyped output name fails at once."""
+    suffix = Path(path).suffix
+    if suffix.lower() not in FORMATS:
+        raise ValueError(f"{os.fspath(path)!r}: unknown extension {suffix!r}; {ACCEPTED}")
+    return FORMATS[suffix.lower()]
 
 
 def table_files(path: str | os.PathLike) -> list[Path]:
     """The files of a table: [path] for a file, the sorted .parquet/.csv files of a directory."""
     path = Path(path)
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in FORMATS)
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in FORMATS)
         if not files:
-            raise ValueError(f"directory {os.fspath(path)!r} holds no .parquet or .csv files")
-        if len({p.suffix for p in files}) > 1:
+            raise ValueError(f"directory {os.fspath(path)!r} holds no .parquet or .csv files; {ACCEPTED}")
+        if len({table_format(p) for p in files}) > 1:
             raise ValueError(f"directory {os.fspath(path)!r} mixes Parquet and CSV files; keep one format")
         return files
     if not path.is_file():
-        kind = FORMATS.get(path.suffix, "table")
-        raise FileNotFoundError(f"no such {kind} file or directory: {os.fspath(path)!r}")
-    _format_of(path)
+        kind = FORMATS.get(path.suffix.lower(), "table")
+        raise FileNotFoundError(f"no such {kind} file or directory: {os.fspath(path)!r}; {ACCEPTED}")
+    table_format(path)
     return [path]
 
 
+_PARQUET_MAGIC = b"PAR1"
+
+
+def _as_dates(column: pd.Series) -> pd.Series:
+    """ISO 8601 text as datetimes; ValueError if it is not. Text with offsets becomes UTC
+    instants: a CSV holds offsets, not zones, and a zone with summer time writes two, so
+    chunks of one column would otherwise come back in different fixed-offset types."""
+    dates = _iso_dates(column)
+    return dates.dt.tz_convert("UTC") if dates.dt.tz is not None else dates
+
+
 def _csv_chunks(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
+    with open(path, "rb") as handle:
+        if handle.read(len(_PARQUET_MAGIC)) == _PARQUET_MAGIC:
+            raise ValueError(f"{os.fspath(path)!r} is a Parquet file, not CSV: name it .parquet; {ACCEPTED}")
     # Text columns are read as text in every chunk: left to inference, a chunk whose values
     # all look like numbers ("7") would come back numeric and no longer match the category.
+    # The first chunk decides which of them hold dates.
     try:
-        head = pd.read_csv(path, nrows=chunk_rows, skipinitialspace=True)
-    except pd.errors.EmptyDataError as err:
-        raise ValueError(f"CSV file {os.fspath(path)!r} has no columns (no header row)") from err
-    text = {c: str for c in head.columns if head[c].dtype == object}
-    yield from pd.read_csv(path, chunksize=chunk_rows, skipinitialspace=True, dtype=text)
+        try:
+            head = pd.read_csv(path, nrows=chunk_rows, skipinitialspace=True)
+        except pd.errors.EmptyDataError as err:
+            raise ValueError(f"CSV file {os.fspath(path)!r} has no columns (no header row)") from err
+        text = {c: str for c in head.columns if head[c].dtype == object}
+        dates = []
+        for name in text:
+            try:
+                _as_dates(head[name])
+                dates.append(name)
+            except (ValueError, TypeError):   # not dates: the column stays text
+                pass
+        for chunk in pd.read_csv(path, chunksize=chunk_rows, skipinitialspace=True, dtype=text):
+            for name in dates:
+                try:
+                    chunk[name] = _as_dates(chunk[name])
+                except (ValueError, TypeError) as err:
+                    raise ValueError(f"column {name!r} of {os.fspath(path)!r} holds ISO dates in its first "
+                                     f"{len(head):,} rows but not in later ones; clean it or store the table "
+                                     "as Parquet") from err
+            yield chunk
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{os.fspath(path)!r} is not a UTF-8 CSV file ({err.reason}); save it as UTF-8; "
+                         f"{ACCEPTED}") from err
 
 
 def _parquet_chunks(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
     # pre_buffer (pyarrow's default) reads ahead without limit: its memory grew with the
     # file (56 MB for a 1M-row, 12-column file); without it, reading stays at ~5 MB.
-    for batch in pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=chunk_rows):
+    try:
+        file = pq.ParquetFile(path, pre_buffer=False)
+    except pa.ArrowInvalid as err:
+        raise ValueError(f"{os.fspath(path)!r} is not a Parquet file ({err}); {ACCEPTED}") from err
+    for batch in file.iter_batches(batch_size=chunk_rows):
         yield batch.to_pandas()
 
 
@@ -78,7 +125,7 @@ def read_chunks(files: Sequence[Path], chunk_rows: int = DEFAULT_CHUNK_ROWS) -> 
     columns = None
     rows = 0
     for path in files:
-        reader = _parquet_chunks if _format_of(path) == "Parquet" else _csv_chunks
+        reader = _parquet_chunks if table_format(path) == "Parquet" else _csv_chunks
         for chunk in reader(path, chunk_rows):
             if columns is None:
                 columns = list(chunk.columns)
@@ -253,7 +300,7 @@ class TableWriter:
 
     def __init__(self, path: str | os.PathLike, example: pd.DataFrame):
         self.path = Path(path)
-        self.format = _format_of(self.path)
+        self.format = table_format(self.path)
         self.rows = 0
         self._tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         if self.format == "Parquet":
@@ -282,3 +329,33 @@ class TableWriter:
             os.replace(self._tmp, self.path)
         else:
             self._tmp.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- whole tables
+def read_table(path: str | os.PathLike, *, max_rows: int | None = None, seed: int = 0,
+               chunk_rows: int = DEFAULT_CHUNK_ROWS) -> tuple[pd.DataFrame, int]:
+    """(frame, rows in the table): a table file or directory read into memory, whole, or with
+    `max_rows` a uniform sample of that many rows without replacement (seeded, in table order)
+    when the table has more. Read a chunk at a time, so memory is the sample plus one chunk
+    whatever the table's size."""
+    if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1):
+        raise ValueError(f"max_rows must be a positive integer or None, got {max_rows!r}")
+    rng = np.random.default_rng(seed)
+    frame = keys = None
+    rows = 0
+    chunks = []
+    for chunk in read_chunks(table_files(path), chunk_rows):
+        rows += len(chunk)
+        if max_rows is None:
+            chunks.append(chunk)
+        else:
+            frame, keys = _keep_smallest(frame, keys, chunk, rng.random(len(chunk)), max_rows)
+    if max_rows is None:
+        frame = pd.concat(chunks, ignore_index=True)
+    return frame.reset_index(drop=True), rows
+
+
+def write_table(path: str | os.PathLike, frame: pd.DataFrame) -> None:
+    """Write a frame to a Parquet or CSV file (by the suffix), complete or not at all."""
+    with TableWriter(path, frame) as writer:
+        writer.write(frame)

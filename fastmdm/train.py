@@ -32,8 +32,7 @@ from .schedules import PowerSchedule
 
 
 #: Share of a contextual model's epochs trained by the order search when `order_search_epochs`
-#: is None: 10 of 26 found the switch table's orders on 5 seeds of 5, one late (README,
-#: "Contextual orders").
+#: is None: 10 of 26 found the switch table's orders on 5 seeds of 5 (docs/findings.md).
 ORDER_SEARCH_SHARE = 0.4
 
 #: Largest default batch, in rows; smaller tables get about a sixteenth of their rows, so
@@ -98,7 +97,7 @@ class TrainConfig:
     batch_size: int | None = None   # rows per step, all processes together (None: default_batch_size)
     lr: float = 2e-3
     schedule_lr: float = 1e-2       # learning rate for log w (the schedule)
-    order_lr: float = 1e-3          # learning rate for a contextual model's policy and posterior (see README)
+    order_lr: float = 1e-3          # learning rate for a contextual model's policy and posterior
     weight_decay: float = 0.0
     estimator: str = "order"        # "order" (ours, low variance) or "tspace" (the paper's)
     num_samples: int = 2            # masks per row (K); RLOO needs >= 2
@@ -106,7 +105,6 @@ class TrainConfig:
     grad_clip: float = 1.0
     warmup_steps: int | None = None  # None: WARMUP_SHARE of the steps
     patience: int | None = 5        # stop after this many validation checks without a new best (None: never)
-    order_warmup_epochs: int = 0    # epochs with the order (w, a contextual policy and posterior) held at its start
     order_search_epochs: int | None = None  # a contextual model's first epochs train by objective.order_search_loss
     #                                 (None: ORDER_SEARCH_SHARE of the epochs)
     val_samples: int = 4            # masks per validation row for the validation NELBO
@@ -122,7 +120,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.steps is not None and self.epochs is not None:
             raise ValueError(f"give steps or epochs, not both (got steps={self.steps}, epochs={self.epochs})")
-        for name in ("warmup_steps", "order_warmup_epochs", "order_search_epochs"):
+        for name in ("warmup_steps", "order_search_epochs"):
             if (getattr(self, name) or 0) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.ema_decay < 1:
@@ -206,19 +204,17 @@ class Trainer:
         self.ema_schedule = copy.deepcopy(self.schedule).requires_grad_(False)
         # w learns at schedule_lr, a contextual model's policy and posterior at order_lr:
         # faster, the posterior collapses onto a static order before it can depend on the
-        # values (README, "Contextual orders"). The order's parameters are not clipped: their
+        # values (docs/findings.md). The order's parameters are not clipped: their
         # RLOO gradients are noisy and, clipped together with the denoiser's, would shrink
         # the denoiser's steps.
         named = list(self.denoiser.named_parameters())
         order_params = [p for name, p in named if name.startswith("order_")]
         self.clipped_params = [p for name, p in named if not name.startswith("order_")]
-        groups = [{"params": self.clipped_params, "lr": config.lr, "order": False}]
+        groups = [{"params": self.clipped_params, "lr": config.lr}]
         if order_params:
-            groups.append({"params": order_params, "lr": config.order_lr, "order": True})
+            groups.append({"params": order_params, "lr": config.order_lr})
         if self.schedule.learnable:
-            groups.append({"params": [self.schedule.log_w], "lr": config.schedule_lr, "weight_decay": 0.0,
-                           "order": True})
-        self.is_order_group = [g.pop("order") for g in groups]   # held during order_warmup_epochs
+            groups.append({"params": [self.schedule.log_w], "lr": config.schedule_lr, "weight_decay": 0.0})
         self.optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
         self.base_lrs = [g["lr"] for g in groups]
         self.model = self.denoiser
@@ -262,18 +258,15 @@ class Trainer:
 
     # ---- training ----------------------------------------------------------------------
     def _set_lr(self) -> None:
-        """Linear warmup, then cosine decay to 10% over the budget's steps. During the first
-        `order_warmup_epochs` the order's groups (w, policy, posterior) do not move, so the
-        denoiser first learns under the initial, broad orders."""
+        """Linear warmup, then cosine decay to 10% over the budget's steps."""
         total, warmup = self.budget.steps, self.budget.warmup_steps
         if self.step < warmup:
             factor = (self.step + 1) / warmup
         else:
             progress = min(1.0, (self.step - warmup) / max(1, total - warmup))
             factor = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-        holding_order = self.epoch < self.config.order_warmup_epochs
-        for group, base, is_order in zip(self.optimizer.param_groups, self.base_lrs, self.is_order_group):
-            group["lr"] = 0.0 if is_order and holding_order else base * factor
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * factor
 
     def _update_ema(self) -> None:
         decay = min(self.config.ema_decay, (1 + self.step) / (10 + self.step))

@@ -14,10 +14,10 @@ import torch
 from scipy.stats import chisquare
 
 from fastmdm import ops
-from fastmdm.causal_decoding import _cell_logits
+from fastmdm.decoding.speculative import cell_logits
 from fastmdm.models import CausalTransformer
 from fastmdm.objective import causal_loss, model_loss
-from fastmdm.sample import ColumnLayout, DecodeStats, known_first_order, sample_tokens
+from fastmdm.decoding import ColumnLayout, DecodeStats, known_first_order, sample_tokens
 from fastmdm.schedules import PowerSchedule, plackett_luce_log_prob
 
 SIZES = [2, 3, 2]
@@ -27,7 +27,7 @@ def peaky_model(sizes, seed=0, dtype=torch.float64, **options):
     """A small causal model with large random weights, so conditionals are far from uniform
     and strongly depend on the prefix (a random-init model would be nearly uniform)."""
     torch.manual_seed(seed)
-    model = CausalTransformer(sizes, d_model=8, num_layers=2, num_heads=2, dim_feedforward=16, **options)
+    model = CausalTransformer(sizes, **{**dict(d_model=8, num_layers=2, num_heads=2, dim_feedforward=16), **options})
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "norm" not in name:
@@ -139,8 +139,23 @@ def test_cached_steps_equal_one_full_pass():
             query_columns = torch.stack([order[:, position], order[:, 0]], 1)
             sees = torch.tensor([position, 0]).expand(rows, 2)
             cache, h = model.extend(cache, values, columns, prev, query_columns, sees)
-            step = _cell_logits(model, layout, h[:, 0], order[:, position])
+            step = cell_logits(model, layout, h[:, 0], order[:, position])
             torch.testing.assert_close(step, full[:, position], rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("sizes, shape", [([1, 4, 2, 9, 3], (7, 3)), ([300, 2, 5], (11,)), ([2, 2], (0, 2))])
+def testcell_logits_equal_the_full_logits_segments(sizes, shape):
+    """Speculative decoding's per-column logits against the [M, V] product sliced by
+    ColumnLayout.segments: random states and columns (some columns absent, a 1-value one, an
+    empty batch); float64, so both sum the same d products and agree to rounding (1e-12)."""
+    model = peaky_model(sizes)
+    generator = torch.Generator().manual_seed(1)
+    columns = torch.randint(0, len(sizes) - 1, shape, generator=generator)   # the last column absent
+    h = torch.randn(*shape, model.heads.weight.shape[1], generator=generator, dtype=torch.float64)
+    layout = ColumnLayout.of(model.mask_ids, model.offsets)
+    full = h.reshape(-1, h.shape[-1]) @ model.heads.weight.T + model.heads.bias
+    expected = layout.segments(full, torch.arange(full.shape[0]), columns.reshape(-1)).view(*shape, max(sizes))
+    torch.testing.assert_close(cell_logits(model, layout, h, columns), expected, rtol=1e-12, atol=1e-12)
 
 
 def permuted_copy(model, perm):

@@ -17,9 +17,8 @@ import torch
 import fastmdm.train
 from fastmdm import TabularMDM
 from fastmdm.models import CausalTransformer
-from fastmdm.models.orders import POSTERIOR_ENCODERS
 from fastmdm.objective import causal_loss, contextual_loss, model_loss, order_search_loss
-from fastmdm.sample import DecodeStats, sample_tokens
+from fastmdm.decoding import DecodeStats, sample_tokens
 from fastmdm.schedules import plackett_luce_log_prob
 from test_causal import SIZES, all_orders, all_rows, chi_square_p, peaky_model, repeated_gradients, schedule_with
 
@@ -84,14 +83,13 @@ def test_estimate_is_unbiased_for_the_bound():
     assert abs(samples.mean() - exact) < 5 * stderr, (samples.mean(), exact, stderr)
 
 
-@pytest.mark.parametrize("posterior", POSTERIOR_ENCODERS)
-@pytest.mark.parametrize("training", [False, True], ids=["eval", "train, centred posterior"])
-def test_posterior_rloo_gradient_matches_enumerated_gradient(training, posterior):
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train, centred by the batch"])
+def test_posterior_rloo_gradient_matches_enumerated_gradient(training):
     """The score-function part of the gradient (phi's, and w's through the posterior) against
     the gradient of the enumerated bound with the denoiser and policy terms held fixed. In
     training the posterior is centred by the batch's mean, so its gradient also flows through
     the mean; both batches hold the three rows in equal shares, so the means agree."""
-    model = contextual_model(seed=1, centre_posterior=training, posterior=posterior)
+    model = contextual_model(seed=1)
     with torch.no_grad():     # scores off tanh's flat ends, where the gradient vanishes and says nothing
         model.order_posterior.out.weight.mul_(0.2)
     model.order_posterior.train(training)
@@ -115,7 +113,7 @@ def test_order_search_gradients_are_those_of_the_likelihood_and_the_inclusive_kl
     3% of the gradient's norm for the mean of 8 draws at K = 2,000 (one draw is off by 1-4%,
     the mean by about 0.6%; self-normalizing adds a bias of order 1/K). Weights p(x, pi) alone,
     which ignore r, would be off by 16%: the test can fail."""
-    model = contextual_model(seed=1, centre_posterior=True).train()
+    model = contextual_model(seed=1).train()
     schedule = schedule_with([0.5, 1.0, 3.0]).double()
     w = schedule.w.detach()
     orders = all_orders(3)
@@ -180,13 +178,12 @@ def test_a_resumed_run_keeps_its_search_epochs(search_calls, tmp_path):
     assert search_calls == [False] * 14 and resumed.config.order_search_epochs == 1
 
 
-@pytest.mark.parametrize("posterior", POSTERIOR_ENCODERS)
-def test_posterior_is_centred_per_column(posterior):
-    """With centre_posterior (the default), in training, log r_phi(x) sums to zero over the batch in every
+def test_posterior_is_centred_per_column():
+    """In training, log r_phi(x) sums to zero over the batch in every
     column (q's static preference is w's alone) and the running mean follows the batch's; in
     eval mode the running mean is subtracted instead, so a row's factor does not depend on
     its batch."""
-    posterior = contextual_model(posterior=posterior).order_posterior
+    posterior = contextual_model().order_posterior
     x = torch.randint(0, 2, (64, 3))
     raw = torch.log(posterior.eval()(x))              # column_mean is 0 before training
     posterior.train()
@@ -197,9 +194,6 @@ def test_posterior_is_centred_per_column(posterior):
     torch.testing.assert_close(posterior.column_mean, raw.mean(0), rtol=0, atol=1e-7)
     posterior.eval()
     torch.testing.assert_close(torch.log(posterior(x[:5])), centred[:5], rtol=0, atol=1e-7)
-    plain = contextual_model(centre_posterior=False).order_posterior   # not centred: the same in both modes
-    torch.testing.assert_close(plain.train()(x), plain.eval()(x), rtol=0, atol=0)
-    assert not hasattr(plain, "column_mean")
 
 
 def test_gradient_reaches_policy_posterior_and_prior():
@@ -212,10 +206,11 @@ def test_gradient_reaches_policy_posterior_and_prior():
     assert bool(schedule.log_w.grad.abs().sum() > 0)
 
 
-@pytest.mark.parametrize("policy_depth", [0, 1, 2])
-def test_policy_reads_the_content_stream_at_policy_depth(policy_depth):
-    """log p_psi(pi | x) depends on the blocks before `policy_depth` and on no block after it
-    (the default, one block before the last, spares the last block's content stream)."""
+@pytest.mark.parametrize("num_layers, policy_depth", [(1, 1), (2, 1), (3, 2)])
+def test_policy_reads_the_content_stream_at_policy_depth(num_layers, policy_depth):
+    """log p_psi(pi | x) depends on the blocks before `policy_depth` and on no block after it:
+    one block before the last spares the last block's content stream; a one-block model's
+    policy reads that block."""
     w = torch.tensor([0.5, 1.0, 3.0], dtype=torch.float64)
     orders = all_orders(3)
     x = ROWS.repeat_interleave(len(orders), 0)
@@ -227,7 +222,7 @@ def test_policy_reads_the_content_stream_at_policy_depth(policy_depth):
             theta = model(x, order, targets=x, weight=everywhere.double(), mask=everywhere)
             return theta - neg_log_joint(model, x, order, w)
 
-    model = contextual_model(policy_depth=policy_depth)
+    model = contextual_model(num_layers=num_layers)
     assert model.policy_depth == policy_depth
     before = log_policy(model)
     for index, block in enumerate(model.blocks):
@@ -236,7 +231,6 @@ def test_policy_reads_the_content_stream_at_policy_depth(policy_depth):
         moved = not torch.allclose(log_policy(model), before, rtol=0, atol=1e-9)
         assert moved == (index < policy_depth), index
         before = log_policy(model)
-    assert contextual_model().policy_depth == 1
 
 
 # ----------------------------------------------------------------------------- the sampler
@@ -272,14 +266,13 @@ def exact_pairs(model, w):
         return torch.exp(-neg_log_joint(model, x, orders.repeat(len(rows), 1), w))
 
 
-@pytest.mark.parametrize("steps, exact, policy_depth",
-                         [(3, True, None), (3, True, 0), (3, True, 2), (1, False, None)],
-                         ids=["steps=L", "steps=L, policy at the embeddings", "steps=L, policy after the last block",
-                              "steps=1 (rejected)"])
-def test_sampled_rows_and_orders_follow_the_joint(steps, exact, policy_depth):
-    """The decoder reads the policy's states where the training pass does, at every depth
-    (None: the default, after the first of the model's two blocks)."""
-    model = contextual_model(policy_depth=policy_depth)
+@pytest.mark.parametrize("steps, exact, num_layers",
+                         [(3, True, 2), (3, True, 1), (1, False, 2)],
+                         ids=["steps=L", "steps=L, policy after the only block", "steps=1 (rejected)"])
+def test_sampled_rows_and_orders_follow_the_joint(steps, exact, num_layers):
+    """The decoder reads the policy's states where the training pass does: after the first of
+    two blocks, or after the last block of a one-block model."""
+    model = contextual_model(num_layers=num_layers)
     w = torch.tensor([0.5, 1.0, 3.0], dtype=torch.float64)
     tokens, orders = draw_with_orders(model, w, steps=steps)
     cells = pair_index(tokens, orders, SIZES)
@@ -323,12 +316,6 @@ def test_conditioned_sampling_puts_known_columns_first():
 def test_errors():
     with pytest.raises(ValueError, match="order must be one of"):
         CausalTransformer(SIZES, order="dynamic")
-    with pytest.raises(ValueError, match="order_range"):
-        CausalTransformer(SIZES, order="contextual", order_range=0.0)
-    with pytest.raises(ValueError, match="policy_depth"):
-        CausalTransformer(SIZES, order="contextual", num_layers=2, policy_depth=3)
-    with pytest.raises(ValueError, match="posterior must be one of"):
-        CausalTransformer(SIZES, order="contextual", posterior="rnn")
     model = contextual_model()
     x = ROWS
     with pytest.raises(ValueError, match="contextual"):

@@ -81,8 +81,8 @@ def schedule_with(w):
     return schedule
 
 
-# The t-space cases span what used to break it: w <= 1 (infinite variance with t uniform),
-# w = 0.05 and 1e-3 (the old clamp t >= 1e-5 dropped 1e-5^w = 56% and 99% of that column's
+# The t-space cases span what breaks a naive estimator: w <= 1 (infinite variance with t
+# uniform), w = 0.05 and 1e-3 (a clamp t >= 1e-5 drops 1e-5^w = 56% and 99% of that column's
 # weight), w = 20 and w = 1e3 next to w = 1e-3 (t far below float32's range).
 CASES = [("order", [0.3, 1.0, 2.5, 6.0]), ("order", [1.0, 1.0, 1.0, 1.0]),
          ("tspace", [1.0, 1.0, 1.0, 1.0]), ("tspace", [3.0, 1.0, 0.5, 0.2]),

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from fastmdm.models import ColumnTransformer
-from fastmdm.sample import impute_tokens, reveal_steps, sample_tokens
+from fastmdm.decoding import impute_tokens, reveal_steps, sample_tokens
 from fastmdm.schedules import PowerSchedule, plackett_luce_log_prob
 
 SIZES = (2, 3, 2)

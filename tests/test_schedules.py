@@ -60,7 +60,7 @@ def test_transition_times_have_power_law_cdf():
 
 
 def test_sampled_orders_match_plackett_luce():
-    """Orders from transition times follow PL(w) (DESIGN: 'checked numerically'); L=4, 24 orders."""
+    """Orders from transition times follow PL(w); L=4, 24 orders."""
     schedule = PowerSchedule(4)
     with torch.no_grad():
         schedule.log_w.copy_(torch.log(torch.tensor([0.2, 1.0, 2.5, 6.0])))

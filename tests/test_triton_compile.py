@@ -6,7 +6,7 @@ the kernels compute; only a compile checks that they build for a real GPU and fi
 tensors, specialized as a real launch would be), reads registers and stack from the cubin with
 the cuobjdump that ships in the triton wheel and the shared memory the launch requests from
 Triton's metadata (at most 99 KiB, `aot.SHARED_LIMIT`). It runs in a subprocess
-because this session has set TRITON_INTERPRET=1, under which kernels cannot be compiled.
+because the test run has set TRITON_INTERPRET=1, under which kernels cannot be compiled.
 
 Representative shapes only (the largest tile of every width class, and the ragged heads at
 d = 16, 48, 128, 256 in float32 and bfloat16: 140 compiles, several minutes on 2 cores the

@@ -15,9 +15,5 @@ def build_denoiser(architecture: str, cardinalities: list[int], **options) -> Ta
     return ARCHITECTURES[architecture](cardinalities, **options)
 
 
-def architecture_of(denoiser: TableDenoiser) -> str:
-    return next(name for name, cls in ARCHITECTURES.items() if type(denoiser) is cls)
-
-
 __all__ = ["ARCHITECTURES", "ORDERS", "CausalTransformer", "ColumnTransformer", "RaggedHeads", "TableDenoiser",
-           "architecture_of", "build_denoiser"]
+           "build_denoiser"]

@@ -3,10 +3,11 @@ and the ragged per-column output heads."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import INT_DTYPES, check_tensor
-from ..ops import ragged_head_ce, ragged_head_sample, weighted_ce
+from ..ops import ragged_head_ce, ragged_head_sample
 from ..ops.reference import segment_layout
 from .layers import Block
 
@@ -19,8 +20,7 @@ class RaggedHeads(nn.Module):
     against its own column's head only, in vocabulary chunks, and never build logits: the
     work is sum_l K_l per cell instead of L * Kmax. `logits` evaluates every head on every
     column state as one batched product against a padded [L, Kmax, d] view and gathers the
-    valid entries back to [N, V]; `fused = False` makes `loss` use it too (the pre-fusion
-    path, kept for comparisons).
+    valid entries back to [N, V] (for callers that need the distributions themselves).
     """
 
     def __init__(self, offsets: Tensor, d_model: int):
@@ -35,7 +35,6 @@ class RaggedHeads(nn.Module):
         self.weight = nn.Parameter(torch.empty(vocab, d_model))
         self.bias = nn.Parameter(torch.zeros(vocab))
         nn.init.normal_(self.weight, std=d_model ** -0.5)
-        self.fused = True
 
     def logits(self, h: Tensor) -> Tensor:
         """h [N, L, d] (column l's state at position l) -> ragged logits [N, V]."""
@@ -45,8 +44,6 @@ class RaggedHeads(nn.Module):
 
     def loss(self, h: Tensor, targets: Tensor, weight: Tensor, mask: Tensor) -> Tensor:
         """Per-row sum_l mask * weight * -log p(targets_l | h_l), shape [N], for h [N, L, d]."""
-        if not self.fused:
-            return weighted_ce(self.logits(h), targets, weight, mask, self.offsets)
         return ragged_head_ce(h, self.weight, self.bias, self.offsets, targets, weight, mask)
 
     def sample(self, h: Tensor, columns: Tensor, temperature: float = 1.0,
@@ -136,7 +133,17 @@ class TableDenoiser(nn.Module):
 
     def embed_values(self, x: Tensor, columns: Tensor) -> Tensor:
         """Embedding of value x (or MASK) in column `columns`, same shapes, plus [..., d]."""
-        return self.token_embedding(x + self._embed_offsets[columns]) + self.column_embedding[columns]
+        return self.token_embedding(x + self._embed_offsets[columns]) + self.embed_columns(columns)
+
+    def embed_columns(self, columns: Tensor) -> Tensor:
+        """The column embedding of each id in `columns`, plus [..., d].
+
+        A lookup rather than `column_embedding[columns]`: on several CPU threads, indexing's
+        backward adds the gradients of repeated ids with atomics (index_put_ with
+        accumulate), in an order that changes from run to run; the lookup's backward adds
+        each row's gradients in index order, so seeded training is bitwise reproducible.
+        """
+        return F.embedding(columns, self.column_embedding)
 
     def loss_or_logits(self, h: Tensor, targets: Tensor | None, weight: Tensor | None,
                        mask: Tensor | None) -> Tensor:

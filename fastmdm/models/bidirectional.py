@@ -2,7 +2,7 @@
 
 It is time-independent on purpose: the optimal denoiser of a masked diffusion model depends
 only on the visible values (masking ignores the data), and dropping t is what makes the
-NELBO equal to the learned-order autoregressive likelihood (DESIGN.md section 1). The price
+NELBO equal to the learned-order autoregressive likelihood (docs/design.md). The price
 is at sampling time: the whole row is re-encoded for every step, O(L^2) token work per row.
 """
 from __future__ import annotations

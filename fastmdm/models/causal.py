@@ -1,4 +1,4 @@
-"""The causal learned-order denoiser (two streams, DESIGN.md section 8).
+"""The causal learned-order denoiser (two streams; docs/design.md).
 
 A row's columns are gathered in a generation order pi. Two streams run through the same
 blocks; keys and values come from the content stream only:
@@ -16,7 +16,7 @@ mixture over orders, p(x) = E_{pi ~ PL(w)} p(x | pi); E_pi[-log p(x | pi)] bound
 
 Everything runs through `extend`, which appends content tokens to a key/value cache and
 answers query tokens against it. Training calls it once on an empty cache with the whole
-order; sampling calls it once per step (see fastmdm.causal_decoding), so the two can
+order; sampling calls it once per step (see fastmdm.decoding.causal), so the two can
 never disagree. Cache slot 0 is the start token, slot p + 1 is order position p, and the
 last slot takes writes from padding tokens and is never attended to.
 
@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from .._checks import INT_DTYPES, check_tensor
 from .base import TableDenoiser
 from .layers import attend
-from .orders import DEFAULT_ORDER_RANGE, OrderPolicy, OrderPosterior
+from .orders import OrderPolicy, OrderPosterior
 
 ORDERS = ("static", "contextual")
 
@@ -58,29 +58,19 @@ class CausalTransformer(TableDenoiser):
 
     causal = True
 
-    def __init__(self, cardinalities: list[int], order: str = "static",
-                 order_range: float = DEFAULT_ORDER_RANGE, centre_posterior: bool = True,
-                 posterior: str = "mlp", policy_depth: int | None = None, **options):
+    def __init__(self, cardinalities: list[int], order: str = "static", **options):
         if order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
         super().__init__(cardinalities, **options)
         d_model = self._config["d_model"]
-        num_layers = self._config["num_layers"]
         self.start = nn.Parameter(torch.zeros(d_model))
         self.query_embedding = nn.Parameter(torch.zeros(d_model))
         nn.init.normal_(self.start, std=0.02)
         nn.init.normal_(self.query_embedding, std=0.02)
         self._config.update(order=order)
         if order == "contextual":
-            if policy_depth is None:
-                policy_depth = max(1, num_layers - 1) if num_layers else 0
-            if not 0 <= policy_depth <= num_layers:
-                raise ValueError(f"policy_depth must lie in [0, num_layers={num_layers}], got {policy_depth}")
-            self._config.update(order_range=float(order_range), centre_posterior=bool(centre_posterior),
-                                posterior=posterior, policy_depth=int(policy_depth))
             self.order_policy = OrderPolicy(d_model, self.num_columns)
-            self.order_posterior = OrderPosterior(self.cardinalities, log_range=order_range,
-                                                  centred=centre_posterior, encoder=posterior)
+            self.order_posterior = OrderPosterior(self.cardinalities)
 
     @property
     def contextual(self) -> bool:
@@ -91,13 +81,13 @@ class CausalTransformer(TableDenoiser):
     def policy_depth(self) -> int:
         """How many blocks the content stream has passed where the order policy reads it.
 
-        By default the second-to-last block's output (the last block's, for a one-block
-        model): it has seen the whole prefix, and the last block then runs the query stream
-        only, as a static model's does. Reading the last block's content output made a
-        contextual training step cost 1.28-1.30x a static one's, against 1.15x (session 8; Adult,
-        MAGIC; benchmarks/contextual_step.py). Static models: the last block (unused).
+        The second-to-last block's output (the last block's, for a one-block model): it has
+        seen the whole prefix, and the last block then runs the query stream only, as a
+        static model's does, so a contextual training step costs little more than a static
+        one (benchmarks/results/contextual_step.md). Static models: the last block (unused).
         """
-        return self._config.get("policy_depth", len(self.blocks))
+        num_layers = len(self.blocks)
+        return max(1, num_layers - 1) if self.contextual and num_layers else num_layers
 
     @property
     def trash_slot(self) -> int:
@@ -151,7 +141,7 @@ class CausalTransformer(TableDenoiser):
         `policy_depth` (which the order policy reads) come first.
         """
         content = self.embed_values(values, value_columns)
-        query = self.query_embedding + self.column_embedding[query_columns]
+        query = self.query_embedding + self.embed_columns(query_columns)
         write = (value_positions + 1).clamp(max=self.trash_slot)
         # A content token at position p sees slots 0..p+1 (itself included); a query sees
         # slots 0..query_sees; padding content sees only the start token.

@@ -1,35 +1,25 @@
-"""Context-dependent generation orders (LoMDM for tables, DESIGN.md section 9).
+"""Context-dependent generation orders (learned orders in the manner of LoMDM, for tables).
 
 A contextual causal model carries two extra pieces:
 - `OrderPolicy` p_psi(next column | values revealed so far): logits log w_l + a linear map
-  of the causal model's content state at the last revealed position (read at the model's
-  `policy_depth`, one block before the last by default), over the columns not yet
-  revealed. With the linear map at zero (its initialization) this is static PL(w); in the
-  causal model the content state at position i - 1 has seen exactly x_{pi_<i}, so one
-  pass scores every step of an order.
+  of the causal model's content state at the last revealed position (read one block
+  before the last, see CausalTransformer.policy_depth), over the columns not yet revealed.
+  With the linear map at zero (its initialization) this is static PL(w); in the causal
+  model the content state at position i - 1 has seen exactly x_{pi_<i}, so one pass
+  scores every step of an order.
 - `OrderPosterior` q_phi(pi | x) = PL(w * r_phi(x)) from the whole clean row, used only in
-  training: an MLP on the sum of the row's value embeddings (or one transformer block over
-  them, `posterior="block"`, the only kind until session 10; with the MLP a training step
-  costs 1.03-1.07x a static one's against the block's 1.10-1.15x, and it finds the switch
-  table's orders as well: README, "Contextual orders"). The factor is r_l(x) = exp(g_l(x)),
-  g = R tanh(raw / R) bounded by `order_range` R, so q's scores are the schedule's log w
-  shifted per row, as the policy's logits are. g starts at zero, so at initialization
-  q = p_psi = PL(w), the static model, and the context only has to learn how rows differ
-  from it. With `centre_posterior`, g is centred
-  per column (over the batch in training, by a running mean otherwise, as batch norm does),
-  so q's static preference is w's alone and the posterior can only learn how rows differ.
-  Uncentred, the static direction, the strongest and cheapest signal, is learned first and
-  q tends to settle on one static order for every row. Centred, with the bound alone, the
-  switch table's search is decisive either way (3 seeds of 5 split the right way, 2 the
-  wrong way); with the order search first (`fastmdm.objective.order_search_loss`) it
-  splits the right way on every seed tried, so centring is the default (README,
-  "Contextual orders").
+  training: a two-layer MLP on the sum of the row's value embeddings. The factor is
+  r_l(x) = exp(g_l(x)), g = R tanh(raw / R) bounded by ORDER_RANGE R, so q's scores are the
+  schedule's log w shifted per row, as the policy's logits are. g starts at zero, so at
+  initialization q = p_psi = PL(w), the static model. g is centred per column (over the
+  batch in training, by a running mean otherwise, as batch norm does), so q's static
+  preference is w's alone and the posterior can only learn how rows differ from it:
+  uncentred, the static direction, the strongest and cheapest signal, is learned first
+  and q tends to settle on one static order for every row.
   Why not LoMDM's bounded scores, c1 + c2 (sigmoid(g) - mean sigmoid(g)): their ratios
   stay within (c1 + c2) / (c1 - c2) (27 at the reported 0.7 / 0.65), while a learned w
   spans 1,000x and more, so neither those scores alone nor those scores as a factor on w
-  can put a column of small w before one of large w. Measured on the first switch table
-  (products mod 6), seed 0, 20 epochs: 7.142 with LoMDM's factor, 7.110 with this one,
-  7.131 static (README, "Contextual orders").
+  can put a column of small w before one of large w (docs/findings.md).
 
 The bound, E_q[sum_i log p_theta(x_pi_i | .) + sum_i (log p_psi(pi_i | .) - log q(pi_i | .))],
 is in `fastmdm.objective.contextual_loss`.
@@ -40,15 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import Block
-
-#: Bound R on |g_phi(x)|: the posterior can multiply a column's w by up to e^R (e^8 ~ 3,000;
-#: centred, up to e^2R relative to the column's mean factor).
-DEFAULT_ORDER_RANGE = 8.0
+#: Bound R on |g_phi(x)|: the posterior can multiply a column's w by up to e^2R relative to
+#: the column's mean factor (e^8 ~ 3,000).
+ORDER_RANGE = 8.0
 #: Weight of each training batch in the running per-column mean of g that eval mode subtracts.
 CENTRING_MOMENTUM = 0.05
-#: How the posterior reads the row (OrderPosterior).
-POSTERIOR_ENCODERS = ("block", "mlp")
 
 
 class OrderPolicy(nn.Module):
@@ -69,53 +55,30 @@ class OrderPolicy(nn.Module):
 class OrderPosterior(nn.Module):
     """The factor r_phi(x) [B, L] of q_phi(pi | x) = PL(w * r_phi(x)), from clean rows [B, L].
 
-    A value embedding per (column, value), as the denoiser has, then an `encoder` that
-    gives a scalar per column: "block", one transformer block over the row's column tokens,
-    or "mlp", a two-layer MLP on the sum of the row's embeddings (no attention over the
-    row's L tokens: cheaper, and as good on the tables measured). `centred` subtracts its
-    mean per column (module docstring): in training the batch's, which also updates
-    `column_mean`, the running mean that eval mode (validation, saved models) subtracts
-    instead.
+    A value embedding per (column, value), as the denoiser has, summed over the row, then a
+    two-layer MLP that gives a score per column (no attention over the row's L tokens: a
+    training step costs 1.03-1.07x a static one's). The bounded scores are centred per
+    column (module docstring): in training by the batch's mean, which also updates
+    `column_mean`, the running mean that eval mode (validation, saved models) subtracts.
     """
 
-    def __init__(self, cardinalities: list[int], d_model: int = 32, num_heads: int = 4,
-                 log_range: float = DEFAULT_ORDER_RANGE, centred: bool = False, encoder: str = "block"):
+    def __init__(self, cardinalities: list[int], d_model: int = 32):
         super().__init__()
-        if not log_range > 0:
-            raise ValueError(f"order_range must be > 0, got {log_range}")
-        if encoder not in POSTERIOR_ENCODERS:
-            raise ValueError(f"posterior must be one of {POSTERIOR_ENCODERS}, got {encoder!r}")
-        self.log_range = float(log_range)
         sizes = torch.tensor(cardinalities, dtype=torch.int64)
         self.register_buffer("_value_offsets", torch.cumsum(sizes, 0) - sizes, persistent=False)
         self.value_embedding = nn.Embedding(int(sizes.sum()), d_model)
-        self.encoder = encoder
-        self.norm = nn.LayerNorm(d_model)   # the block's output, or the MLP's input
-        if encoder == "block":
-            self.block = Block(d_model, num_heads, 2 * d_model, 0.0)
-            self.out = nn.Linear(d_model, 1)
-        else:
-            self.hidden = nn.Linear(d_model, 4 * d_model)
-            self.out = nn.Linear(4 * d_model, len(cardinalities))
-        self.centred = bool(centred)
-        if self.centred:
-            self.register_buffer("column_mean", torch.zeros(len(cardinalities)))
+        self.norm = nn.LayerNorm(d_model)
+        self.hidden = nn.Linear(d_model, 4 * d_model)
+        self.out = nn.Linear(4 * d_model, len(cardinalities))
+        self.register_buffer("column_mean", torch.zeros(len(cardinalities)))
         nn.init.normal_(self.value_embedding.weight, std=0.02)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
-    def _raw_scores(self, x: Tensor) -> Tensor:
-        """Unbounded scores [B, L] from clean rows [B, L]."""
-        embedded = self.value_embedding(x + self._value_offsets)
-        if self.encoder == "block":
-            return self.out(self.norm(self.block(embedded))).squeeze(-1)
-        return self.out(F.gelu(self.hidden(self.norm(embedded.sum(1)))))
-
     def forward(self, x: Tensor) -> Tensor:
-        raw = self._raw_scores(x)
-        g = self.log_range * torch.tanh(raw / self.log_range)
-        if not self.centred:
-            return torch.exp(g)
+        embedded = self.value_embedding(x + self._value_offsets)
+        raw = self.out(F.gelu(self.hidden(self.norm(embedded.sum(1)))))
+        g = ORDER_RANGE * torch.tanh(raw / ORDER_RANGE)
         if not self.training:
             return torch.exp(g - self.column_mean.to(g.dtype))
         mean = g.mean(0)

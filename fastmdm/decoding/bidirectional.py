@@ -1,0 +1,36 @@
+"""The bidirectional decoder: every step re-encodes the whole row (O(L^2) token work per row)
+and draws the columns of the step's chunk."""
+from __future__ import annotations
+
+import torch
+
+from ..models.base import TableDenoiser
+from .common import ColumnLayout, gumbel_max, reveal_steps
+
+
+def sample_bidirectional(denoiser, w, layout: ColumnLayout, steps, temperature, num_rows, known,
+                          known_mask, generator, stats):
+    step = reveal_steps(w, num_rows, steps, known_mask, generator)
+    x = layout.mask_id.expand(num_rows, w.numel()).clone()
+    if known is not None:
+        x = torch.where(known_mask, known, x)
+    num_steps = int(step.max()) + 1
+    for s in range(num_steps):
+        reveal = step == s
+        active = reveal.any(1)
+        rows, cols = reveal.nonzero(as_tuple=True)
+        if bool(active.all()):
+            x_in, logit_rows = x, rows
+        else:  # rows with nothing left to reveal skip the denoiser
+            x_in, logit_rows = x[active], (active.cumsum(0) - 1)[rows]
+        if isinstance(denoiser, TableDenoiser):   # our models: chunked heads, never full logits
+            x[rows, cols] = denoiser.heads.sample(denoiser.states(x_in)[logit_rows, cols], cols, temperature,
+                                                  generator)
+            continue
+        logits = denoiser(x_in)
+        if tuple(logits.shape) != (x_in.shape[0], layout.vocab):
+            raise ValueError(f"denoiser returned logits of shape {tuple(logits.shape)} for "
+                             f"{x_in.shape[0]} rows, expected ({x_in.shape[0]}, {layout.vocab})")
+        # Gumbel-max over the segments revealed now only.
+        x[rows, cols] = gumbel_max(layout.segments(logits, logit_rows, cols), temperature, generator)
+    return x

@@ -1,0 +1,124 @@
+"""What every sampler shares: orders with known columns first, chunks of ranks, uniforms and
+Gumbel noise, the ragged column layout and the decoding statistics.
+
+Each row draws its reveal order pi ~ Plackett-Luce(w) from exponential keys (the smallest key is
+revealed first; the same as revealing by decreasing transition time t* = U^{1/w}). The ranks of
+the unknown columns are split into `steps` chunks of near-equal size and each chunk is revealed
+in parallel, every column drawn from the denoiser's conditional given the values visible so far.
+steps = L is exact learned-order autoregressive sampling; fewer steps trade fidelity for speed.
+
+Why chunks of ranks and not a uniform grid over time: with a time grid, a step reveals the
+columns whose t* falls in its interval. The counts per interval are random and t* clusters
+(near 1 for large w, near 0 for small w), so some steps reveal nothing, wasting a denoiser
+call, while others reveal many columns at once, which is where parallel decoding loses
+fidelity. Rank chunks use every call and reveal at most ceil(L / steps) columns together.
+The order, which is what the schedule learns, is the same either way.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .._checks import check_positive_weights
+from ..ops.reference import segment_layout
+from ..schedules import exponential_keys
+
+
+def uniforms(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """Uniforms drawn on the generator's device (a CPU generator may drive a GPU sampler)."""
+    source = generator.device if generator is not None else device
+    return torch.rand(shape, generator=generator, device=source).to(device)
+
+
+def known_first_order(w: Tensor, num_rows: int, known_mask: Tensor | None = None,
+                      generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Reveal orders [num_rows, L] drawn from PL(w) given that known columns come first.
+
+    Returns (order, n_known): order[r, p] is the column revealed at position p of row r and
+    n_known[r] the number of known columns, which fill positions 0..n_known-1 (in PL order
+    among themselves). PL restricted to a subset is PL over it, so this is PL(w)
+    conditioned on the known columns preceding the unknown ones.
+    """
+    check_positive_weights(w)
+    keys = exponential_keys(w, uniforms((num_rows, w.numel()), generator, w.device))
+    order = torch.argsort(keys, dim=1, stable=True)
+    if known_mask is None:
+        return order, torch.zeros(num_rows, dtype=torch.int64, device=w.device)
+    unknown_in_order = (~known_mask).gather(1, order).to(torch.int8)
+    order = order.gather(1, torch.argsort(unknown_in_order, dim=1, stable=True))
+    return order, known_mask.sum(1)
+
+
+def chunk_of_position(n_known: Tensor, num_columns: int, steps: int) -> Tensor:
+    """Step [rows, L] at which each order position is revealed; -1 for known positions.
+
+    A row with m unknown columns uses min(steps, m) steps; its unknown position of rank r
+    (0-based, among unknown columns) goes to step floor(r * min(steps, m) / m), so chunk
+    sizes differ by at most one.
+    """
+    if not 1 <= steps <= num_columns:
+        raise ValueError(f"steps must lie in 1..L={num_columns}, got {steps}")
+    rank = torch.arange(num_columns, device=n_known.device)[None, :] - n_known[:, None]
+    unknown = (num_columns - n_known)[:, None]
+    step = rank.clamp(min=0) * unknown.clamp(max=steps) // unknown.clamp(min=1)
+    return step.masked_fill(rank < 0, -1)
+
+
+def reveal_steps(w: Tensor, num_rows: int, steps: int, known_mask: Tensor | None = None,
+                 generator: torch.Generator | None = None) -> Tensor:
+    """Step at which each column is revealed, [num_rows, L] int64; -1 for known columns."""
+    order, n_known = known_first_order(w, num_rows, known_mask, generator)
+    step_by_position = chunk_of_position(n_known, w.numel(), steps)
+    return torch.empty_like(order).scatter_(1, order, step_by_position)
+
+
+def gumbel_noise(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """Standard Gumbel noise (float32): argmax(logits + noise) draws from softmax(logits)."""
+    u = uniforms(shape, generator, device)
+    return -torch.log(-torch.log(u.clamp(min=torch.finfo(u.dtype).tiny)))  # u < 1: finite
+
+
+def gumbel_max(segments: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
+    """One draw per row of segments [M, Kmax] (logits, padding at -inf) at a temperature;
+    temperature 0 takes the argmax."""
+    segments = segments.float()
+    if temperature > 0:
+        # = T * (logits / T + gumbel): the same argmax.
+        segments = segments + temperature * gumbel_noise(tuple(segments.shape), generator, segments.device)
+    return segments.argmax(-1)
+
+
+class ColumnLayout(NamedTuple):
+    """Where each column's values sit in the ragged [V] axis, as samplers need it."""
+    mask_id: Tensor      # [L] int64, K_l
+    pad_index: Tensor    # [L, Kmax] flat index of each column's values (padding repeats one)
+    pad_invalid: Tensor  # [L, Kmax] True at padding
+    vocab: int           # V = sum_l K_l
+
+    @classmethod
+    def of(cls, mask_id: Tensor, offsets: Tensor) -> "ColumnLayout":
+        vocab = int(offsets[-1])
+        pad_index, valid = segment_layout(offsets.long(), vocab)
+        return cls(mask_id.to(torch.int64), pad_index, ~valid, vocab)
+
+    def segments(self, logits: Tensor, rows: Tensor, columns: Tensor) -> Tensor:
+        """Logits [M, Kmax] of column columns[i] in row rows[i] of ragged logits [N, V];
+        padding at -inf."""
+        return logits[rows[..., None], self.pad_index[columns]].masked_fill(self.pad_invalid[columns],
+                                                                            float("-inf"))
+
+
+@dataclass
+class DecodeStats:
+    """Counts a decoder adds to while it runs (speculative decoding reports acceptance here)."""
+    rows: int = 0
+    rounds: int = 0          # per-row draft-and-verify rounds, summed over rows
+    columns: int = 0         # columns revealed by those rounds
+    orders: list[Tensor] | None = None   # set to [] to collect causal models' orders [n, L] per batch
+
+    @property
+    def columns_per_round(self) -> float:
+        return self.columns / max(1, self.rounds)
