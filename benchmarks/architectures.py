@@ -54,7 +54,7 @@ def step_seconds(train, seed: int, variants: dict[str, dict], steps: int = 15) -
     """
     probes = {}
     for name, options in variants.items():
-        model = TabularMDM(epochs=1, seed=seed, progress=False, **options)
+        model = TabularMDM(epochs=1, batch_size=1024, seed=seed, progress=False, **options)
         batch = model.config.batch_size
         model.fit(train.head(2 * batch), validation=None)
         probes[name] = (model._trainer, model.codec.encode(train.head(batch)))

@@ -46,7 +46,8 @@ def run(device: torch.device, precision: str, backend: str, epochs: int, sample_
     with _backend(backend):
         model = fastmdm.TabularMDM(epochs=epochs, bf16=precision == "bf16", progress=False, device=device)
         model.fit(train, validation=None)
-        epoch_rows = (len(train) // model.config.batch_size) * model.config.batch_size
+        batch = model._trainer.budget.batch_size
+        epoch_rows = (len(train) // batch) * batch
         warm = [record.seconds for record in model.history[1:]] or [model.history[0].seconds]
         result = {"device": str(device), "precision": precision, "backend": backend,
                   "train_rows_per_s": epoch_rows / statistics.median(warm),

@@ -178,7 +178,7 @@ def run(table: str, seed: int, epochs: int, max_rows: int | None, names: list[st
         synth = model.sample(len(train), seed=seed)
         record = dict(
             table=table, seed=seed, variant=name, parameters=model.denoiser.num_parameters(), epochs=budget,
-            order_search_epochs=model.config.order_search_epoch_count if model.order == "contextual" else 0,
+            order_search_epochs=model.config.order_search_epoch_count(budget) if model.order == "contextual" else 0,
             order_lr=model.config.order_lr, schedule_lr=model.config.schedule_lr,
             probe_step_seconds=probe[name], train_seconds=train_seconds,
             train_rows_per_second=0.9 * len(train) * budget / sum(r.seconds for r in model.history),

@@ -35,7 +35,7 @@ def sampling_seconds(train, seed: int, rows: int, repeats: int) -> dict[str, flo
     """Median CPU seconds to sample `rows` rows at S = L per variant, repeats interleaved."""
     models = {}
     for name, options in VARIANTS.items():
-        model = TabularMDM(epochs=1, seed=seed, progress=False, **options)
+        model = TabularMDM(epochs=1, batch_size=1024, seed=seed, progress=False, **options)
         models[name] = model.fit(train.head(2 * model.config.batch_size), validation=None)
     times = {name: [] for name in models}
     for _ in range(repeats):

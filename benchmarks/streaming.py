@@ -113,7 +113,7 @@ def _trainer(codec):
     torch.manual_seed(0)
     denoiser = build_denoiser("bidirectional", codec.cardinalities)
     trainer = Trainer(denoiser, PowerSchedule(codec.num_columns), codec.mask_ids, codec.offsets,
-                      TrainConfig(progress=False))
+                      TrainConfig(batch_size=1024, progress=False))
     return trainer, sum(p.numel() for p in denoiser.parameters())
 
 
@@ -123,8 +123,8 @@ def _time_steps(trainer, tokens, rows: int, timed_steps: int) -> dict:
     Also the peak RSS after each step (to see it settle) and the file-backed RSS before and
     after the steps (memory-mapped store pages count there, and the OS may drop them).
     """
-    batch = trainer.config.batch_size
-    trainer.total_steps = rows // batch
+    trainer.budget = trainer.config.budget(rows)
+    batch = trainer.budget.batch_size
     order = torch.randperm(rows, generator=torch.Generator().manual_seed(0))
     file_rss_before = rss_mb("RssFile")
     gather = step = 0.0

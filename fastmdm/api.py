@@ -17,7 +17,7 @@ from .schedules import PowerSchedule
 from .sample_blocks import BlockPlan, fresh_seed, shard_path
 from .table_files import TableWriter
 from .token_store import prepare_token_store
-from .train import EpochRecord, TrainConfig, Trainer, atomic_save, estimate_nelbo
+from .train import Budget, EpochRecord, TrainConfig, Trainer, atomic_save, estimate_nelbo
 
 #: The version of the files save() and checkpoints write; load() and resume read this one only.
 _FORMAT = "fastmdm-tabular-3"
@@ -33,7 +33,7 @@ def _resolve_device(device: str | torch.device) -> torch.device:
 class TabularMDM:
     """Masked diffusion model of a table with a learned (or fixed linear) per-column schedule.
 
-    >>> model = TabularMDM(epochs=30).fit(train_df)
+    >>> model = TabularMDM().fit(train_df)
     >>> synth = model.sample(10_000)
     >>> filled = model.impute(df_with_nans)
 
@@ -46,7 +46,10 @@ class TabularMDM:
     (False keeps w = 1, the linear MDM); `estimator` "order" (order-space, low variance) or
     "tspace" (the paper's; bidirectional only); `model` keyword arguments of the denoiser
     (d_model, num_layers, num_heads, dim_feedforward, dropout); the rest are TrainConfig
-    fields (epochs, batch_size, lr, seed, ...). `save` writes, and `load` and a resumed `fit`
+    fields (steps, epochs, batch_size, lr, seed, ...). Left unset, the budget, batch size and
+    warm-up follow the table's size, and training stops early, keeping the best weights, once
+    the validation NELBO stops improving (see fastmdm.train.TrainConfig.budget); it warns when
+    the budget looks too short. `save` writes, and `load` and a resumed `fit`
     read, files of one format version (`_FORMAT`); another version is refused by name.
     """
 
@@ -103,14 +106,16 @@ class TabularMDM:
         state = None
         if resume and checkpoint is not None and os.path.exists(checkpoint):
             state = torch.load(checkpoint, weights_only=True, map_location="cpu")
-            epochs = self.config.epochs
+            budget = dict(steps=self.config.steps, epochs=self.config.epochs)
             self._restore(state, checkpoint)
-            # Only the epochs come from this call. A contextual run's search epochs were a share
+            # Only the budget comes from this call. A contextual run's search epochs were a share
             # of its epochs: a run resumed with more keeps them, and does not go back into
             # the search after the bound.
-            search = self.config.order_search_epoch_count if self.order == "contextual" else None
-            self.config = dataclasses.replace(self.config, epochs=epochs,
-                                              order_search_epochs=search)
+            search = None
+            if self.order == "contextual":
+                run_epochs = Budget(**state["budget"]).epochs if state.get("budget") else self.config.epochs
+                search = self.config.order_search_epoch_count(run_epochs)
+            self.config = dataclasses.replace(self.config, order_search_epochs=search, **budget)
         with contextlib.ExitStack() as cleanup:
             if from_files:
                 self.codec, train_tokens, val_tokens = prepare_token_store(
@@ -178,6 +183,12 @@ class TabularMDM:
     def _require_fitted(self) -> None:
         if self.denoiser is None:
             raise RuntimeError("the model is not fitted: call fit(df) or TabularMDM.load(path) first")
+
+    @property
+    def training_steps(self) -> int | None:
+        """Optimizer steps the model trained for (early stopping may end a run before its
+        budget); None for a model file written before steps were recorded."""
+        return self.history[-1].step if self.history else None
 
     @property
     def weights(self) -> pd.Series:

@@ -21,15 +21,19 @@ EVALUATE_MAX_ROWS = 50_000
 TABLE = "a .csv or .parquet file, or a directory of them"
 
 
-def _add_training_options(parser: argparse.ArgumentParser, epochs: int) -> None:
+def _add_training_options(parser: argparse.ArgumentParser, epochs: int | None) -> None:
     parser.add_argument("--architecture", choices=["bidirectional", "causal"], default=None,
                         help="denoiser: bidirectional (re-encodes the row every step; the default) or causal "
                              "(two-stream, KV-cached sampling, exact speculative decoding)")
     parser.add_argument("--order", choices=["static", "contextual"], default="static",
                         help="generation order: one learned PL(w) for the table (default), or contextual: "
                              "the next column depends on the values so far (implies --architecture causal)")
-    parser.add_argument("--epochs", type=int, default=epochs)
-    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=None,
+                        help="optimizer steps (default: from the table's size; training stops early once "
+                             "the validation NELBO stops improving)")
+    parser.add_argument("--epochs", type=int, default=epochs, help="passes over the table, instead of --steps")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="rows per step (default: about a sixteenth of the rows, 32 to 1024)")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--estimator", choices=["order", "tspace"], default="order",
                         help="order-space (low variance, default) or the paper's t-space estimator")
@@ -55,7 +59,8 @@ def _model_from_args(args):
     from .data import DEFAULT_NUM_BINS
     return TabularMDM(architecture=args.architecture, order=args.order, num_bins=args.num_bins or DEFAULT_NUM_BINS,
                       learn_schedule=not args.fixed_schedule,
-                      device=args.device, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                      device=args.device, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
+                      lr=args.lr,
                       estimator=args.estimator, seed=args.seed)
 
 
@@ -74,7 +79,7 @@ def cmd_train(args) -> None:
               token_store=args.token_store)
     model.save(args.output)
     _print_history(model)
-    print(f"saved model to {args.output}")
+    print(f"trained {model.training_steps:,} steps; saved model to {args.output}")
 
 
 def _conditions(model, args):
@@ -217,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the checkpoint if it exists")
     train.add_argument("--token-store", help="directory for the encoded table, kept and reused "
                                              "(default: a temporary one)")
-    _add_training_options(train, 30)
+    _add_training_options(train, None)
     train.set_defaults(func=cmd_train)
 
     sample = sub.add_parser("sample", help="generate rows from a trained model")

@@ -1,9 +1,13 @@
-"""The training loop: AdamW, EMA, validation NELBO, atomic checkpoints, exact resume, DDP.
+"""The training loop: a budget sized to the table, AdamW, EMA, validation NELBO with early
+stopping, atomic checkpoints, exact resume, DDP.
 
 `Trainer` works on token tensors (the `TableCodec` lives one layer up, in `fastmdm.api`).
 Everything random flows from one seed through torch.Generator objects whose state is saved
 in each checkpoint, so an interrupted run resumed from its last checkpoint ends with the
-same parameters as an uninterrupted one. Under `torchrun` (WORLD_SIZE > 1) each process
+same parameters as an uninterrupted one. The default budget (`TrainConfig.budget`) is in
+optimizer steps and follows the table's size; the validation NELBO is checked about
+CHECKS_PER_BUDGET times, the best EMA weights are kept, and training stops once the
+validation NELBO has not improved for `patience` checks. Under `torchrun` (WORLD_SIZE > 1) each process
 trains on its shard of every batch and gradients are averaged (DistributedDataParallel for
 the denoiser, an explicit all-reduce for the schedule, whose gradient arrives outside the
 denoiser's forward).
@@ -15,6 +19,7 @@ import dataclasses
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -30,12 +35,66 @@ from .schedules import PowerSchedule
 #: is None: 10 of 26 found the switch table's orders on 5 seeds of 5 (docs/findings.md).
 ORDER_SEARCH_SHARE = 0.4
 
+#: Largest default batch, in rows; smaller tables get about a sixteenth of their rows, so
+#: that an epoch is ~16 optimizer steps: small tables need steps more than rows per step.
+MAX_BATCH_SIZE = 1024
+MIN_BATCH_SIZE = 32
+#: Large tables (from ~15,000 rows) train for LARGE_TABLE_EPOCHS epochs of MAX_BATCH_SIZE
+#: rows by default, as before the budget followed the table. Smaller ones see at least
+#: MIN_ROWS_SEEN rows (steps x batch) in at most MAX_FLOOR_STEPS steps: 30 epochs of a
+#: table of a few thousand rows are a few dozen steps, too few to learn its dependencies,
+#: and early stopping keeps the extra epochs from overfitting it.
+LARGE_TABLE_EPOCHS = 30
+MIN_ROWS_SEEN = 256_000
+MAX_FLOOR_STEPS = 2000
+#: Learning-rate warm-up as a share of the steps, when `warmup_steps` is None.
+WARMUP_SHARE = 0.1
+#: Validation checks (and checkpoints) per budget, at whole epochs.
+CHECKS_PER_BUDGET = 30
+#: "Still falling" warning: over the last FALLING_WINDOW of the steps, the validation NELBO
+#: fell by more than FALLING_SHARE of its fall since the first check.
+FALLING_WINDOW = 0.2
+FALLING_SHARE = 0.1
+#: "Marginal level" warning: the best validation NELBO is within this share of the NELBO of
+#: a model that draws each column independently from its marginal.
+MARGINAL_SHARE = 0.01
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What a run does, resolved from a TrainConfig and the number of training rows."""
+    batch_size: int
+    steps: int
+    steps_per_epoch: int
+    warmup_steps: int
+    check_every: int          # steps between validation checks and checkpoints (whole epochs)
+
+    @property
+    def epochs(self) -> int:
+        return math.ceil(self.steps / self.steps_per_epoch)
+
+
+def default_batch_size(rows: int) -> int:
+    """About a sixteenth of the rows, a power of two in [MIN_BATCH_SIZE, MAX_BATCH_SIZE]."""
+    sixteenth = max(1, rows / 16)
+    return int(min(MAX_BATCH_SIZE, max(MIN_BATCH_SIZE, 2 ** round(math.log2(sixteenth)))))
+
+
+def default_steps(rows: int, batch_size: int) -> int:
+    """LARGE_TABLE_EPOCHS epochs, or at least MIN_ROWS_SEEN rows seen in at most
+    MAX_FLOOR_STEPS steps for a smaller table."""
+    steps_per_epoch = max(1, rows // batch_size)
+    floor = min(MAX_FLOOR_STEPS, math.ceil(MIN_ROWS_SEEN / batch_size))
+    return max(LARGE_TABLE_EPOCHS * steps_per_epoch, floor)
+
 
 @dataclass
 class TrainConfig:
-    """Optimization settings; defaults reach the paper's Adult NELBO range in minutes on CPU."""
-    epochs: int = 30
-    batch_size: int = 1024          # rows per step (all processes together)
+    """Optimization settings. The budget fields left at None follow the table (see `budget`):
+    `fit(df)` with no settings trains a table of 1,000 rows as well as one of 30,000."""
+    steps: int | None = None        # optimizer steps (None: `epochs`, or default_steps)
+    epochs: int | None = None       # passes over the table, when `steps` is None
+    batch_size: int | None = None   # rows per step, all processes together (None: default_batch_size)
     lr: float = 2e-3
     schedule_lr: float = 1e-2       # learning rate for log w (the schedule)
     order_lr: float = 1e-3          # learning rate for a contextual model's policy and posterior
@@ -44,7 +103,8 @@ class TrainConfig:
     num_samples: int = 2            # masks per row (K); RLOO needs >= 2
     ema_decay: float = 0.995
     grad_clip: float = 1.0
-    warmup_steps: int = 100
+    warmup_steps: int | None = None  # None: WARMUP_SHARE of the steps
+    patience: int | None = 5        # stop after this many validation checks without a new best (None: never)
     order_search_epochs: int | None = None  # a contextual model's first epochs train by objective.order_search_loss
     #                                 (None: ORDER_SEARCH_SHARE of the epochs)
     val_samples: int = 4            # masks per validation row for the validation NELBO
@@ -55,36 +115,59 @@ class TrainConfig:
     def __post_init__(self):
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
-        for name in ("epochs", "batch_size", "num_samples", "val_samples"):
-            if getattr(self, name) < 1:
+        for name in ("steps", "epochs", "batch_size", "patience", "num_samples", "val_samples"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if (self.order_search_epochs or 0) < 0:
-            raise ValueError(f"order_search_epochs must be >= 0, got {self.order_search_epochs}")
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError(f"give steps or epochs, not both (got steps={self.steps}, epochs={self.epochs})")
+        for name in ("warmup_steps", "order_search_epochs"):
+            if (getattr(self, name) or 0) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
         if self.lr <= 0 or self.schedule_lr < 0 or self.order_lr < 0:
             raise ValueError("learning rates must be positive")
 
-    @property
-    def order_search_epoch_count(self) -> int:
-        """`order_search_epochs`, or ORDER_SEARCH_SHARE of the epochs when it is None (only a
-        contextual model searches)."""
+    def budget(self, rows: int) -> Budget:
+        """The run's batch size, steps, warm-up and check interval for `rows` training rows."""
+        batch_size = self.batch_size or default_batch_size(rows)
+        steps_per_epoch = max(1, rows // batch_size)
+        if self.steps is not None:
+            steps = self.steps
+        elif self.epochs is not None:
+            steps = self.epochs * steps_per_epoch
+        else:
+            steps = default_steps(rows, batch_size)
+        warmup = self.warmup_steps if self.warmup_steps is not None else max(1, round(WARMUP_SHARE * steps))
+        epochs = math.ceil(steps / steps_per_epoch)
+        check_every = steps_per_epoch * max(1, round(epochs / CHECKS_PER_BUDGET))
+        return Budget(batch_size, steps, steps_per_epoch, warmup, check_every)
+
+    def order_search_epoch_count(self, epochs: int) -> int:
+        """`order_search_epochs`, or ORDER_SEARCH_SHARE of a run of `epochs` epochs when it is
+        None (only a contextual model searches)."""
         if self.order_search_epochs is None:
-            return round(ORDER_SEARCH_SHARE * self.epochs)
+            return round(ORDER_SEARCH_SHARE * epochs)
         return self.order_search_epochs
 
 
 @dataclass
 class EpochRecord:
+    """One validation check: the epochs and optimizer steps done, the mean training NELBO
+    since the previous check, the EMA model's validation NELBO, the seconds since the
+    previous check, and the schedule's w."""
     epoch: int
     train_nelbo: float
     val_nelbo: float | None
     seconds: float
     w: list[float] = field(default_factory=list)
+    step: int | None = None   # None in files written before steps were recorded
 
     def __str__(self) -> str:
         val = f"{self.val_nelbo:.4f}" if self.val_nelbo is not None else "-"
-        return f"epoch {self.epoch:3d}  train NELBO {self.train_nelbo:.4f}  validation NELBO {val}  ({self.seconds:.1f} s)"
+        step = f"  step {self.step:5d}" if self.step is not None else ""
+        return (f"epoch {self.epoch:3d}{step}  train NELBO {self.train_nelbo:.4f}  validation NELBO {val}"
+                f"  ({self.seconds:.1f} s)")
 
 
 def _distributed() -> tuple[int, int]:
@@ -142,6 +225,10 @@ class Trainer:
         self.epoch = 0
         self.step = 0
         self.history: list[EpochRecord] = []
+        self.budget: Budget | None = None    # set by fit from the number of training rows
+        # Early stopping: the best validation NELBO so far, its step, and the EMA weights then.
+        self.best: dict | None = None
+        self.stopped_early = False
 
     # ---- state -------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -152,6 +239,8 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
             "epoch": self.epoch, "step": self.step,
             "history": [dataclasses.asdict(r) for r in self.history],
+            "best": self.best, "stopped_early": self.stopped_early,
+            "budget": dataclasses.asdict(self.budget) if self.budget is not None else None,
             "train_config": dataclasses.asdict(self.config),
         }
 
@@ -164,15 +253,17 @@ class Trainer:
         self.generator.set_state(state["generator"])
         self.epoch, self.step = state["epoch"], state["step"]
         self.history = [EpochRecord(**r) for r in state["history"]]
+        self.best = state.get("best")
+        self.stopped_early = state.get("stopped_early", False)
 
     # ---- training ----------------------------------------------------------------------
     def _set_lr(self) -> None:
-        """Linear warmup, then cosine decay to 10% over the configured epochs."""
-        total = max(1, self.total_steps)
-        if self.step < self.config.warmup_steps:
-            factor = (self.step + 1) / self.config.warmup_steps
+        """Linear warmup, then cosine decay to 10% over the budget's steps."""
+        total, warmup = self.budget.steps, self.budget.warmup_steps
+        if self.step < warmup:
+            factor = (self.step + 1) / warmup
         else:
-            progress = min(1.0, (self.step - self.config.warmup_steps) / max(1, total - self.config.warmup_steps))
+            progress = min(1.0, (self.step - warmup) / max(1, total - warmup))
             factor = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base * factor
@@ -195,7 +286,7 @@ class Trainer:
             out = model_loss(self.model, batch, self.schedule, self.mask_id, self.offsets,
                                  estimator=self.config.estimator, num_samples=self.config.num_samples,
                                  generator=self.generator,
-                                 order_search=self.epoch < self.config.order_search_epoch_count)
+                                 order_search=self.epoch < self.config.order_search_epoch_count(self.budget.epochs))
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         if self.world > 1 and self.schedule.learnable:
@@ -210,44 +301,53 @@ class Trainer:
     def fit(self, train_tokens: Tensor, val_tokens: Tensor | None = None,
             checkpoint_path: str | os.PathLike | None = None,
             extra_state: Callable[[], dict] | None = None) -> list[EpochRecord]:
-        """Train until config.epochs, starting from self.epoch (so a loaded state resumes).
+        """Train until the budget's steps are done or early stopping ends the run, starting
+        from self.step (so a loaded state resumes); the EMA model then holds the weights of
+        the best validation check.
 
-        After every epoch rank 0 writes `checkpoint_path` atomically; `extra_state()` adds
-        caller data (the codec, the model config) to it.
+        At every check rank 0 writes `checkpoint_path` atomically; `extra_state()` adds
+        caller data (the codec, the model config) to it. Warns (see `_warn_if_unconverged`)
+        when the validation NELBO says the budget was too short.
         """
         config = self.config
         rows = train_tokens.shape[0]
         if rows == 0:
             raise ValueError("no training rows")
-        per_rank = max(1, config.batch_size // self.world)
-        steps_per_epoch = max(1, rows // config.batch_size)
-        self.total_steps = steps_per_epoch * config.epochs
+        budget = self.budget = config.budget(rows)
+        per_rank = max(1, budget.batch_size // self.world)
+        order_epoch = order = None
         bar = None
         if config.progress and self.rank == 0:
             from tqdm.auto import tqdm
-            bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step", disable=None)
+            bar = tqdm(total=budget.steps, initial=self.step, desc="training", unit="step", disable=None)
         try:
-            while self.epoch < config.epochs:
+            while self.step < budget.steps and not self.stopped_early:
                 start = time.perf_counter()
-                # The permutation depends on (seed, epoch) only: identical on every rank and on resume.
-                order = torch.randperm(rows, generator=torch.Generator().manual_seed(config.seed + 7919 * self.epoch))
                 total, count = 0.0, 0
                 self.denoiser.train()
-                for step in range(steps_per_epoch):
-                    index = order[step * config.batch_size:(step + 1) * config.batch_size]
+                while True:
+                    self.epoch, position = divmod(self.step, budget.steps_per_epoch)
+                    if order_epoch != self.epoch:
+                        # The permutation depends on (seed, epoch) only: identical on every rank and on resume.
+                        order_epoch, order = self.epoch, torch.randperm(
+                            rows, generator=torch.Generator().manual_seed(config.seed + 7919 * self.epoch))
+                    index = order[position * budget.batch_size:(position + 1) * budget.batch_size]
                     shard = index[self.rank * per_rank:(self.rank + 1) * per_rank]
                     total += self._train_step(train_tokens[shard].to(self.device))
                     count += 1
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(epoch=self.epoch + 1, nelbo=f"{total / count:.3f}")
-                self.epoch += 1
+                    if self.step % budget.check_every == 0 or self.step >= budget.steps:
+                        break
+                self.epoch = math.ceil(self.step / budget.steps_per_epoch)
                 val = self.validation_nelbo(val_tokens) if val_tokens is not None else None
                 record = EpochRecord(self.epoch, total / count, val, time.perf_counter() - start,
-                                     self.ema_schedule.w.tolist())
+                                     self.ema_schedule.w.tolist(), self.step)
                 self.history.append(record)
-                if bar is not None and bar.disable:  # no live bar (a log, nohup, CI): one line per epoch
-                    print(f"{record}  [{self.epoch}/{config.epochs}]", flush=True)
+                self._track_best(record)
+                if bar is not None and bar.disable:  # no live bar (a log, nohup, CI): one line per check
+                    print(f"{record}  [{self.step}/{budget.steps} steps]", flush=True)
                 if checkpoint_path is not None and self.rank == 0:
                     state = self.state_dict()
                     if extra_state is not None:
@@ -256,12 +356,70 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
+        if self.best is not None:
+            self.ema.load_state_dict(self.best["ema"])
+            self.ema_schedule.load_state_dict(self.best["ema_schedule"])
+        if val_tokens is not None and self.rank == 0:
+            self._warn_if_unconverged(marginal_nelbo(train_tokens, self.mask_id))
         return self.history
+
+    def _track_best(self, record: EpochRecord) -> None:
+        """Keep the EMA weights of the best validation check; stop after `patience` checks
+        without a new best."""
+        if record.val_nelbo is None:
+            return
+        if self.best is None or record.val_nelbo < self.best["val_nelbo"]:
+            self.best = {"val_nelbo": record.val_nelbo, "step": record.step, "checks": len(self.history),
+                         "ema": copy.deepcopy(self.ema.state_dict()),
+                         "ema_schedule": copy.deepcopy(self.ema_schedule.state_dict())}
+        elif self.config.patience is not None:
+            self.stopped_early = len(self.history) - self.best["checks"] >= self.config.patience
+
+    def _warn_if_unconverged(self, marginal: float) -> None:
+        """Warn when the validation NELBO was still falling fast at the end of the budget, or
+        never went clearly below `marginal`, the NELBO of independent columns."""
+        vals = [(r.step, r.val_nelbo) for r in self.history if r.step is not None and r.val_nelbo is not None]
+        if not vals:
+            return
+        best = min(v for _, v in vals)
+        if best >= marginal * (1 - MARGINAL_SHARE):
+            warnings.warn(
+                f"training did not converge: the best validation NELBO ({best:.3f} nats/row) never went "
+                f"below {marginal:.3f}, the NELBO of a model that draws each column from its marginal; the "
+                f"model learned no dependence between columns. If the columns are related, train longer "
+                f"(steps={2 * self.step}) or with a larger learning rate (lr).", stacklevel=3)
+            return
+        if self.stopped_early or len(vals) < 3:
+            return
+        last_step, last = vals[-1]
+        earlier = [v for s, v in vals if s <= last_step - FALLING_WINDOW * last_step]
+        if earlier and earlier[-1] - last > FALLING_SHARE * (vals[0][1] - last):
+            warnings.warn(
+                f"training may not have converged: the validation NELBO was still falling at the end of "
+                f"the {last_step} steps ({earlier[-1]:.3f} -> {last:.3f} nats/row over the last "
+                f"{FALLING_WINDOW:.0%}); train longer (steps={2 * last_step}).", stacklevel=3)
 
     def validation_nelbo(self, tokens: Tensor) -> float:
         """Mean per-row NELBO (nats) of the EMA model on `tokens` (see `estimate_nelbo`)."""
         return estimate_nelbo(self.ema, self.ema_schedule, tokens, self.mask_id, self.offsets,
                               num_samples=self.config.val_samples, device=self.device)
+
+
+def marginal_nelbo(tokens: Tensor, cardinalities: Tensor, chunk_rows: int = 65536) -> float:
+    """NELBO (nats/row) of a model that draws each column independently from its marginal in
+    `tokens`: the sum of the columns' entropies. A model whose NELBO stays at this level has
+    learned no dependence between columns."""
+    cardinalities = cardinalities.cpu()
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(cardinalities, 0)[:-1]])
+    counts = torch.zeros(int(cardinalities.sum()), dtype=torch.float64)
+    for start in range(0, tokens.shape[0], chunk_rows):
+        chunk = torch.as_tensor(tokens[start:start + chunk_rows]).long()
+        counts += torch.bincount((chunk + offsets).flatten(), minlength=counts.numel()).double()
+    entropy = 0.0
+    for column in torch.split(counts, cardinalities.tolist()):
+        p = column[column > 0] / column.sum()
+        entropy -= float((p * p.log()).sum())
+    return entropy
 
 
 @torch.no_grad()

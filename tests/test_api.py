@@ -219,7 +219,7 @@ def test_fit_logs_one_line_per_epoch_without_a_terminal(capsys, monkeypatch, ter
     if terminal:
         assert lines == [] and "training" in stderr.getvalue()
     else:
-        assert len(lines) == 2 and lines[1].endswith("[2/2]") and "validation NELBO" in lines[0]
+        assert len(lines) == 2 and lines[1].endswith("[2/2 steps]") and "validation NELBO" in lines[0]
         assert stderr.getvalue() == ""
 
 

@@ -1,0 +1,139 @@
+"""Training budgets that follow the table, early stopping on the validation NELBO, the
+convergence warnings, and the steps a model records."""
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import fastmdm.train
+from fastmdm import TabularMDM
+from fastmdm.data import TableCodec
+from fastmdm.train import (LARGE_TABLE_EPOCHS, MAX_FLOOR_STEPS, MIN_ROWS_SEEN, TrainConfig,
+                           marginal_nelbo)
+
+TINY_MODEL = dict(d_model=16, num_layers=1, num_heads=2, dim_feedforward=32)
+
+
+def pairs(rows: int, shift: int, seed: int) -> pd.DataFrame:
+    """b = a + shift (mod 5): shift 0 in training and 1 in validation makes the validation
+    NELBO rise once the model learns the training rows' dependence."""
+    a = np.random.default_rng(seed).integers(0, 5, rows)
+    return pd.DataFrame({"a": a.astype(str), "b": ((a + shift) % 5).astype(str)})
+
+
+def small(**options) -> TabularMDM:
+    return TabularMDM(**{"model": TINY_MODEL, "progress": False, "lr": 5e-3, **options})
+
+
+def convergence_warnings(fit) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit()
+    return [str(w.message) for w in caught if "converge" in str(w.message)]
+
+
+@pytest.mark.parametrize("rows, batch_size, steps", [
+    (40, 32, 2000), (270, 32, 2000), (1_350, 64, 2000), (4_500, 256, 1000), (9_000, 512, 510),
+    (15_400, 1024, 450), (29_300, 1024, 840), (300_000, 1024, 8760)])
+def test_default_budget_follows_the_table(rows, batch_size, steps):
+    """Small tables get small batches and at least the floor of rows seen (capped in steps);
+    from ~15,000 rows, 30 epochs of 1,024-row batches as before; warm-up and checks scale
+    with the steps."""
+    budget = TrainConfig().budget(rows)
+    assert (budget.batch_size, budget.steps) == (batch_size, steps)
+    assert budget.steps_per_epoch == max(1, rows // budget.batch_size)
+    assert budget.steps >= min(MAX_FLOOR_STEPS, MIN_ROWS_SEEN / budget.batch_size)
+    assert budget.steps >= LARGE_TABLE_EPOCHS * budget.steps_per_epoch
+    assert budget.warmup_steps == round(0.1 * budget.steps)
+    assert budget.check_every % budget.steps_per_epoch == 0 and 20 <= budget.steps / budget.check_every <= 45
+
+
+def test_explicit_budgets_and_errors():
+    assert TrainConfig(epochs=3, batch_size=100).budget(1000).steps == 30
+    assert TrainConfig(steps=7).budget(1000).steps == 7
+    assert TrainConfig(steps=7, warmup_steps=2).budget(1000).warmup_steps == 2
+    with pytest.raises(ValueError, match="steps or epochs"):
+        TrainConfig(steps=10, epochs=2)
+    for name in ("steps", "epochs", "batch_size", "patience"):
+        with pytest.raises(ValueError, match=name):
+            TrainConfig(**{name: 0})
+
+
+def test_marginal_nelbo_is_the_sum_of_column_entropies():
+    """Against pandas' value counts on a table with a missing value and a rare category."""
+    df = pd.DataFrame({"a": ["x", "y", "y", "z", "y", "x", None, "y"], "b": [1, 1, 2, 2, 2, 2, 2, 2]})
+    codec = TableCodec.fit(df, categorical=["a", "b"])
+    expected = sum(-(p * np.log(p)).sum() for p in (df[c].value_counts(normalize=True, dropna=False)
+                                                    for c in df.columns))
+    assert marginal_nelbo(codec.encode(df), codec.mask_ids, chunk_rows=3) == pytest.approx(expected, rel=1e-12)
+
+
+def test_early_stopping_keeps_the_best_weights():
+    """The validation NELBO rises after the first check: training stops `patience` checks
+    after the best one, and the model holds the EMA weights of that check (its NELBO on the
+    validation rows is the best one recorded, to the bit: same estimator, same seed)."""
+    val = pairs(100, 1, 1)
+    model = small(steps=300).fit(pairs(300, 0, 0), validation=val)
+    vals = [r.val_nelbo for r in model.history]
+    best = int(np.argmin(vals))
+    assert vals[-1] > vals[best] + 0.5
+    assert len(vals) == best + 1 + model.config.patience and model.training_steps < 300
+    assert model.nelbo(val) == vals[best]
+
+
+def test_warnings_fire_on_undertrained_runs_only():
+    train, val = pairs(300, 0, 0), pairs(100, 0, 1)
+    # (lr so small the model stays near its start, the uniform NELBO: 2 log 5 nats, the marginal level)
+    marginal = convergence_warnings(lambda: small(steps=5, lr=1e-6).fit(train, validation=val))
+    assert len(marginal) == 1 and "marginal" in marginal[0] and "steps=10" in marginal[0]
+    falling = convergence_warnings(lambda: small(steps=40).fit(train, validation=val))
+    assert len(falling) == 1 and "still falling" in falling[0] and "steps=80" in falling[0]
+    converged = small(steps=300)
+    assert convergence_warnings(lambda: converged.fit(train, validation=val)) == []
+    assert converged.training_steps < 300          # early stopping ended it
+    assert convergence_warnings(lambda: small(steps=2).fit(train, validation=None)) == []   # nothing to judge by
+
+
+def test_steps_are_logged_saved_and_reloaded(tmp_path, capsys):
+    model = small(steps=20, progress=True).fit(pairs(300, 0, 0), validation=0.2)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch")]
+    assert model.training_steps == 20 and lines[-1].endswith("[20/20 steps]") and "step    20" in lines[-1]
+    assert [r.step for r in model.history] == sorted({r.step for r in model.history})
+    model.save(tmp_path / "m.pt")
+    loaded = TabularMDM.load(tmp_path / "m.pt")
+    assert loaded.training_steps == 20 and loaded.history == model.history
+
+
+def test_cli_train_prints_the_steps(tmp_path, capsys):
+    from fastmdm.cli import main as cli_main
+    pairs(300, 0, 0).to_csv(tmp_path / "t.csv", index=False)
+    assert cli_main(["train", str(tmp_path / "t.csv"), "-o", str(tmp_path / "m.pt"), "--steps", "9"]) == 0
+    assert "trained 9 steps" in capsys.readouterr().out
+
+
+def test_resume_with_early_stopping_is_exact(tmp_path, monkeypatch):
+    """A run that stops early, killed at its third check (after its best one) and resumed,
+    ends bit for bit where an uninterrupted run does, stopping at the same step."""
+    train, val = pairs(300, 0, 0), pairs(100, 1, 1)
+    straight = small(steps=300).fit(train, validation=val)
+    save, saves = fastmdm.train.atomic_save, []
+
+    def save_then_crash_at_third(*args):
+        save(*args)
+        saves.append(1)
+        if len(saves) == 3:
+            raise KeyboardInterrupt
+
+    path = tmp_path / "run.ckpt"
+    monkeypatch.setattr(fastmdm.train, "atomic_save", save_then_crash_at_third)
+    with pytest.raises(KeyboardInterrupt):
+        small(steps=300).fit(train, validation=val, checkpoint=path)
+    monkeypatch.setattr(fastmdm.train, "atomic_save", save)
+    resumed = small(steps=300).fit(train, validation=val, checkpoint=path, resume=True)
+    for (name, a), b in zip(straight.denoiser.state_dict().items(), resumed.denoiser.state_dict().values()):
+        assert torch.equal(a, b), name
+    def curve(model):
+        return [(r.step, r.train_nelbo, r.val_nelbo, r.w) for r in model.history]
+    assert curve(resumed) == curve(straight) and resumed.training_steps == straight.training_steps < 300
