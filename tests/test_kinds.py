@@ -78,3 +78,12 @@ def test_fit_and_sample_use_the_kinds_loss_and_decoder(kind, monkeypatch):
         calls.clear()
         model.sample(5, seed=0, speculative=2)
         assert calls == [(kind.name, "speculative")]
+
+
+def test_sample_tokens_refuses_a_causal_model_without_its_decoder():
+    from fastmdm.decoding import sample_tokens
+    model = model_kind("causal", "static").denoiser([3, 2, 4], **TINY)
+    with pytest.raises(ValueError, match="kind_of"):
+        sample_tokens(model, torch.ones(3), model.mask_ids, model.offsets, 4)
+    tokens = sample_tokens(model, torch.ones(3), model.mask_ids, model.offsets, 4, decode=kind_of(model).decoder())
+    assert tokens.shape == (4, 3)
