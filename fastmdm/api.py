@@ -74,10 +74,12 @@ class TabularMDM:
 
     @property
     def architecture(self) -> str:
+        """The denoiser's architecture, "bidirectional" or "causal" (from the model's kind)."""
         return self.kind.architecture
 
     @property
     def order(self) -> str:
+        """The generation orders, "static" or "contextual" (from the model's kind)."""
         return self.kind.order
 
     # ------------------------------------------------------------------------- training

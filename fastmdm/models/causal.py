@@ -75,7 +75,7 @@ class CausalTransformer(TableDenoiser):
 
     @property
     def order(self) -> str:
-        """"static" (orders from PL(w)) or "contextual" (they depend on the values)."""
+        """How orders arise: "static" (drawn from PL(w)) or "contextual" (they depend on the values)."""
         return self._config["order"]
 
     @property
