@@ -35,7 +35,7 @@ import torch
 
 from fastmdm import TabularMDM, datasets
 from fastmdm.metrics import score
-from fastmdm.objective import model_loss
+from fastmdm.kinds import model_loss
 from fastmdm.decoding import DecodeStats
 
 HERE = os.path.dirname(os.path.abspath(__file__))

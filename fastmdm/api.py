@@ -11,8 +11,9 @@ import pandas as pd
 import torch
 
 from .data import DEFAULT_CATEGORY_CAP, DEFAULT_NUM_BINS, TableCodec
-from .models import ARCHITECTURES, ORDERS, TableDenoiser, build_denoiser
 from .decoding import DecodeStats, known_first_order, sample_tokens
+from .kinds import ModelKind, model_kind
+from .models import TableDenoiser
 from .schedules import PowerSchedule
 from .sample_blocks import BlockPlan, fresh_seed, shard_path
 from .table_files import TableWriter
@@ -21,7 +22,8 @@ from .train import Budget, EpochRecord, TrainConfig, Trainer, atomic_save, estim
 
 #: The version of the files save() and checkpoints write; load() and resume read this one only.
 _FORMAT = "fastmdm-tabular-3"
-DEFAULT_ARCHITECTURE = "bidirectional"
+#: The architecture of a static-order model when none is named.
+DEFAULT_ARCHITECTURE = model_kind(None, "static").architecture
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:
@@ -57,30 +59,31 @@ class TabularMDM:
                  num_bins: int = DEFAULT_NUM_BINS,
                  category_cap: int | None = DEFAULT_CATEGORY_CAP, learn_schedule: bool = True,
                  device: str | torch.device = "auto", model: Mapping | None = None, **train_options):
-        if order not in ORDERS:
-            raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
-        if architecture is None:
-            architecture = "causal" if order == "contextual" else DEFAULT_ARCHITECTURE
-        if architecture not in ARCHITECTURES:
-            raise ValueError(f"architecture must be one of {sorted(ARCHITECTURES)}, got {architecture!r}")
-        if order == "contextual" and architecture != "causal":
-            raise ValueError("contextual orders need the causal architecture (its content stream feeds "
-                             f"the order policy), not {architecture!r}")
-        self.architecture = architecture
-        self.order = order
+        self.kind: ModelKind = model_kind(architecture, order)
         self.num_bins = num_bins
         self.category_cap = category_cap
         self.learn_schedule = learn_schedule
         self.device = _resolve_device(device)
         self.model_options = dict(model or {})
         self.config = TrainConfig(**train_options)
-        if self.config.order_search_epochs and order != "contextual":
+        self.kind.check_estimator(self.config.estimator)
+        if self.config.order_search_epochs and self.kind.order_search is None:
             raise ValueError("order_search_epochs searches a contextual model's orders; this model's order is "
                              f"{order!r}")
         self.codec: TableCodec | None = None
         self.denoiser: TableDenoiser | None = None
         self.schedule: PowerSchedule | None = None
         self.history: list[EpochRecord] = []
+
+    @property
+    def architecture(self) -> str:
+        """The denoiser's architecture, "bidirectional" or "causal" (from the model's kind)."""
+        return self.kind.architecture
+
+    @property
+    def order(self) -> str:
+        """The generation orders, "static" or "contextual" (from the model's kind)."""
+        return self.kind.order
 
     # ------------------------------------------------------------------------- training
     def fit(self, data: pd.DataFrame | str | os.PathLike, *, validation=0.1,
@@ -112,7 +115,7 @@ class TabularMDM:
             # of its epochs: a run resumed with more keeps them, and does not go back into
             # the search after the bound.
             search = None
-            if self.order == "contextual":
+            if self.kind.order_search is not None:
                 run_epochs = Budget(**state["budget"]).epochs if state.get("budget") else self.config.epochs
                 search = self.config.order_search_epoch_count(run_epochs)
             self.config = dataclasses.replace(self.config, order_search_epochs=search, **budget)
@@ -139,10 +142,7 @@ class TabularMDM:
 
     def _build_model(self) -> None:
         """A fresh denoiser and schedule for the codec's columns, from this model's settings."""
-        options = dict(self.model_options)
-        if self.architecture == "causal":
-            options["order"] = self.order
-        self.denoiser = build_denoiser(self.architecture, self.codec.cardinalities, **options)
+        self.denoiser = self.kind.denoiser(self.codec.cardinalities, **self.model_options)
         self.schedule = PowerSchedule(self.codec.num_columns, learnable=self.learn_schedule)
 
     def _encode_frame(self, df: pd.DataFrame, validation, categorical, fit_codec: bool):
@@ -206,7 +206,7 @@ class TabularMDM:
         come from sampling rows."""
         self._require_fitted()
         generator = torch.Generator().manual_seed(seed)
-        if self.order == "contextual":
+        if self.kind.contextual:
             stats = DecodeStats(orders=[])
             self._sample_tokens(num_rows, None, None, generator=generator, stats=stats)
             orders = torch.cat(stats.orders)
@@ -301,8 +301,8 @@ class TabularMDM:
     def _sample_tokens(self, num_rows: int, known, known_mask, **options) -> torch.Tensor:
         """Token rows from the fitted denoiser and schedule, returned on the CPU."""
         return sample_tokens(self.denoiser, self.schedule.w.detach(), self.codec.mask_ids.to(self.device),
-                             self.codec.offsets.to(self.device), num_rows, known=known,
-                             known_mask=known_mask, **options).cpu()
+                             self.codec.offsets.to(self.device), num_rows, known=known, known_mask=known_mask,
+                             decode=self.kind.decoder(options.get("speculative")), **options).cpu()
 
     def _condition_frame(self, conditions, num_rows: int) -> pd.DataFrame:
         """The conditions as num_rows rows of the model's columns; NaN marks a free cell."""
@@ -354,7 +354,7 @@ class TabularMDM:
         if found != _FORMAT:
             raise ValueError(f"{os.fspath(path)!r} is a fastmdm file of format {found!r}; this version of "
                              f"fastmdm reads {_FORMAT!r} only: train the model again")
-        self.architecture, self.order = state["architecture"], state["order"]
+        self.kind = model_kind(state["architecture"], state["order"])
         self.learn_schedule = state["learn_schedule"]
         self.model_options = dict(state["model_options"])
         self.config = TrainConfig(**state["train_config"])

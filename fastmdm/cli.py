@@ -169,7 +169,7 @@ def cmd_plot(args) -> None:
     from .plots import plot_schedule
     model = TabularMDM.load(args.model, device="cpu")
     # A contextual model's orders depend on the values: show those of sampled rows.
-    orders = model.generation_orders() if model.order == "contextual" else None
+    orders = model.generation_orders() if model.kind.contextual else None
     plot_schedule(model.weights, args.output, orders=orders)
     print(f"wrote {args.output}")
 

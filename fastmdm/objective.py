@@ -8,7 +8,8 @@ scores every hidden column with bounded weights L w_l / sum_{hidden} w.
 
 A causal denoiser (fastmdm.models.causal) scores every prefix of an order in one pass, so
 for it the order-space estimator takes all L prefixes at once: -log p(x | pi) with
-pi ~ PL(w), no prefix noise (`causal_loss`). `model_loss` picks the right one.
+pi ~ PL(w), no prefix noise (`causal_loss`). Which loss a model trains on is its kind's
+choice (fastmdm.kinds).
 """
 from __future__ import annotations
 
@@ -161,25 +162,6 @@ def order_search_loss(denoiser: Callable[..., Tensor], x: Tensor, schedule: Powe
     loss = (weights * joint).sum(1).mean() - (weights.to(log_q.dtype) * log_q).sum(1).mean()
     samples = (joint[:, :from_posterior] + log_q[:, :from_posterior].to(joint.dtype)).detach()
     return LossOutput(loss, samples.mean(1), samples)
-
-
-def model_loss(denoiser: Callable[..., Tensor], x: Tensor, schedule: PowerSchedule, mask_id: Tensor,
-               offsets: Tensor, *, estimator: str = "order", num_samples: int = 2,
-               generator: torch.Generator | None = None, order_search: bool = False) -> LossOutput:
-    """The NELBO estimate for this kind of denoiser: `causal_loss` for causal models (which
-    accept only the order-space estimator), `diffusion_loss` otherwise. `order_search`: a
-    contextual model's loss is `order_search_loss` instead of its bound."""
-    if getattr(getattr(denoiser, "module", denoiser), "causal", False):  # seen through DDP
-        if estimator != "order":
-            raise ValueError("the causal denoiser is trained with the order-space estimator "
-                             f"(whole orders), not {estimator!r}")
-        if getattr(denoiser, "module", denoiser).contextual:
-            if order_search:
-                return order_search_loss(denoiser, x, schedule, num_samples=num_samples, generator=generator)
-            return contextual_loss(denoiser, x, schedule, num_samples=num_samples, generator=generator)
-        return causal_loss(denoiser, x, schedule, num_samples=num_samples, generator=generator)
-    return diffusion_loss(denoiser, x, schedule, mask_id, offsets, estimator=estimator,
-                          num_samples=num_samples, generator=generator)
 
 
 def _with_rloo(per_sample: Tensor, score: Tensor, schedule: PowerSchedule, rows: int,

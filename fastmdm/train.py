@@ -27,7 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .objective import ESTIMATORS, model_loss
+from .kinds import model_loss
+from .objective import ESTIMATORS
 from .schedules import PowerSchedule
 
 
@@ -207,9 +208,9 @@ class Trainer:
         # values (docs/findings.md). The order's parameters are not clipped: their
         # RLOO gradients are noisy and, clipped together with the denoiser's, would shrink
         # the denoiser's steps.
-        named = list(self.denoiser.named_parameters())
-        order_params = [p for name, p in named if name.startswith("order_")]
-        self.clipped_params = [p for name, p in named if not name.startswith("order_")]
+        order_params = self.denoiser.order_parameters()
+        order_ids = {id(p) for p in order_params}
+        self.clipped_params = [p for p in self.denoiser.parameters() if id(p) not in order_ids]
         groups = [{"params": self.clipped_params, "lr": config.lr}]
         if order_params:
             groups.append({"params": order_params, "lr": config.order_lr})

@@ -16,7 +16,8 @@ from scipy.stats import chisquare
 from fastmdm import ops
 from fastmdm.decoding.speculative import cell_logits
 from fastmdm.models import CausalTransformer
-from fastmdm.objective import causal_loss, model_loss
+from fastmdm.kinds import kind_of, model_loss
+from fastmdm.objective import causal_loss
 from fastmdm.decoding import ColumnLayout, DecodeStats, known_first_order, sample_tokens
 from fastmdm.schedules import PowerSchedule, plackett_luce_log_prob
 
@@ -255,7 +256,7 @@ NUM_SAMPLES = 40_000
 
 def draw(model, w, **options):
     return sample_tokens(model, w, model.mask_ids, model.offsets, NUM_SAMPLES, batch_size=NUM_SAMPLES,
-                         generator=torch.Generator().manual_seed(options.pop("seed", 0)), **options)
+                         decode=kind_of(model).decoder(options.get("speculative")), generator=torch.Generator().manual_seed(options.pop("seed", 0)), **options)
 
 
 @pytest.mark.parametrize("options", [dict(), dict(speculative=1), dict(speculative=2), dict(speculative=5)],
@@ -284,7 +285,7 @@ def test_static_samplers_record_the_orders_they_use(options):
     def recorded(batch_size):
         stats = DecodeStats(orders=[])
         sample_tokens(model, w, model.mask_ids, model.offsets, 10, batch_size=batch_size, known=known,
-                      known_mask=known_mask, generator=torch.Generator().manual_seed(3), stats=stats, **options)
+                      known_mask=known_mask, decode=kind_of(model).decoder(options.get("speculative")), generator=torch.Generator().manual_seed(3), stats=stats, **options)
         return stats.orders
 
     batches = recorded(4)
@@ -302,7 +303,7 @@ def test_speculative_decoding_reveals_several_columns_per_round():
         model.heads.weight.mul_(0.05)
     stats = DecodeStats()
     sample_tokens(model, torch.ones(6, dtype=torch.float64), model.mask_ids, model.offsets, 2000,
-                  speculative=4, stats=stats, generator=torch.Generator().manual_seed(0))
+                  speculative=4, decode=kind_of(model).decoder(4), stats=stats, generator=torch.Generator().manual_seed(0))
     assert stats.columns_per_round > 2.5 and stats.rows == 2000
 
 
@@ -342,9 +343,11 @@ def test_speculative_needs_the_causal_model_and_excludes_steps():
     bidirectional = ColumnTransformer(SIZES, d_model=8, num_layers=1, num_heads=2, dim_feedforward=8)
     w = torch.ones(3)
     with pytest.raises(ValueError, match="causal"):
-        sample_tokens(bidirectional, w, bidirectional.mask_ids, bidirectional.offsets, 4, speculative=2)
+        kind_of(bidirectional).decoder(speculative=2)
     model = peaky_model(SIZES)
     with pytest.raises(ValueError, match="not both"):
-        sample_tokens(model, w.double(), model.mask_ids, model.offsets, 4, steps=2, speculative=2)
+        sample_tokens(model, w.double(), model.mask_ids, model.offsets, 4, steps=2, speculative=2,
+                      decode=kind_of(model).decoder(2))
     with pytest.raises(ValueError, match="speculative"):
-        sample_tokens(model, w.double(), model.mask_ids, model.offsets, 4, speculative=0)
+        sample_tokens(model, w.double(), model.mask_ids, model.offsets, 4, speculative=0,
+                      decode=kind_of(model).decoder(0))

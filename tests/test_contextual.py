@@ -17,7 +17,8 @@ import torch
 import fastmdm.train
 from fastmdm import TabularMDM
 from fastmdm.models import CausalTransformer
-from fastmdm.objective import causal_loss, contextual_loss, model_loss, order_search_loss
+from fastmdm.kinds import kind_of, model_loss
+from fastmdm.objective import causal_loss, contextual_loss, order_search_loss
 from fastmdm.decoding import DecodeStats, sample_tokens
 from fastmdm.schedules import plackett_luce_log_prob
 from test_causal import (SIZES, all_orders, all_rows, chi_square_p, order_nll, peaky_model, repeated_gradients,
@@ -241,6 +242,7 @@ NUM_SAMPLES = 40_000
 def draw_with_orders(model, w, **options):
     stats = DecodeStats(orders=[])
     tokens = sample_tokens(model, w, model.mask_ids, model.offsets, NUM_SAMPLES, batch_size=NUM_SAMPLES // 2,
+                           decode=kind_of(model).decoder(options.get("speculative")),
                            generator=torch.Generator().manual_seed(0), stats=stats, **options)
     return tokens, torch.cat(stats.orders)
 
@@ -320,7 +322,7 @@ def test_errors():
     model = contextual_model()
     x = ROWS
     with pytest.raises(ValueError, match="contextual"):
-        sample_tokens(model, torch.ones(3).double(), model.mask_ids, model.offsets, 4, speculative=2)
+        kind_of(model).decoder(speculative=2)
     with pytest.raises(ValueError, match="num_samples"):
         contextual_loss(model, x, schedule_with([1.0, 1.0, 1.0]).double(), num_samples=1)
     with pytest.raises(ValueError, match="order_search_epochs"):

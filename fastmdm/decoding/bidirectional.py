@@ -10,6 +10,9 @@ from .common import ColumnLayout, gumbel_max, reveal_steps
 
 def sample_bidirectional(denoiser, w, layout: ColumnLayout, steps, temperature, num_rows, known,
                           known_mask, generator, stats):
+    if isinstance(denoiser, TableDenoiser) and denoiser.architecture != "bidirectional":
+        raise ValueError(f"the bidirectional decoder cannot run a {denoiser.architecture} denoiser: pass its "
+                         "kind's decoder, decode=fastmdm.kinds.kind_of(model).decoder()")
     step = reveal_steps(w, num_rows, steps, known_mask, generator)
     x = layout.mask_id.expand(num_rows, w.numel()).clone()
     if known is not None:

@@ -1,5 +1,5 @@
 """Sampling and imputation of token rows: checks the arguments, batches the rows, and runs
-the decoder that fits the denoiser (bidirectional, causal chunks, contextual, speculative)."""
+the decoder it is given (the denoiser's kind chooses it: fastmdm.kinds.ModelKind.decoder)."""
 from __future__ import annotations
 
 import contextlib
@@ -13,9 +13,11 @@ from .._checks import (INT_DTYPES, check_offsets, check_positive_weights, check_
                        check_tokens)
 from ..schedules import PowerSchedule
 from .bidirectional import sample_bidirectional
-from .causal import sample_chunks, sample_contextual
 from .common import ColumnLayout, DecodeStats
-from .speculative import sample_speculative
+
+#: A decoder: (denoiser, w, layout, steps or columns drafted per round, temperature, num_rows,
+#: known, known_mask, generator, stats) -> token rows [num_rows, L].
+Decoder = Callable[..., Tensor]
 
 
 def _validate(w, mask_id, offsets, num_rows, steps, temperature, batch_size):
@@ -79,7 +81,8 @@ def _eval_mode(denoiser):
 
 
 def sample_tokens(denoiser: Callable[[Tensor], Tensor], w: Tensor | PowerSchedule, mask_id: Tensor,
-                  offsets: Tensor, num_rows: int, *, steps: int | None = None,
+                  offsets: Tensor, num_rows: int, *, decode: Decoder = sample_bidirectional,
+                  steps: int | None = None,
                   speculative: int | None = None, temperature: float = 1.0,
                   known: Tensor | None = None, known_mask: Tensor | None = None,
                   batch_size: int = 4096, generator: torch.Generator | None = None,
@@ -88,12 +91,15 @@ def sample_tokens(denoiser: Callable[[Tensor], Tensor], w: Tensor | PowerSchedul
 
     denoiser: a callable x_t [n, L] -> ragged logits [n, V], or a causal denoiser
     (fastmdm.models.CausalTransformer); a module is run in eval mode without autograd.
+    decode: the decoder of the denoiser's kind (`fastmdm.kinds.kind_of(model).decoder()`);
+    the default re-encodes the row every step, as a callable x_t -> logits needs.
     w: Plackett-Luce scores [L] (or the PowerSchedule holding them). mask_id [L] and
     offsets [L+1] describe the columns, as in `diffusion_loss`.
     steps: decoding steps per row, 1..L (default L, exact learned-order AR); fewer reveal
     chunks of the order in parallel (approximate).
-    speculative: causal denoisers only; draft this many columns per round and verify them
-    (exact: the rows follow the same joint as steps=L). Excludes `steps`.
+    speculative: draft this many columns per round and verify them (exact: the rows follow
+    the same joint as steps=L), with a speculative `decode`
+    (`kind.decoder(speculative)`, causal static-order models). Excludes `steps`.
     temperature: logits are divided by it before sampling; 0 takes the argmax.
     known [num_rows, L] with known_mask ([num_rows, L] or [L], default known != mask_id):
     columns to condition on; they come first in the order and are returned unchanged.
@@ -101,13 +107,7 @@ def sample_tokens(denoiser: Callable[[Tensor], Tensor], w: Tensor | PowerSchedul
     generation orders of a causal model when stats.orders is a list).
     """
     w, steps = _validate(w, mask_id, offsets, num_rows, steps, temperature, batch_size)
-    causal = getattr(denoiser, "causal", False)
-    contextual = getattr(denoiser, "contextual", False)
     if speculative is not None:
-        if not causal:
-            raise ValueError("speculative decoding needs the causal denoiser (architecture='causal')")
-        if contextual:
-            raise ValueError("speculative decoding needs a static order; this model's order is contextual")
         if not (isinstance(speculative, int) and speculative >= 1):
             raise ValueError(f"speculative must be an int >= 1 (columns drafted per round), got {speculative!r}")
         if steps != w.numel():
@@ -130,15 +130,8 @@ def sample_tokens(denoiser: Callable[[Tensor], Tensor], w: Tensor | PowerSchedul
                 stop = min(start + batch_size, num_rows)
                 batch_known = None if known is None else known[start:stop]
                 batch_mask = None if known is None else known_mask[start:stop]
-                if speculative is not None:
-                    out.append(sample_speculative(
-                        denoiser, w, layout, speculative, temperature, stop - start, batch_known,
-                        batch_mask, generator, stats))
-                else:
-                    decode = (sample_contextual if contextual
-                              else sample_chunks if causal else sample_bidirectional)
-                    out.append(decode(denoiser, w, layout, steps, temperature, stop - start, batch_known,
-                                      batch_mask, generator, stats))
+                out.append(decode(denoiser, w, layout, steps if speculative is None else speculative, temperature,
+                                  stop - start, batch_known, batch_mask, generator, stats))
                 stats.rows += stop - start
                 if bar is not None:
                     bar.update(stop - start)

@@ -73,6 +73,10 @@ class TableDenoiser(nn.Module):
 
     #: True for models whose forward takes a generation order (see models.causal).
     causal = False
+    #: The architecture's name and the kind of order it generates in; with them
+    #: fastmdm.kinds finds the model's loss and decoder.
+    architecture: str
+    order = "static"
 
     def __init__(self, cardinalities: list[int], d_model: int = 48, num_layers: int = 3,
                  num_heads: int = 4, dim_feedforward: int = 96, dropout: float = 0.0):
@@ -103,6 +107,11 @@ class TableDenoiser(nn.Module):
         self.heads = RaggedHeads(offsets, d_model)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.column_embedding, std=0.02)
+
+    def order_parameters(self) -> list[nn.Parameter]:
+        """The parameters of a learned order model, which the trainer gives their own
+        learning rate and leaves out of gradient clipping; a static order has none."""
+        return []
 
     @property
     def cardinalities(self) -> list[int]:

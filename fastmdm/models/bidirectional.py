@@ -21,6 +21,8 @@ class ColumnTransformer(TableDenoiser):
     models.
     """
 
+    architecture = "bidirectional"
+
     def states(self, x_t: Tensor) -> Tensor:
         """Final states [N, L, d] of masked rows x_t [N, L], column l at position l."""
         self.check_tokens("x_t", x_t, allow_mask=True)

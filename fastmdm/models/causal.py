@@ -57,6 +57,7 @@ class CausalTransformer(TableDenoiser):
     """
 
     causal = True
+    architecture = "causal"
 
     def __init__(self, cardinalities: list[int], order: str = "static", **options):
         if order not in ORDERS:
@@ -73,9 +74,20 @@ class CausalTransformer(TableDenoiser):
             self.order_posterior = OrderPosterior(self.cardinalities)
 
     @property
+    def order(self) -> str:
+        """How orders arise: "static" (drawn from PL(w)) or "contextual" (they depend on the values)."""
+        return self._config["order"]
+
+    @property
     def contextual(self) -> bool:
         """True when the generation order depends on the values (fastmdm.models.orders)."""
-        return self._config["order"] == "contextual"
+        return self.order == "contextual"
+
+    def order_parameters(self) -> list[nn.Parameter]:
+        """The order policy's and posterior's parameters (contextual models; static: none)."""
+        if not self.contextual:
+            return []
+        return [*self.order_policy.parameters(), *self.order_posterior.parameters()]
 
     @property
     def policy_depth(self) -> int:
