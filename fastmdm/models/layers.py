@@ -18,7 +18,9 @@ def attend(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None = None) -> Te
     be allowed at least one key. torch's SDPA against explicit batched matmuls, on CPU for
     15 and 60 columns (`python benchmarks/attention.py`, benchmarks/results/attention.md):
     SDPA is 1.2-2.7x faster for training, forward and backward, and within 11% either way
-    for a masked KV-cached decoding step, so SDPA is used everywhere (GPU: not measured).
+    for a masked KV-cached decoding step at that benchmark's batch. SDPA serves every full
+    pass; the causal model's KV-cached decoding steps use `attend_cached`, which is faster at
+    the sampling batch (GPU: not measured).
     """
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
 
