@@ -102,6 +102,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-write", action="store_true", help="print only; do not write the results")
     args = parser.parse_args(argv)
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as scratch:
         model_path = args.model or Path(scratch) / "adult_causal.pt"
         if args.model is None:
@@ -122,7 +123,9 @@ def main(argv=None) -> int:
         f"TabularMDM.sample of {args.rows:,} rows (one batch) from a causal model trained one epoch "
         f"on Adult, medians of {args.repeats} runs per version and thread count, versions "
         f"alternating, each run in its own process. {platform.machine()}, {os.cpu_count()} cores, "
-        "shared with other jobs: ratios are more reliable than absolute figures.",
+        f"shared with other jobs (1-minute load average {load_before:.1f} before the runs, "
+        f"{os.getloadavg()[0]:.1f} after): ratios are more reliable than absolute figures, and "
+        "two threads are slowed most when another job holds the second core (see the matmul GFLOP/s).",
         "",
         "| version | threads | rows/s | arithmetic limit (rows/s) | share of the limit | matmul GFLOP/s |",
         "|---|---:|---:|---:|---:|---:|",

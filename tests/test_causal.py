@@ -17,6 +17,8 @@ from fastmdm import ops
 from fastmdm.decoding.speculative import cell_logits
 from fastmdm.models import CausalTransformer
 from fastmdm.kinds import kind_of, model_loss
+from fastmdm.models.causal import write_slots
+from fastmdm.models.layers import attend, attend_cached
 from fastmdm.objective import causal_loss
 from fastmdm.decoding import ColumnLayout, DecodeStats, known_first_order, sample_tokens
 from fastmdm.schedules import PowerSchedule, plackett_luce_log_prob
@@ -351,3 +353,36 @@ def test_speculative_needs_the_causal_model_and_excludes_steps():
     with pytest.raises(ValueError, match="speculative"):
         sample_tokens(model, w.double(), model.mask_ids, model.offsets, 4, speculative=0,
                       decode=kind_of(model).decoder(0))
+
+
+@pytest.mark.parametrize("rows, heads, queries, slots, width", [(5, 4, 2, 17, 12), (3, 1, 1, 3, 1), (1, 2, 7, 9, 5)])
+def test_cached_attention_equals_sdpa(rows, heads, queries, slots, width):
+    """The decoding step's attention (batched matmuls, additive mask) against SDPA with the
+    boolean mask: random values and masks, a query that may see only slot 0 among them,
+    float64, so both compute the same sums and agree to rounding (1e-12)."""
+    generator = torch.Generator().manual_seed(rows * 100 + slots)
+    q, k, v = (torch.randn(rows, heads, length, width, generator=generator, dtype=torch.float64)
+               for length in (queries, slots, slots))
+    sees = torch.randint(0, slots, (rows, queries), generator=generator)
+    sees[0, 0] = 0
+    allowed = (torch.arange(slots) <= sees[..., None]).unsqueeze(1)
+    bias = torch.zeros(allowed.shape, dtype=torch.float64).masked_fill_(~allowed, float("-inf"))
+    torch.testing.assert_close(attend_cached(q, k, v, bias), attend(q, k, v, allowed), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_write_slots_equals_scatter(grad):
+    """Cache writes against scatter along the slot axis, for random per-row slots (and no
+    token at all): in place without autograd, into a copy (the given cache intact) with it."""
+    generator = torch.Generator().manual_seed(int(grad))
+    for tokens_per_row in (3, 1, 0):
+        cache = torch.randn(6, 4, 9, 5, generator=generator, dtype=torch.float64)
+        tokens = torch.randn(6, 4, tokens_per_row, 5, generator=generator, dtype=torch.float64)
+        slots = torch.stack([torch.randperm(9, generator=generator)[:tokens_per_row] for _ in range(6)])
+        expected = cache.scatter(2, slots[:, None, :, None].expand_as(tokens), tokens)
+        before = cache.clone()
+        with torch.set_grad_enabled(grad):
+            written = write_slots(cache, slots, tokens)
+        torch.testing.assert_close(written, expected, rtol=0, atol=0)
+        assert (written.data_ptr() == cache.data_ptr()) != grad
+        torch.testing.assert_close(cache, before if grad else expected, rtol=0, atol=0)

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from .._checks import INT_DTYPES, check_tensor
 from .base import TableDenoiser
-from .layers import attend
+from .layers import attend, attend_cached
 from .orders import OrderPolicy, OrderPosterior
 
 ORDERS = ("static", "contextual")
@@ -165,6 +165,13 @@ class CausalTransformer(TableDenoiser):
         allowed = allowed.unsqueeze(-3)                                               # heads axis
         if cache is None:
             start_keys, start_values, _ = self._start_states()
+            attention = attend
+            mask = allowed
+        else:
+            attention = attend_cached
+            mask = torch.zeros(allowed.shape, dtype=content.dtype, device=content.device)
+            mask.masked_fill_(~allowed, float("-inf"))
+            slots = write.expand(content.shape[0], -1)
         split = content.shape[1]
         h = torch.cat([content, query.to(content.dtype)], 1)
         keys, vals = [], []
@@ -176,19 +183,17 @@ class CausalTransformer(TableDenoiser):
             q_content, k, v = block.project(h[:, :split])
             q = torch.cat([q_content, block.query(h[:, split:])], 2)
             if cache is None:
-                rows = k.shape[0]
-                keys.append(torch.cat([start_keys[index].expand(rows, -1, -1, -1).to(k.dtype), k], 2))
-                vals.append(torch.cat([start_values[index].expand(rows, -1, -1, -1).to(v.dtype), v], 2))
-            else:   # in place when decoding (no autograd): the cache is the caller's to reuse
-                slot = write.expand(k.shape[0], -1)[:, None, :, None].expand_as(k)
-                update = "scatter" if torch.is_grad_enabled() else "scatter_"
-                keys.append(getattr(cache.keys[index].to(k.dtype), update)(2, slot, k))
-                vals.append(getattr(cache.values[index].to(v.dtype), update)(2, slot, v))
+                count = k.shape[0]
+                keys.append(torch.cat([start_keys[index].expand(count, -1, -1, -1).to(k.dtype), k], 2))
+                vals.append(torch.cat([start_values[index].expand(count, -1, -1, -1).to(v.dtype), v], 2))
+            else:
+                keys.append(write_slots(cache.keys[index].to(k.dtype), slots, k))
+                vals.append(write_slots(cache.values[index].to(v.dtype), slots, v))
             if index == last and not content_through_last:
-                h = block.mix(h[:, split:], attend(q[:, :, split:], keys[-1], vals[-1], allowed[..., split:, :]))
+                h = block.mix(h[:, split:], attention(q[:, :, split:], keys[-1], vals[-1], mask[..., split:, :]))
                 query_from = 0
             else:
-                h = block.mix(h, attend(q, keys[-1], vals[-1], allowed))
+                h = block.mix(h, attention(q, keys[-1], vals[-1], mask))
             if content_states and index + 1 == self.policy_depth:
                 policy_states = h[:, :split]
         h = h[:, query_from:]
@@ -226,6 +231,19 @@ class CausalTransformer(TableDenoiser):
         revealed = rank[:, None, :] < steps[None, :, None]                   # [N, step, column]
         log_probs = self.order_policy.log_probs(torch.log(order_prior), before, revealed)
         return log_probs.gather(2, order[..., None]).squeeze(2).sum(1)
+
+
+def write_slots(cache: Tensor, slots: Tensor, tokens: Tensor) -> Tensor:
+    """The cache [N, H, S, dh] with tokens [N, H, T, dh] written at slots [N, T]: in place
+    when decoding (no autograd; the cache is the caller's to reuse), into a copy otherwise.
+    One index_copy_ of dh-wide rows into the flat [N * H * S, dh] view (an indexed
+    assignment cache[rows, :, slots] = ... costs several times more)."""
+    rows, heads, num_slots, width = cache.shape
+    flat = (torch.arange(rows * heads, device=cache.device).view(rows, heads, 1) * num_slots + slots[:, None, :])
+    if torch.is_grad_enabled():
+        cache = cache.clone()
+    cache.view(-1, width).index_copy_(0, flat.reshape(-1), tokens.reshape(-1, width))
+    return cache
 
 
 def check_order(order: Tensor, rows: int, num_columns: int) -> None:

@@ -18,9 +18,24 @@ def attend(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None = None) -> Te
     be allowed at least one key. torch's SDPA against explicit batched matmuls, on CPU for
     15 and 60 columns (`python benchmarks/attention.py`, benchmarks/results/attention.md):
     SDPA is 1.2-2.7x faster for training, forward and backward, and within 11% either way
-    for a masked KV-cached decoding step, so SDPA is used everywhere (GPU: not measured).
+    for a masked KV-cached decoding step at that benchmark's batch. SDPA serves every full
+    pass; the causal model's KV-cached decoding steps use `attend_cached`, which is faster at
+    the sampling batch (GPU: not measured).
     """
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+
+
+def attend_cached(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
+    """softmax(q k^T / sqrt(d) + bias) v for a KV-cached decoding step: [N, H, T, dh] queries,
+    [N, H, S, dh] cache slots, `bias` 0 where a query may attend and -inf elsewhere,
+    broadcastable to [N, H, T, S] (built once per step and shared by the blocks).
+
+    A step asks a few queries per row against L + 2 slots, and there SDPA pays an overhead
+    per (row, head): two batched matmuls are 2.7x faster on one CPU thread for Adult's
+    shapes (4,096 rows, 4 heads, 2 tokens, 17 slots, d_h = 12; benchmarks/decode_speed.py).
+    """
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5).add_(bias)
+    return torch.matmul(scores.softmax(-1), v)
 
 
 class Block(nn.Module):
