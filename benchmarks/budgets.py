@@ -35,6 +35,9 @@ RESULTS = Path(__file__).parent / "results"
 #: The budget before the defaults followed the table.
 FIXED_BUDGET = dict(epochs=30, batch_size=1024, warmup_steps=100, patience=None)
 COPIES, COPY_NOISE, CATEGORIES = 20, 0.05, list("abcde")
+#: Denoiser sizes compared with `--sizes` (the default is TableDenoiser's own: d_model 48, 3 layers).
+SIZES = {"small": dict(d_model=32, num_layers=2, num_heads=4, dim_feedforward=64), "default": {},
+         "large": dict(d_model=96, num_layers=4, num_heads=4, dim_feedforward=192)}
 
 
 def wide_copies(rows: int, seed: int) -> pd.DataFrame:
@@ -102,16 +105,18 @@ def seen_rows(holdout: pd.DataFrame, train: pd.DataFrame) -> pd.DataFrame:
     return holdout[keep].reset_index(drop=True)
 
 
-def run(table: str, budget: str, train: pd.DataFrame, holdout: pd.DataFrame, dependence) -> dict:
+def run(table: str, budget: str, train: pd.DataFrame, holdout: pd.DataFrame, dependence,
+        size: str = "default") -> dict:
     options = FIXED_BUDGET if budget == "fixed (before)" else {}
-    model = TabularMDM(progress=False, device="cpu", seed=0, **options)
+    model = TabularMDM(progress=False, device="cpu", seed=0, model=SIZES[size], **options)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         start = time.perf_counter()
         model.fit(train, validation=0.1)
         seconds = time.perf_counter() - start
     synth = model.sample(len(holdout), seed=0)
-    record = dict(table=table, budget=budget, rows=len(train), columns=train.shape[1],
+    record = dict(table=table, budget=budget, size=size, parameters=model.denoiser.num_parameters(),
+                  rows=len(train), columns=train.shape[1],
                   batch_size=model._trainer.budget.batch_size, budget_steps=model._trainer.budget.steps,
                   steps=model.training_steps, train_seconds=round(seconds, 1),
                   heldout_nelbo=round(model.nelbo(holdout), 4),
@@ -130,7 +135,8 @@ def write_report(lines: list[dict]) -> None:
     rows = []
     for r in lines:
         dep = f"{r['synth_dependence']:.3f} / {r['real_dependence']:.3f}" if "dependence" in r else ""
-        rows.append(f"| {r['table']} | {r['rows']:,} x {r['columns']} | {r['budget']} | {r['batch_size']} | "
+        size = f"{r.get('size', 'default')} ({r['parameters'] / 1000:.0f}K)" if "parameters" in r else "default"
+        rows.append(f"| {r['table']} | {r['rows']:,} x {r['columns']} | {r['budget']} | {size} | {r['batch_size']} | "
                     f"{r['steps']:,} / {r['budget_steps']:,} | {r['train_seconds']:.0f} | {r['heldout_nelbo']:.3f} | "
                     f"{r['c2st_xgb']:.3f} / {r['c2st_xgb_real']:.3f} | {dep} | {'; '.join(r['warnings'])} |")
     text = "\n".join([
@@ -145,8 +151,10 @@ def write_report(lines: list[dict]) -> None:
         "Dependence: wide-copies, share of copies that agree with their source; noisy-line, corr(x, y);",
         "synthetic / real. Steps: taken / budget (early stopping ends a run before its budget).",
         "",
-        "| table | rows x columns | budget | batch | steps | train s | held-out NELBO | XGBoost C2ST synth / real | dependence synth / real | warnings |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "Model: the denoiser size (`--sizes`; default d_model 48, 3 layers) and its parameter count.",
+        "",
+        "| table | rows x columns | budget | model | batch | steps | train s | held-out NELBO | XGBoost C2ST synth / real | dependence synth / real | warnings |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
         *rows, "", *budget_table(), ""])
     (RESULTS / "budgets.md").write_text(text)
 
@@ -169,14 +177,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tables", nargs="+", default=list(TABLES), choices=TABLES)
     parser.add_argument("--budgets", nargs="+", default=["fixed (before)", "table defaults"])
+    parser.add_argument("--sizes", nargs="+", default=["default"], choices=SIZES,
+                        help="denoiser sizes to train (each with every budget)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     log = RESULTS / "budgets.jsonl"
     for table in args.tables:
         train, holdout, dependence = load_table(table)
         holdout = seen_rows(holdout, train)
-        for budget in args.budgets:
-            record = run(table, budget, train, holdout, dependence)
+        for budget, size in [(b, s) for b in args.budgets for s in args.sizes]:
+            record = run(table, budget, train, holdout, dependence, size)
             with log.open("a") as f:
                 f.write(json.dumps(record) + "\n")
             write_report([json.loads(line) for line in log.read_text().splitlines()])
