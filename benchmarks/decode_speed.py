@@ -23,10 +23,11 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from checkouts import run_in, versions, write_report
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "decode_speed.md"
@@ -73,19 +74,6 @@ print(json.dumps(dict(library=fastmdm.__file__, rows_per_s=rows_per_s, limit_row
 """
 
 
-def commit_of(source: Path) -> str:
-    done = subprocess.run(["git", "-C", str(source), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return done.stdout.strip() or "?"
-
-
-def child(source: Path, model_path: Path, rows: int, threads: int) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(source), OMP_NUM_THREADS=str(threads))
-    # cwd=source: `python -c` puts the working directory first on sys.path.
-    done = subprocess.run([sys.executable, "-c", CHILD, str(model_path), str(rows), str(threads)],
-                          env=env, cwd=source, capture_output=True, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def train(model_path: Path) -> None:
     import torch
     from fastmdm import TabularMDM, datasets
@@ -107,13 +95,13 @@ def main(argv=None) -> int:
         model_path = args.model or Path(scratch) / "adult_causal.pt"
         if args.model is None:
             train(model_path)
-        sources = ([("baseline", args.baseline)] if args.baseline else []) + [("this checkout", HERE.parent)]
+        sources = versions(args.baseline)
         runs = []
         for threads in (1, 2):
             for _ in range(args.repeats):
                 for label, source in sources:
-                    record = dict(version=f"{label} ({commit_of(source)})", threads=threads, rows=args.rows,
-                                  **child(source, model_path, args.rows, threads))
+                    record = dict(version=label, threads=threads, rows=args.rows,
+                                  **run_in(source, CHILD, [model_path, args.rows, threads], threads))
                     print(json.dumps(record), flush=True)
                     runs.append(record)
     lines = [
@@ -148,15 +136,12 @@ def main(argv=None) -> int:
         lines.append(f"- `{op}`: {statistics.median(r['shares'].get(op, 0.0) for r in mine):.0%}")
     if args.baseline:
         lines += [""] + [f"- {threads} thread(s): this checkout samples "
-                         f"{medians['this checkout', threads] / medians['baseline', threads]:.2f}x the baseline's rows/s."
+                         f"{medians[sources[1][0], threads] / medians[sources[0][0], threads]:.2f}x the baseline's rows/s."
                          for threads in (1, 2)]
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.no_write:
-        RESULTS.write_text(text)
-        with RUNS.open("a") as f:
-            for r in runs:
-                f.write(json.dumps(r) + "\n")
+        write_report(text, RESULTS, RUNS, runs)
     return 0
 
 

@@ -18,9 +18,10 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 from pathlib import Path
+
+from checkouts import run_in, versions, write_report
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "default_path.md"
@@ -52,19 +53,6 @@ print(json.dumps(dict(library=fastmdm.__file__, rss_before_mib=before, peak_grow
 """
 
 
-def commit_of(source: Path) -> str:
-    done = subprocess.run(["git", "-C", str(source), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return done.stdout.strip() or "?"
-
-
-def run(source: Path, threads: int, rows: int, architecture: str) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(source), OMP_NUM_THREADS=str(threads))
-    # cwd=source: `python -c` puts the working directory first on sys.path.
-    done = subprocess.run([sys.executable, "-c", CHILD, str(threads), str(rows), architecture],
-                          env=env, cwd=source, capture_output=True, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", type=Path, help="another checkout to measure first, for comparison")
@@ -75,12 +63,12 @@ def main(argv=None) -> int:
     parser.add_argument("--no-write", action="store_true", help="print only; do not write the results")
     args = parser.parse_args(argv)
     architectures = args.architecture or ["bidirectional"]
-    sources = ([("baseline", args.baseline)] if args.baseline else []) + [("this checkout", HERE.parent)]
+    sources = versions(args.baseline)
     records = []
     for architecture in architectures:
         for label, source in sources:
-            record = dict(version=f"{label} ({commit_of(source)})", architecture=architecture, rows=args.rows, threads=args.threads,
-                          **run(source, args.threads, args.rows, architecture))
+            record = dict(version=label, architecture=architecture, rows=args.rows, threads=args.threads,
+                          **run_in(source, CHILD, [args.threads, args.rows, architecture], args.threads))
             print(json.dumps(record), flush=True)
             records.append(record)
     lines = [
@@ -101,10 +89,7 @@ def main(argv=None) -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.no_write:
-        RESULTS.write_text(text)
-        with RUNS.open("a") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
+        write_report(text, RESULTS, RUNS, records)
     return 0
 
 
