@@ -21,7 +21,7 @@ from .token_store import prepare_token_store
 from .train import Budget, EpochRecord, TrainConfig, Trainer, atomic_save, estimate_nelbo
 
 #: The version of the files save() and checkpoints write; load() and resume read this one only.
-_FORMAT = "fastmdm-tabular-3"
+_FORMAT = "fastmdm-tabular-4"
 #: The architecture of a static-order model when none is named.
 DEFAULT_ARCHITECTURE = model_kind(None, "static").architecture
 
@@ -143,7 +143,7 @@ class TabularMDM:
     def _build_model(self) -> None:
         """A fresh denoiser and schedule for the codec's columns, from this model's settings."""
         self.denoiser = self.kind.denoiser(self.codec.cardinalities, **self.model_options)
-        self.schedule = PowerSchedule(self.codec.num_columns, learnable=self.learn_schedule)
+        self.schedule = PowerSchedule(self.codec.num_token_columns, learnable=self.learn_schedule)
 
     def _encode_frame(self, df: pd.DataFrame, validation, categorical, fit_codec: bool):
         """(train tokens, validation tokens or None) of an in-memory table, fitting the codec first if asked."""
@@ -192,16 +192,18 @@ class TabularMDM:
 
     @property
     def weights(self) -> pd.Series:
-        """Learned schedule weights w per column (higher = revealed earlier in generation).
+        """Learned schedule weights w per token column (higher = revealed earlier in
+        generation), indexed by `codec.token_columns`: a numeric column's fine level is
+        "<column> (fine)".
 
         For a contextual model these are the policy's prior scores: its preference before
         the values move it (see `generation_orders` for the orders it actually takes)."""
         self._require_fitted()
-        return pd.Series(self.schedule.w.detach().cpu().numpy(), index=self.codec.columns, name="w")
+        return pd.Series(self.schedule.w.detach().cpu().numpy(), index=self.codec.token_columns, name="w")
 
     def generation_orders(self, num_rows: int = 2000, *, seed: int = 0) -> pd.DataFrame:
-        """The order in which generation reveals the columns, for num_rows sampled rows: a
-        frame whose column i names the column revealed i-th (1 = first). For a static model
+        """The order in which generation reveals the token columns, for num_rows sampled rows: a
+        frame whose column i names the token column revealed i-th (1 = first). For a static model
         these are draws from PL(w); a contextual model's depend on each row's values, so they
         come from sampling rows."""
         self._require_fitted()
@@ -212,7 +214,7 @@ class TabularMDM:
             orders = torch.cat(stats.orders)
         else:
             orders, _ = known_first_order(self.schedule.w.detach().cpu(), num_rows, generator=generator)
-        names = np.asarray(self.codec.columns, dtype=object)[orders.numpy()]
+        names = np.asarray(self.codec.token_columns, dtype=object)[orders.numpy()]
         return pd.DataFrame(names, columns=range(1, orders.shape[1] + 1))
 
     def sample(self, num_rows: int, *, steps: int | None = None, speculative: int | None = None,
@@ -291,7 +293,7 @@ class TabularMDM:
         frames = self.iter_samples(num_rows, shard=shard, **options)
         target = shard_path(path, *(shard or (0, 1)))
         # One real value per column, no missing ones: it fixes the Parquet schema.
-        example = self.codec.decode(torch.zeros(1, self.codec.num_columns, dtype=torch.int64),
+        example = self.codec.decode(torch.zeros(1, self.codec.num_token_columns, dtype=torch.int64),
                                     generator=torch.Generator().manual_seed(0))
         with TableWriter(target, example) as writer:
             for frame in frames:

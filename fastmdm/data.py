@@ -1,10 +1,11 @@
-"""TableCodec: pandas DataFrame <-> token ids, one discrete token per column.
+"""TableCodec: pandas DataFrame <-> token ids, one or two discrete tokens per column.
 
-Masked diffusion works on discrete tokens, so every column becomes a small vocabulary:
+Masked diffusion works on discrete tokens, so every column becomes small vocabularies:
 categorical columns map each category to an id, numeric columns map each value to a
-quantile bin. Decoding a bin draws a new number inside the bin from the column's quantile
-sketch, at the column's observed precision; point masses (capital-gain = 0) come back
-exactly. The codec stores quantile levels, never training rows' values (see `_Numeric`).
+quantile bin and, where bins hold several values, to a fine level inside the bin (an extra
+token column; see TableCodec). Decoding draws a new number inside the fine level from the
+column's quantile sketch, at the column's observed precision; point masses (capital-gain = 0)
+come back exactly. The codec stores quantile levels, never training rows' values (see `_Numeric`).
 A column that had missing values when fitted gets one extra token for "missing".
 
 Every categorical column has an "other" token, after its categories: values it has no token
@@ -68,7 +69,7 @@ OTHER_LABEL = "(other)"
 # seen once is refused (it cannot be modelled), all-distinct integers get a warning (they are
 # binned like any number, which works but may repeat identifiers).
 KEY_MIN_VALUES = 100
-_STATE_VERSION = 3
+_STATE_VERSION = 4
 
 
 def _python_scalar(value):
@@ -219,13 +220,17 @@ class _Categorical:
     def num_values(self) -> int:
         return len(self.categories) + 1  # the categories, then "other"
 
+    @property
+    def token_cardinalities(self) -> list[int]:
+        return [self.num_values + int(self.has_missing)]
+
     def encode(self, series: pd.Series, missing: np.ndarray) -> np.ndarray:
         codes = self._index.get_indexer(series.to_numpy(dtype=object))
         codes[(codes < 0) & ~missing] = len(self.categories)
-        return codes
+        return np.where(missing, self.num_values, codes)[:, None]
 
     def decode(self, codes: np.ndarray, missing: np.ndarray, generator) -> pd.Series:
-        codes = np.where(missing, 0, codes)
+        codes = np.where(missing, 0, codes[:, 0])
         other = codes == len(self.categories)
         u = torch.rand(len(codes), generator=generator, dtype=torch.float64).numpy()
         if not self.capped:
@@ -247,8 +252,10 @@ class _Categorical:
 
 
 class _Numeric:
-    """Quantile bins [left_k, left_{k+1}) as tokens; a bin decodes to a new number drawn from
-    the column's quantile sketch inside the bin, at the column's observed precision.
+    """Quantile bins [left_k, left_{k+1}) as tokens, each split into `fine_levels` equal-mass
+    fine levels (a second token; 0 = the bin alone says the value); a (bin, fine level) pair
+    decodes to a new number drawn from the column's quantile sketch inside it, at the column's
+    observed precision.
 
     The sketch holds SKETCH_LEVELS + 1 equal-mass quantile levels, each an interpolation
     between two neighbouring sorted training values (never one of them, unless the two are
@@ -266,9 +273,10 @@ class _Numeric:
     is_numeric = True
 
     def __init__(self, name, dtype: str, has_missing: bool, lefts: torch.Tensor, sketch: torch.Tensor,
-                 step: int | None, decimals: int | None):
+                 step: int | None, decimals: int | None, fine_levels: int):
         self.name, self.dtype, self.has_missing = name, dtype, has_missing
         self.lefts, self.sketch, self.step, self.decimals = lefts, sketch, step, decimals
+        self.fine_levels = fine_levels
         self._lefts_np, self._sketch_np = lefts.numpy(), sketch.numpy()
         rights = np.append(self._lefts_np[1:], np.inf)
         self._point = rights == np.nextafter(self._lefts_np, np.inf)  # bins holding one value
@@ -295,12 +303,22 @@ class _Numeric:
             step, decimals = max(int(np.gcd.reduce(exact)), 1), None
         else:
             step, decimals = None, _decimals(x)
+        # A fine level only where some bin holds more than one distinct value: otherwise the bin
+        # alone says which value it is.
+        bins = _bin_of(lefts, x)
+        several = bool(np.any((np.diff(x) > 0) & (bins[1:] == bins[:-1])))
         return cls(name, str(series.dtype), has_missing, torch.from_numpy(lefts), torch.from_numpy(sketch),
-                   step, decimals)
+                   step, decimals, num_bins if several else 0)
 
     @property
     def num_values(self) -> int:
         return len(self.lefts)
+
+    @property
+    def token_cardinalities(self) -> list[int]:
+        """The bin (with the missing token when the column had missing values), then the fine level."""
+        coarse = self.num_values + int(self.has_missing)
+        return [coarse, self.fine_levels] if self.fine_levels else [coarse]
 
     def encode(self, series: pd.Series, missing: np.ndarray) -> np.ndarray:
         numbers = pd.to_numeric(series, errors="coerce") if series.dtype == object else series
@@ -311,12 +329,22 @@ class _Numeric:
         if bad.any():
             raise TypeError(f"column {self.name!r} is numeric but holds non-numeric values: "
                             f"{_examples(series.to_numpy(dtype=object)[bad])}")
-        return self._bins(np.where(missing, self._lefts_np[0], x))
+        bins, fine = self._cells(np.where(missing, self._lefts_np[0], x))
+        codes = np.where(missing, self.num_values, bins)
+        return np.stack([codes, np.where(missing, 0, fine)], axis=1) if self.fine_levels else codes[:, None]
 
-    def _bins(self, x: np.ndarray) -> np.ndarray:
-        """Bin of each value: a value at a bin's left edge belongs to that bin; out-of-range
-        values clip to the end bins."""
-        return np.maximum(np.searchsorted(self._lefts_np, x, side="right") - 1, 0)
+    def _cells(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(bin, fine level) of each value: a value at a bin's left edge belongs to that bin,
+        out-of-range values clip to the end bins; the fine level is the equal-mass share of
+        the bin below the value (0 in a point-mass bin, and in a column without fine levels)."""
+        bins = _bin_of(self._lefts_np, x)
+        if not self.fine_levels:
+            return bins, np.zeros_like(bins)
+        start, end = self._cdf_range[bins, 0], self._cdf_range[bins, 1]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            share = np.where(end > start, (self._cdf(x) - start) / (end - start), 0.0)
+        fine = np.clip(np.floor(share * self.fine_levels), 0, self.fine_levels - 1).astype(np.int64)
+        return bins, np.where(self._point[bins], 0, fine)
 
     def _cdf(self, x: np.ndarray) -> np.ndarray:
         """The sketch's distribution function just below x (a point mass at x excluded)."""
@@ -336,18 +364,27 @@ class _Numeric:
         return sketch[k] + (t - k) * (sketch[k + 1] - sketch[k])
 
     def decode(self, codes: np.ndarray, missing: np.ndarray, generator) -> pd.Series:
-        bins = np.where(missing, 0, codes)
+        bins = np.where(missing, 0, codes[:, 0])
+        fine = np.where(missing, 0, codes[:, 1]) if self.fine_levels else np.zeros_like(bins)
         u = torch.rand(len(bins), generator=generator, dtype=torch.float64).numpy()
         start, end = self._cdf_range[bins, 0], self._cdf_range[bins, 1]
+        if self.fine_levels:   # the fine level's equal-mass share of the bin
+            width = np.maximum(end - start, 0.0) / self.fine_levels
+            start = start + fine * width
+            end = start + width
         drawn = self._quantile(start + u * np.maximum(end - start, 0.0))
         lefts = self._lefts_np[bins]
-        drawn = np.where(self._point[bins] | (end <= start), lefts, drawn)
-        return _from_plain(self._on_grid(drawn, bins), missing, self.pandas_dtype)
+        point = self._point[bins] | (end <= start)
+        drawn = np.where(point, lefts, drawn)
+        cell_start = np.where(point, lefts, self._quantile(start))
+        return _from_plain(self._on_grid(drawn, bins, fine, cell_start), missing, self.pandas_dtype)
 
-    def _on_grid(self, drawn: np.ndarray, bins: np.ndarray) -> np.ndarray:
-        """Drawn numbers rounded to the column's precision, kept inside their bins (a rounded
-        value that leaves its bin takes the bin's first grid value; the bin holds a training
-        value, so it has one)."""
+    def _on_grid(self, drawn: np.ndarray, bins: np.ndarray, fine: np.ndarray, cell_start: np.ndarray) -> np.ndarray:
+        """Drawn numbers rounded to the column's precision, kept inside their (bin, fine level)
+        cells where the grid allows: a rounded value that leaves its cell takes one of the
+        two grid values at the cell's start, or else, if both are outside the cell, the bin's first
+        grid value (a bin holds a training value, so it has one; a cell no training value fell in
+        may hold no grid value)."""
         if self.step is None and self.decimals is None:
             return drawn
         if self.step is not None:
@@ -356,16 +393,33 @@ class _Numeric:
         else:
             to_value = lambda k: k / 10.0 ** self.decimals  # noqa: E731  (the nearest float to the decimal)
             scaled, scale = drawn * 10.0 ** self.decimals, 10.0 ** self.decimals
+
+        def first_at_or_above(x):
+            first = np.ceil(x * scale)
+            return to_value(first + (to_value(first).astype(np.float64) < x))
+
+        def cell_of(values):
+            return self._cells(values.astype(np.float64))
+
         values = to_value(np.round(scaled))
-        lefts = self._lefts_np[bins]
-        first = np.ceil(lefts * scale)
-        first = to_value(first + (to_value(first).astype(np.float64) < lefts))
-        outside = self._bins(values.astype(np.float64)) != bins
-        return np.where(outside, first, values)
+        # Where the rounded value left its cell, the grid value nearest the cell's start, or
+        # the next one (a point mass that starts in the cell below can fill the cell's start).
+        nearest = to_value(np.round(cell_start * scale))
+        for candidate in (nearest, first_at_or_above(np.nextafter(nearest.astype(np.float64), np.inf))):
+            outside = np.any(np.stack(cell_of(values)) != np.stack([bins, fine]), axis=0)
+            fits = np.all(np.stack(cell_of(candidate)) == np.stack([bins, fine]), axis=0)
+            values = np.where(outside & fits, candidate, values)
+        return np.where(cell_of(values)[0] != bins, first_at_or_above(self._lefts_np[bins]), values)
 
     def state_dict(self) -> dict:
         return {"kind": "numeric", "lefts": self.lefts, "sketch": self.sketch, "step": self.step,
-                "decimals": self.decimals}
+                "decimals": self.decimals, "fine_levels": self.fine_levels}
+
+
+def _bin_of(lefts: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Bin of each value given the bins' sorted left edges: a value at a left edge belongs to
+    that bin; values below the first edge go to bin 0."""
+    return np.maximum(np.searchsorted(lefts, x, side="right") - 1, 0)
 
 
 def _quantile_sketch(x: np.ndarray, levels: int) -> np.ndarray:
@@ -409,23 +463,42 @@ def _decimals(x: np.ndarray) -> int | None:
 
 
 class TableCodec:
-    """Maps a table's rows to int64 tokens [N, L] and back.
+    """Maps a table's rows to int64 tokens [N, T] and back.
 
-    Column l has cardinalities[l] = K_l values (categories or bins, plus a final "missing"
-    token if the column had missing values when fitted); its mask token is K_l, one past
-    the last real value. offsets[l] is where column l starts in a flat [sum K_l] vocabulary.
-    Build with TableCodec.fit(df).
+    Each column of the table is one token column, or two for a numeric column whose bins hold
+    more than one distinct value: its bin, then its fine level, the equal-mass share of the
+    bin the value falls in (num_bins of them, so 32 x 32 = 1,024 levels by default). The fine
+    level is a column of the model like any other, so it is predicted from the whole row and
+    the learned order decides when it comes; that keeps relations that live inside a bin
+    (carat and price), which decoding a bin independently of the other columns would lose.
+
+    `columns` names the table's columns; `token_columns` names the T token columns (a fine
+    level is "<column> (fine)") and `token_owner[t]` is the table column token column t
+    belongs to. Token column t has cardinalities[t] = K_t values (categories or bins, plus a
+    final "missing" token on the first token column of a column that had missing values when
+    fitted); its mask token is K_t, one past the last real value. offsets[t] is where token
+    column t starts in a flat [sum K_t] vocabulary. Build with TableCodec.fit(df).
     """
 
     def __init__(self, columns: Sequence[_Categorical | _Numeric]):
         self._columns = list(columns)
         self.columns = [c.name for c in self._columns]
-        self.num_columns = len(self._columns)
         self.is_numeric = [c.is_numeric for c in self._columns]
-        self.cardinalities = [c.num_values + int(c.has_missing) for c in self._columns]
+        self.cardinalities = [k for c in self._columns for k in c.token_cardinalities]
+        self.token_owner = np.repeat(np.arange(len(self._columns)),
+                                     [len(c.token_cardinalities) for c in self._columns])
+        self.token_columns = [str(c.name) if t == 0 else f"{c.name} (fine)"
+                              for c in self._columns for t in range(len(c.token_cardinalities))]
+        self.num_token_columns = len(self.cardinalities)
         self.mask_ids = torch.tensor(self.cardinalities, dtype=torch.int64)
-        self.offsets = torch.zeros(self.num_columns + 1, dtype=torch.int64)
+        self.offsets = torch.zeros(self.num_token_columns + 1, dtype=torch.int64)
         self.offsets[1:] = torch.cumsum(self.mask_ids, 0)
+        self._token_slices = np.concatenate([[0], np.cumsum([len(c.token_cardinalities) for c in self._columns])])
+
+    def token_columns_of(self, column) -> slice:
+        """The token columns of the table column named `column`."""
+        i = self.columns.index(column)
+        return slice(int(self._token_slices[i]), int(self._token_slices[i + 1]))
 
     @classmethod
     def fit(cls, df: pd.DataFrame, *, num_bins: int = DEFAULT_NUM_BINS,
@@ -505,31 +578,31 @@ class TableCodec:
 
     def _encode(self, df: pd.DataFrame, nan_is_unknown: bool) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_frame(df)
-        tokens = np.zeros((len(df), self.num_columns), dtype=np.int64)
-        known = np.ones((len(df), self.num_columns), dtype=bool)
+        tokens = np.zeros((len(df), self.num_token_columns), dtype=np.int64)
+        known = np.ones((len(df), self.num_token_columns), dtype=bool)
         for l, column in enumerate(self._columns):
+            span = slice(self._token_slices[l], self._token_slices[l + 1])
             series = df[column.name].reset_index(drop=True)
             if isinstance(series.dtype, pd.CategoricalDtype):
                 series = series.astype(object)
             series = to_plain(column.name, series, column.pandas_dtype)
             missing = series.isna().to_numpy()
-            tokens[:, l] = column.encode(series, missing)
+            tokens[:, span] = column.encode(series, missing)
             if nan_is_unknown:
-                tokens[missing, l] = 0
-                known[:, l] = ~missing
-            elif missing.any():
-                if not column.has_missing:
-                    raise ValueError(f"column {column.name!r} has {int(missing.sum())} missing value(s) but "
-                                     "had none when the codec was fitted (use encode_partial to impute them)")
-                tokens[missing, l] = column.num_values
+                tokens[missing, span] = 0
+                known[:, span] = ~missing[:, None]
+            elif missing.any() and not column.has_missing:
+                raise ValueError(f"column {column.name!r} has {int(missing.sum())} missing value(s) but "
+                                 "had none when the codec was fitted (use encode_partial to impute them)")
         return torch.from_numpy(tokens), torch.from_numpy(known)
 
     def encode(self, df: pd.DataFrame) -> torch.Tensor:
-        """Tokens int64 [N, L] in codec column order; NaN becomes the column's missing token."""
+        """Tokens int64 [N, T] in token column order; NaN becomes the column's missing token."""
         return self._encode(df, nan_is_unknown=False)[0]
 
     def encode_partial(self, df: pd.DataFrame) -> tuple[torch.Tensor, torch.Tensor]:
-        """(tokens [N, L], known bool [N, L]) for imputation: NaN marks a value to fill in.
+        """(tokens [N, T], known bool [N, T]) for imputation: NaN marks a value to fill in
+        (every token column of that cell).
 
         Unknown positions hold token 0 and known=False (callers replace them with mask_ids).
         """
@@ -570,18 +643,21 @@ class TableCodec:
         `_Categorical` says.
         """
         check_tensor("tokens", tokens, ndim=2, dtypes=INT_DTYPES)
-        if tokens.shape[1] != self.num_columns:
-            raise ValueError(f"tokens has {tokens.shape[1]} columns but the codec has {self.num_columns}")
-        tokens = tokens.detach().to("cpu", torch.int64)
+        if tokens.shape[1] != self.num_token_columns:
+            raise ValueError(f"tokens has {tokens.shape[1]} columns but the codec has {self.num_token_columns} "
+                             f"token columns")
+        tokens = tokens.detach().to("cpu", torch.int64).numpy()
+        bad = (tokens < 0) | (tokens >= np.asarray(self.cardinalities))
+        if bad.any():
+            t = int(np.nonzero(bad.any(0))[0][0])
+            codes = tokens[:, t]
+            hint = " (mask tokens must be sampled before decoding)" if (codes == self.cardinalities[t]).any() else ""
+            raise ValueError(f"column {self.token_columns[t]!r} has token ids outside [0, {self.cardinalities[t]}): "
+                             f"{_examples(codes[bad[:, t]])}{hint}")
         out = {}
         for l, column in enumerate(self._columns):
-            codes = tokens[:, l].numpy()
-            bad = (codes < 0) | (codes >= self.cardinalities[l])
-            if bad.any():
-                hint = " (mask tokens must be sampled before decoding)" if (codes == self.cardinalities[l]).any() else ""
-                raise ValueError(f"column {column.name!r} has token ids outside [0, {self.cardinalities[l]}): "
-                                 f"{_examples(codes[bad])}{hint}")
-            missing = (codes == column.num_values) if column.has_missing else np.zeros(len(codes), dtype=bool)
+            codes = tokens[:, self._token_slices[l]:self._token_slices[l + 1]]
+            missing = (codes[:, 0] == column.num_values) if column.has_missing else np.zeros(len(codes), dtype=bool)
             out[column.name] = column.decode(codes, missing, generator)
         return pd.DataFrame(out, columns=self.columns)
 
@@ -605,10 +681,11 @@ class TableCodec:
                 columns.append(_Categorical(*common, list(c["categories"]), list(c["counts"]), c["capped"],
                                             c["domain"], c["ordered"]))
             else:
-                columns.append(_Numeric(*common, c["lefts"], c["sketch"], c["step"], c["decimals"]))
+                columns.append(_Numeric(*common, c["lefts"], c["sketch"], c["step"], c["decimals"],
+                                        c["fine_levels"]))
         return cls(columns)
 
     def __repr__(self) -> str:
         kinds = sum(self.is_numeric)
-        return (f"TableCodec({self.num_columns} columns: {kinds} numeric, {self.num_columns - kinds} categorical; "
-                f"vocabulary {int(self.offsets[-1])})")
+        return (f"TableCodec({len(self.columns)} columns: {kinds} numeric, {len(self.columns) - kinds} categorical; "
+                f"{self.num_token_columns} token columns, vocabulary {int(self.offsets[-1])})")
