@@ -4,12 +4,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import warnings
 from typing import Iterator, Mapping
 
 import numpy as np
 import pandas as pd
 import torch
 
+from .conditions import TokenRestrictions, split_conditions
 from .data import DEFAULT_CATEGORY_CAP, DEFAULT_NUM_BINS, TableCodec
 from .decoding import DecodeStats, known_first_order, sample_tokens
 from .kinds import ModelKind, model_kind
@@ -225,13 +227,24 @@ class TabularMDM:
         fewer reveal chunks of columns at once (approximate). `speculative=k` (causal
         architecture only) drafts k columns a round and verifies them: exact and faster.
 
-        `conditions`: a {column: value} mapping applied to every row, or a DataFrame of
-        num_rows rows holding some columns (NaN = free); those values are kept as given.
+        `conditions`: a mapping applied to every row, {column: value}, {column: [values]} (a
+        set) or {column: (low, high)} (a closed range, None for an open end; numbers, times,
+        or a categorical column of numbers), or a DataFrame of num_rows rows holding some
+        columns (NaN = free). Values are kept as given; sets and ranges restrict the columns
+        when they are drawn, with importance resampling when the weights differ (see
+        fastmdm.conditions); the result's attrs["effective_sample_size"] says how many
+        independent rows they were worth, and a warning comes when that falls below a tenth.
+        An empty range, a category the table never had, or conditions the model gives
+        probability zero raise ValueError.
         The rows are those of `iter_samples` with the same seed and batch_size, concatenated.
         """
-        return pd.concat(list(self.iter_samples(num_rows, steps=steps, speculative=speculative,
-                                                temperature=temperature, conditions=conditions, seed=seed,
-                                                batch_size=batch_size, progress=progress)))
+        frames = list(self.iter_samples(num_rows, steps=steps, speculative=speculative, temperature=temperature,
+                                        conditions=conditions, seed=seed, batch_size=batch_size, progress=progress))
+        sizes = [f.attrs.get("effective_sample_size") for f in frames]
+        out = pd.concat(frames)
+        if sizes and None not in sizes:
+            out.attrs["effective_sample_size"] = float(sum(sizes))
+        return out
 
     def iter_samples(self, num_rows: int, *, steps: int | None = None, speculative: int | None = None,
                      temperature: float = 1.0, conditions: Mapping[str, object] | pd.DataFrame | None = None,
@@ -252,10 +265,18 @@ class TabularMDM:
         plan = BlockPlan(num_rows, batch_size, fresh_seed() if seed is None else seed, shard, num_shards)
         if isinstance(conditions, pd.DataFrame) and len(conditions) != num_rows:
             raise ValueError(f"conditions has {len(conditions)} rows but num_rows is {num_rows}")
+        restrictions = None
+        if isinstance(conditions, Mapping):
+            conditions, restricted = split_conditions(self.codec, conditions)
+            if restricted:
+                restrictions = TokenRestrictions(self.codec, restricted, self.device)
         options = dict(steps=steps, speculative=speculative, temperature=temperature)
-        return self._generate_blocks(plan, conditions, options, progress)
+        if isinstance(conditions, Mapping) and not conditions:
+            conditions = None
+        return self._generate_blocks(plan, conditions, restrictions, options, progress)
 
-    def _generate_blocks(self, plan: BlockPlan, conditions, options: dict, progress: bool) -> Iterator[pd.DataFrame]:
+    def _generate_blocks(self, plan: BlockPlan, conditions, restrictions: TokenRestrictions | None, options: dict,
+                         progress: bool) -> Iterator[pd.DataFrame]:
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -269,12 +290,24 @@ class TabularMDM:
                     part = conditions.iloc[rows.start:rows.stop] if isinstance(conditions, pd.DataFrame) else conditions
                     given = self._condition_frame(part, len(rows))
                     known, known_mask = (t.to(self.device) for t in self.codec.encode_partial(given))
+                stats = DecodeStats()
                 tokens = self._sample_tokens(len(rows), known, known_mask, batch_size=len(rows),
-                                             generator=generator, **options)
-                frame = self.codec.decode(tokens, generator=generator)
+                                             generator=generator, restrictions=restrictions, stats=stats, **options)
+                if restrictions is None:
+                    frame = self.codec.decode(tokens, generator=generator)
+                else:
+                    frame = self.codec.decode(tokens, generator=generator, ranges=restrictions.ranges,
+                                              choices=restrictions.choices)
                 if given is not None:
                     frame = self.codec.keep_given(given, frame)
                 frame.index = pd.RangeIndex(rows.start, rows.stop)
+                if stats.effective_sizes:
+                    ess = sum(size for size, _ in stats.effective_sizes)
+                    frame.attrs["effective_sample_size"] = ess
+                    if ess < 0.1 * len(rows):
+                        warnings.warn(f"the conditions are hard for the model: {len(rows):,} rows sampled under them "
+                                      f"are worth {ess:,.1f} independent rows (effective sample size), so many "
+                                      "rows repeat the conditioned values of a few", stacklevel=3)
                 if bar is not None:
                     bar.update(len(rows))
                 yield frame

@@ -229,10 +229,45 @@ class _Categorical:
         codes[(codes < 0) & ~missing] = len(self.categories)
         return np.where(missing, self.num_values, codes)[:, None]
 
-    def decode(self, codes: np.ndarray, missing: np.ndarray, generator) -> pd.Series:
+    def set_weights(self, values) -> tuple[np.ndarray, tuple]:
+        """(1 for the tokens of `values`, else 0, over the column's tokens; the values that
+        have no token of their own). Text matches a category by its printed form, so a
+        command line's "9" finds the category 9. Values without a token take the "other"
+        token of a capped column (they may be its rare values); in an uncapped column the
+        table never had them, which is an error."""
+        weights = np.zeros(self.num_values + int(self.has_missing))
+        printed = {str(c): i for i, c in enumerate(self.categories)}
+        others = []
+        for value in values:
+            if value is None or (isinstance(value, float) and np.isnan(value)):
+                if not self.has_missing:
+                    raise ValueError(f"condition on {self.name!r}: the column had no missing values")
+                weights[self.num_values] = 1.0
+                continue
+            i = int(self._index.get_indexer([value])[0])
+            i = printed.get(value, -1) if i < 0 and isinstance(value, str) else i
+            if i >= 0:
+                weights[i] = 1.0
+            else:
+                others.append(value)
+        if others:
+            if not self.capped:
+                raise ValueError(f"condition on {self.name!r}: the table never had {_examples(np.array(others, dtype=object))}")
+            weights[len(self.categories)] = 1.0
+        return weights, tuple(others)
+
+    def decode(self, codes: np.ndarray, missing: np.ndarray, generator, choices: tuple = ()) -> pd.Series:
+        """Categories of the tokens; "other" as the class docstring says, or, with `choices`
+        (a set condition's values without a token), one of them drawn uniformly."""
         codes = np.where(missing, 0, codes[:, 0])
         other = codes == len(self.categories)
         u = torch.rand(len(codes), generator=generator, dtype=torch.float64).numpy()
+        if choices:
+            values = np.empty(len(codes), dtype=object)
+            values[~other] = np.array(self.categories, dtype=object)[codes[~other]]
+            values[other] = np.array(choices, dtype=object)[np.minimum((u[other] * len(choices)).astype(np.int64),
+                                                                       len(choices) - 1)]
+            return _from_plain(values, missing, self.pandas_dtype)
         if not self.capped:
             cumulative = np.cumsum(self.counts)
             drawn = np.minimum(np.searchsorted(cumulative, u * cumulative[-1], side="right"), len(self.categories) - 1)
@@ -363,53 +398,113 @@ class _Numeric:
         k = np.clip(np.floor(t).astype(np.int64), 0, levels - 1)
         return sketch[k] + (t - k) * (sketch[k + 1] - sketch[k])
 
-    def decode(self, codes: np.ndarray, missing: np.ndarray, generator) -> pd.Series:
-        bins = np.where(missing, 0, codes[:, 0])
-        fine = np.where(missing, 0, codes[:, 1]) if self.fine_levels else np.zeros_like(bins)
-        u = torch.rand(len(bins), generator=generator, dtype=torch.float64).numpy()
+    def _cell_cdf(self, bins: np.ndarray, fine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The interval [start, end] of the sketch's distribution function each (bin, fine
+        level) cell covers."""
         start, end = self._cdf_range[bins, 0], self._cdf_range[bins, 1]
         if self.fine_levels:   # the fine level's equal-mass share of the bin
             width = np.maximum(end - start, 0.0) / self.fine_levels
             start = start + fine * width
             end = start + width
+        return start, end
+
+    def range_weights(self, low: float | None, high: float | None) -> np.ndarray:
+        """[coarse tokens, fine levels (1 without)]: the share of each cell's mass that decodes
+        into [low, high] (None: open), the missing token's row 0. Decoding with the same range
+        draws inside it (`decode`), so these are the probabilities of landing in the range."""
+        start_of_range, end_of_range, grid_low, grid_high = self._range_cdf(low, high)
+        bins = np.arange(self.num_values)[:, None]
+        fine = np.arange(max(self.fine_levels, 1))[None, :]
+        start, end = self._cell_cdf(np.broadcast_to(bins, (len(bins), fine.shape[1])),
+                                    np.broadcast_to(fine, (len(bins), fine.shape[1])))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            share = np.clip((np.minimum(end, end_of_range) - np.maximum(start, start_of_range))
+                            / (end - start), 0.0, 1.0)
+        point = self._point[bins] | (end <= start)
+        left = self._lefts_np[bins]
+        share = np.where(point, ((left >= grid_low) & (left <= grid_high)).astype(np.float64), share)
+        missing_row = np.zeros((int(self.has_missing), share.shape[1]))
+        return np.concatenate([share, missing_row])
+
+    def _range_cdf(self, low, high) -> tuple[float, float, float, float]:
+        """(start, end) of [low, high] in the sketch's distribution function, and the range's
+        first and last values at the column's precision. A number rounds to its grid value,
+        so on a grid the range covers half a step beyond its first and last grid values."""
+        low = -np.inf if low is None else low
+        high = np.inf if high is None else high
+        if self.step is None and self.decimals is None:
+            grid_low, grid_high, half = low, high, 0.0
+        else:
+            grid_low = self._grid_at_or_above(np.array([low]))[0] if np.isfinite(low) else low
+            grid_high = self._grid_at_or_below(np.array([high]))[0] if np.isfinite(high) else high
+            half = (self.step if self.step is not None else 10.0 ** -self.decimals) / 2
+        start = self._cdf(np.array([grid_low - half]))[0]
+        end = self._cdf(np.array([np.nextafter(grid_high + half, np.inf)]))[0]
+        return float(start), float(end), float(grid_low), float(grid_high)
+
+    def decode(self, codes: np.ndarray, missing: np.ndarray, generator,
+               value_range: tuple[float | None, float | None] | None = None) -> pd.Series:
+        """Numbers drawn inside their (bin, fine level) cells; with `value_range`, inside the
+        part of the cell in that range (rows the range restricted when they were sampled)."""
+        bins = np.where(missing, 0, codes[:, 0])
+        fine = np.where(missing, 0, codes[:, 1]) if self.fine_levels else np.zeros_like(bins)
+        u = torch.rand(len(bins), generator=generator, dtype=torch.float64).numpy()
+        start, end = self._cell_cdf(bins, fine)
+        cell_start = start
+        if value_range is not None:
+            start_of_range, end_of_range, grid_low, grid_high = self._range_cdf(*value_range)
+            start, end = np.clip(start, start_of_range, end_of_range), np.clip(end, start_of_range, end_of_range)
         drawn = self._quantile(start + u * np.maximum(end - start, 0.0))
         lefts = self._lefts_np[bins]
         point = self._point[bins] | (end <= start)
         drawn = np.where(point, lefts, drawn)
-        cell_start = np.where(point, lefts, self._quantile(start))
-        return _from_plain(self._on_grid(drawn, bins, fine, cell_start), missing, self.pandas_dtype)
+        cell_start = np.where(point, lefts, self._quantile(cell_start))
+        values = self._on_grid(drawn, bins, fine, cell_start)
+        if value_range is not None:   # rounding to the grid never leaves the range
+            values = np.clip(values, grid_low, grid_high).astype(values.dtype)
+        return _from_plain(values, missing, self.pandas_dtype)
+
+    def _grid(self):
+        """(scale, to_value): grid index = value * scale; to_value(index) the grid value
+        (exact integers for an integer column); None when the column has no grid."""
+        if self.step is not None:
+            return 1.0 / self.step, lambda k: k.astype(np.int64) * self.step
+        if self.decimals is not None:
+            return 10.0 ** self.decimals, lambda k: k / 10.0 ** self.decimals  # the nearest float to the decimal
+        return None
+
+    def _grid_at_or_above(self, x: np.ndarray) -> np.ndarray:
+        scale, to_value = self._grid()
+        first = np.ceil(x * scale)
+        return to_value(first + (to_value(first).astype(np.float64) < x))
+
+    def _grid_at_or_below(self, x: np.ndarray) -> np.ndarray:
+        scale, to_value = self._grid()
+        last = np.floor(x * scale)
+        return to_value(last - (to_value(last).astype(np.float64) > x))
 
     def _on_grid(self, drawn: np.ndarray, bins: np.ndarray, fine: np.ndarray, cell_start: np.ndarray) -> np.ndarray:
         """Drawn numbers rounded to the column's precision, kept inside their (bin, fine level)
         cells where the grid allows: a rounded value that leaves its cell takes one of the
-        two grid values at the cell's start, or else, if both are outside the cell, the bin's first
-        grid value (a bin holds a training value, so it has one; a cell no training value fell in
-        may hold no grid value)."""
-        if self.step is None and self.decimals is None:
+        two grid values at the cell's start, or else, if both are outside the cell, the bin's
+        first grid value (a bin holds a training value, so it has one; a cell no training
+        value fell in may hold no grid value)."""
+        if self._grid() is None:
             return drawn
-        if self.step is not None:
-            to_value = lambda k: k.astype(np.int64) * self.step  # noqa: E731  (exact integers)
-            scaled, scale = drawn / self.step, 1.0 / self.step
-        else:
-            to_value = lambda k: k / 10.0 ** self.decimals  # noqa: E731  (the nearest float to the decimal)
-            scaled, scale = drawn * 10.0 ** self.decimals, 10.0 ** self.decimals
-
-        def first_at_or_above(x):
-            first = np.ceil(x * scale)
-            return to_value(first + (to_value(first).astype(np.float64) < x))
+        scale, to_value = self._grid()
 
         def cell_of(values):
             return self._cells(values.astype(np.float64))
 
-        values = to_value(np.round(scaled))
+        values = to_value(np.round(drawn * scale))
         # Where the rounded value left its cell, the grid value nearest the cell's start, or
         # the next one (a point mass that starts in the cell below can fill the cell's start).
         nearest = to_value(np.round(cell_start * scale))
-        for candidate in (nearest, first_at_or_above(np.nextafter(nearest.astype(np.float64), np.inf))):
+        for candidate in (nearest, self._grid_at_or_above(np.nextafter(nearest.astype(np.float64), np.inf))):
             outside = np.any(np.stack(cell_of(values)) != np.stack([bins, fine]), axis=0)
             fits = np.all(np.stack(cell_of(candidate)) == np.stack([bins, fine]), axis=0)
             values = np.where(outside & fits, candidate, values)
-        return np.where(cell_of(values)[0] != bins, first_at_or_above(self._lefts_np[bins]), values)
+        return np.where(cell_of(values)[0] != bins, self._grid_at_or_above(self._lefts_np[bins]), values)
 
     def state_dict(self) -> dict:
         return {"kind": "numeric", "lefts": self.lefts, "sketch": self.sketch, "step": self.step,
@@ -635,12 +730,16 @@ class TableCodec:
             out[column.name] = restored.where(known, drawn).set_axis(decoded.index)
         return out
 
-    def decode(self, tokens: torch.Tensor, generator: torch.Generator | None = None) -> pd.DataFrame:
+    def decode(self, tokens: torch.Tensor, generator: torch.Generator | None = None, *,
+               ranges: dict | None = None, choices: dict | None = None) -> pd.DataFrame:
         """DataFrame with the fitted column names, order and dtypes.
 
         Numeric bins decode to a number drawn inside the bin (random via `generator`, a CPU
         torch.Generator; see `_Numeric`); missing tokens decode to NaN; "other" tokens as
-        `_Categorical` says.
+        `_Categorical` says. Rows sampled under set or range conditions
+        (`fastmdm.conditions`) pass them: `ranges` {numeric column: (low, high)} draws the
+        numbers inside the range, `choices` {column: values} decodes "other" to one of a set's
+        values that have no token.
         """
         check_tensor("tokens", tokens, ndim=2, dtypes=INT_DTYPES)
         if tokens.shape[1] != self.num_token_columns:
@@ -658,7 +757,12 @@ class TableCodec:
         for l, column in enumerate(self._columns):
             codes = tokens[:, self._token_slices[l]:self._token_slices[l + 1]]
             missing = (codes[:, 0] == column.num_values) if column.has_missing else np.zeros(len(codes), dtype=bool)
-            out[column.name] = column.decode(codes, missing, generator)
+            if column.is_numeric and ranges and column.name in ranges:
+                out[column.name] = column.decode(codes, missing, generator, ranges[column.name])
+            elif not column.is_numeric and choices and column.name in choices:
+                out[column.name] = column.decode(codes, missing, generator, choices[column.name])
+            else:
+                out[column.name] = column.decode(codes, missing, generator)
         return pd.DataFrame(out, columns=self.columns)
 
     # ----------------------------------------------------------------------------- state

@@ -5,20 +5,34 @@ from __future__ import annotations
 import torch
 
 from ..models.base import TableDenoiser
-from .common import ColumnLayout, gumbel_max, reveal_steps
+from .common import ColumnLayout, conditions_first_steps, gumbel_max, resample, reveal_steps
 
 
 def sample_bidirectional(denoiser, w, layout: ColumnLayout, steps, temperature, num_rows, known,
-                          known_mask, generator, stats):
+                          known_mask, generator, stats, restrictions=None):
+    """With `restrictions` (fastmdm.conditions.TokenRestrictions) the restricted columns are
+    drawn first from their restricted conditionals, then the rows are resampled by their
+    importance weights (the effective sample size goes to stats.effective_sizes)."""
     if isinstance(denoiser, TableDenoiser) and denoiser.architecture != "bidirectional":
         raise ValueError(f"the bidirectional decoder cannot run a {denoiser.architecture} denoiser: pass its "
                          "kind's decoder, decode=fastmdm.kinds.kind_of(model).decoder()")
-    step = reveal_steps(w, num_rows, steps, known_mask, generator)
+    if restrictions is None:
+        step, num_restricted = reveal_steps(w, num_rows, steps, known_mask, generator), 0
+    else:
+        if not isinstance(denoiser, TableDenoiser):
+            raise ValueError("set and range conditions need a fastmdm denoiser (they restrict its fused heads)")
+        step, num_restricted = conditions_first_steps(w, num_rows, steps, known_mask, restrictions.restricted,
+                                                      generator)
+        log_weights = torch.zeros(num_rows, dtype=torch.float64, device=w.device)
     x = layout.mask_id.expand(num_rows, w.numel()).clone()
     if known is not None:
         x = torch.where(known_mask, known, x)
     num_steps = int(step.max()) + 1
     for s in range(num_steps):
+        if restrictions is not None and s == num_restricted:
+            rows, ess = resample(log_weights, generator)
+            x, step = x[rows], step[rows]
+            stats.effective_sizes.append((ess, num_rows))
         reveal = step == s
         active = reveal.any(1)
         rows, cols = reveal.nonzero(as_tuple=True)
@@ -27,8 +41,14 @@ def sample_bidirectional(denoiser, w, layout: ColumnLayout, steps, temperature, 
         else:  # rows with nothing left to reveal skip the denoiser
             x_in, logit_rows = x[active], (active.cumsum(0) - 1)[rows]
         if isinstance(denoiser, TableDenoiser):   # our models: chunked heads, never full logits
-            x[rows, cols] = denoiser.heads.sample(denoiser.states(x_in)[logit_rows, cols], cols, temperature,
-                                                  generator)
+            h = denoiser.states(x_in)[logit_rows, cols]
+            if s < num_restricted:
+                x[rows, cols], log_mass = denoiser.heads.sample(
+                    h, cols, temperature, generator, log_weights=restrictions.log_weights,
+                    restriction=restrictions.rows_of(x, rows, cols, layout.mask_id))
+                log_weights.index_add_(0, rows, log_mass.double())
+            else:
+                x[rows, cols] = denoiser.heads.sample(h, cols, temperature, generator)
             continue
         logits = denoiser(x_in)
         if tuple(logits.shape) != (x_in.shape[0], layout.vocab):
@@ -36,4 +56,8 @@ def sample_bidirectional(denoiser, w, layout: ColumnLayout, steps, temperature, 
                              f"{x_in.shape[0]} rows, expected ({x_in.shape[0]}, {layout.vocab})")
         # Gumbel-max over the segments revealed now only.
         x[rows, cols] = gumbel_max(layout.segments(logits, logit_rows, cols), temperature, generator)
+    if restrictions is not None and num_restricted == num_steps:   # nothing but restricted columns to draw
+        rows, ess = resample(log_weights, generator)
+        x = x[rows]
+        stats.effective_sizes.append((ess, num_rows))
     return x

@@ -16,7 +16,7 @@ The order, which is what the schedule learns, is the same either way.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -75,6 +75,45 @@ def reveal_steps(w: Tensor, num_rows: int, steps: int, known_mask: Tensor | None
     return torch.empty_like(order).scatter_(1, order, step_by_position)
 
 
+def conditions_first_steps(w: Tensor, num_rows: int, steps: int, known_mask: Tensor | None, restricted: Tensor,
+                           generator: torch.Generator | None = None) -> tuple[Tensor, int]:
+    """(step [num_rows, L] at which each column is revealed, -1 for known columns; R).
+
+    The restricted columns (bool [L]) that are not known come right after the known ones, one
+    per step in PL(w) order among themselves (steps 0..R-1, each drawn from its conditional
+    given the known columns and the restricted ones before it); the remaining columns follow
+    in `steps` chunks of ranks, as in `reveal_steps`. So every importance weight is complete
+    after step R - 1, where the rows are resampled.
+    """
+    known_mask = (torch.zeros(num_rows, w.numel(), dtype=torch.bool, device=w.device) if known_mask is None
+                  else known_mask)
+    first = known_mask | restricted[None, :]
+    order, n_first = known_first_order(w, num_rows, first, generator)
+    drawn_first = (restricted[order] & ~known_mask.gather(1, order)
+                   & (torch.arange(w.numel(), device=w.device)[None, :] < n_first[:, None]))
+    num_restricted = int(drawn_first.sum(1).max()) if num_rows else 0
+    step_by_position = chunk_of_position(n_first, w.numel(), steps) + num_restricted
+    step_by_position = torch.where(drawn_first, drawn_first.cumsum(1) - 1, step_by_position)
+    step_by_position = step_by_position.masked_fill(~drawn_first & (step_by_position < num_restricted), -1)
+    return torch.empty_like(order).scatter_(1, order, step_by_position), num_restricted
+
+
+def resample(log_weights: Tensor, generator: torch.Generator | None) -> tuple[Tensor, float]:
+    """(row indices, effective sample size): systematic resampling of rows by importance weights
+    (log, [N]), which keeps each row's expected number of copies equal to N times its
+    normalised weight with less noise than multinomial draws. Raises ValueError when every
+    weight is zero: the conditions have probability zero under the model."""
+    if not bool(torch.isfinite(log_weights).any()):
+        raise ValueError("the conditions have probability zero under the model: no sampled row can satisfy them")
+    weights = torch.softmax(log_weights.double(), 0)
+    ess = float(1.0 / (weights ** 2).sum())
+    n = log_weights.numel()
+    positions = (uniforms((1,), generator, log_weights.device).double() + torch.arange(n, device=log_weights.device)) / n
+    cumulative = weights.cumsum(0)
+    cumulative[-1] = 1.0
+    return torch.searchsorted(cumulative, positions).clamp(max=n - 1), ess
+
+
 def gumbel_noise(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
     """Standard Gumbel noise (float32): argmax(logits + noise) draws from softmax(logits)."""
     u = uniforms(shape, generator, device)
@@ -118,6 +157,8 @@ class DecodeStats:
     rounds: int = 0          # per-row draft-and-verify rounds, summed over rows
     columns: int = 0         # columns revealed by those rounds
     orders: list[Tensor] | None = None   # set to [] to collect causal models' orders [n, L] per batch
+    # Set and range conditions: per batch, (effective sample size, rows) of the importance weights.
+    effective_sizes: list[tuple[float, int]] = field(default_factory=list)
 
     @property
     def columns_per_round(self) -> float:

@@ -86,7 +86,8 @@ def sample_tokens(denoiser: Callable[[Tensor], Tensor], w: Tensor | PowerSchedul
                   speculative: int | None = None, temperature: float = 1.0,
                   known: Tensor | None = None, known_mask: Tensor | None = None,
                   batch_size: int = 4096, generator: torch.Generator | None = None,
-                  progress: bool = False, stats: DecodeStats | None = None) -> Tensor:
+                  progress: bool = False, stats: DecodeStats | None = None,
+                  restrictions=None) -> Tensor:
     """Generate num_rows rows of token ids [num_rows, L] (int64, every value in 0..K_l-1).
 
     denoiser: a callable x_t [n, L] -> ragged logits [n, V], or a causal denoiser
@@ -104,7 +105,10 @@ def sample_tokens(denoiser: Callable[[Tensor], Tensor], w: Tensor | PowerSchedul
     known [num_rows, L] with known_mask ([num_rows, L] or [L], default known != mask_id):
     columns to condition on; they come first in the order and are returned unchanged.
     stats: a DecodeStats to add counts to (columns accepted per speculative round; the
-    generation orders of a causal model when stats.orders is a list).
+    generation orders of a causal model when stats.orders is a list; the effective sample
+    sizes of restricted sampling).
+    restrictions: set and range conditions (fastmdm.conditions.TokenRestrictions), drawn
+    first and followed by importance resampling within each batch; the same for every row.
     """
     w, steps = _validate(w, mask_id, offsets, num_rows, steps, temperature, batch_size)
     if speculative is not None:
@@ -116,6 +120,9 @@ def sample_tokens(denoiser: Callable[[Tensor], Tensor], w: Tensor | PowerSchedul
         known, known_mask = _validate_known(known, known_mask, mask_id, offsets, num_rows)
     elif known_mask is not None:
         raise ValueError("known_mask was given without known values")
+    if restrictions is not None and speculative is not None:
+        raise ValueError("set and range conditions are drawn one column at a time: leave speculative unset")
+    extra = {} if restrictions is None else {"restrictions": restrictions}
     layout = ColumnLayout.of(mask_id, offsets)
     bar = None
     if progress:
@@ -131,7 +138,7 @@ def sample_tokens(denoiser: Callable[[Tensor], Tensor], w: Tensor | PowerSchedul
                 batch_known = None if known is None else known[start:stop]
                 batch_mask = None if known is None else known_mask[start:stop]
                 out.append(decode(denoiser, w, layout, steps if speculative is None else speculative, temperature,
-                                  stop - start, batch_known, batch_mask, generator, stats))
+                                  stop - start, batch_known, batch_mask, generator, stats, **extra))
                 stats.rows += stop - start
                 if bar is not None:
                     bar.update(stop - start)
