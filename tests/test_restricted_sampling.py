@@ -195,12 +195,17 @@ def test_float64_states_give_a_float64_log_mass():
 
 @pytest.mark.skipif(triton_backend is None or not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
                     reason="triton missing, or no GPU and TRITON_INTERPRET is not 1")
-def test_triton_bfloat16_states():
-    """bfloat16 states and heads (products accumulated in fp32 on both sides): the reference on
-    the same rounded inputs, to the float32 tolerances."""
-    problem = list(restricted_problem(70, [5, 300, 2], 16, 3, seed=9))
+@pytest.mark.parametrize("d", [16, 20, 48, 256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_restricted_tiles(d, dtype):
+    """The restricted sampler's tile at several width classes, in float32 and bfloat16 (products
+    accumulated in fp32 on both sides, so the reference on the same rounded inputs is held to
+    the float32 tolerances): more cells than a tile, a column wider than two chunks."""
+    tile = triton_backend.ragged_head_config(d, dtype, "restricted")
+    problem = list(restricted_problem(tile.block_m + 3, [1, 2 * tile.block_k + 5, 3], d, 3, seed=d))
+    problem[1][: tile.block_m] = 1          # most cells in the wide column: a full tile of it
     for i in (0, 2, 3):
-        problem[i] = problem[i].bfloat16()
+        problem[i] = problem[i].to(dtype)
     for temperature in (0.0, 0.5):
         values, log_mass = run("triton", *problem[:5], temperature, 8, *problem[5:])
         want_values, want_mass = reference.ragged_head_sample(*problem[:5], temperature, 8, *problem[5:])

@@ -43,8 +43,9 @@ class RaggedHeadTile(NamedTuple):
     num_stages: int
 
 
-#: The kernels a tile is chosen for: the loss alone, the loss with its gradients, the sampler.
-MODES = ("loss", "grad", "sample")
+#: The kernels a tile is chosen for: the loss alone, the loss with its gradients, the sampler,
+#: the sampler under token restrictions.
+MODES = ("loss", "grad", "sample", "restricted")
 _BLOCK_DS = (16, 32, 64, 128, 256)
 
 #: (BLOCK_M, BLOCK_K, num_warps, num_stages) by (mode, dtype, BLOCK_D, d % 16 == 0), found by
@@ -92,6 +93,13 @@ def ragged_head_config(d_model: int, dtype: torch.dtype = torch.float32, mode: s
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"dtype must be float32 or bfloat16, got {dtype}")
+    if mode == "restricted":
+        # A restricted draw also holds a chunk of log weights (with its 64-bit addresses) and two
+        # more running logsumexps. The sampler's tile spills with them at every width class, and
+        # so do half its cells, or half its cells and half its chunk at some; half its cells and
+        # a quarter of its chunk compile without spills (benchmarks/triton_resources.py).
+        tile = ragged_head_config(d_model, dtype, "sample")
+        return tile._replace(block_m=max(16, tile.block_m // 2), block_k=max(16, tile.block_k // 4))
     block_d = max(16, triton.next_power_of_2(d_model))
     block_m, block_k, num_warps, num_stages = _TILES[mode, dtype, block_d, d_model % 16 == 0]
     return RaggedHeadTile(block_m, block_k, block_d, num_warps, num_stages)
@@ -295,6 +303,10 @@ def _loss_mode(compute_grad: bool) -> str:
     return "grad" if compute_grad else "loss"
 
 
+def _sample_mode(restriction) -> str:
+    return "sample" if restriction is None else "restricted"
+
+
 def plan_ragged_head_ce(h, head_weight, head_bias, offsets, cell_rows, tiles, targets, weight32, compute_grad):
     """Outputs (ce, grad_h, grad_W, grad_b) and the launch over `tiles` (see `_tiles`)."""
     rows, num_columns, d = h.shape
@@ -331,7 +343,7 @@ def plan_ragged_head_sample(h, order, tiles, head_weight, head_bias, offsets, te
     """Output (values, log_mass) and the launch over `tiles` of the cells in `order` (sorted by
     column). Without a restriction log_mass stays 0 and the kernel skips the log weights."""
     h, head_weight, head_bias = _unit_feature_stride(h), _aligned(head_weight), head_bias.contiguous()
-    tile = ragged_head_config(h.shape[1], h.dtype, "sample")
+    tile = ragged_head_config(h.shape[1], h.dtype, _sample_mode(restriction))
     values = torch.zeros(h.shape[0], dtype=torch.int64, device=h.device)
     log_mass = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
     restricted = restriction is not None
@@ -349,7 +361,7 @@ def plan_ragged_head_sample(h, order, tiles, head_weight, head_bias, offsets, te
 def ragged_head_sample(h, columns, head_weight, head_bias, offsets, temperature, seed,
                        log_weights=None, restriction=None):
     order = torch.argsort(columns, stable=True)
-    tile = ragged_head_config(h.shape[1], h.dtype, "sample")
+    tile = ragged_head_config(h.shape[1], h.dtype, _sample_mode(restriction))
     tiles = _tiles(columns[order], offsets.shape[0] - 1, tile.block_m)
     outputs, launch = plan_ragged_head_sample(h, order, tiles, head_weight, head_bias, offsets, temperature,
                                               seed, log_weights, restriction)
