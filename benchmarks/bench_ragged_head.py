@@ -4,6 +4,7 @@ padded segments, as fastmdm.decoding does for a denoiser that returns logits).
 
     python benchmarks/bench_ragged_head.py                 # every table, 1 thread
     python benchmarks/bench_ragged_head.py --tables adult --threads 2 --tasks head_op
+    python benchmarks/bench_ragged_head.py --tasks sample_op --repeats 15   # restricted sampling's cost
 
 Tables: Adult (real, 32,561 rows, 15 columns); "wide10k", a synthetic 20,000 x 20 table
 whose first column has 10,000 categories (the others 2..50); "cols1000", a synthetic
@@ -22,6 +23,8 @@ In process, the head op alone (forward + backward of the loss on random states):
 fused with gradients formed in the forward (the default), fused with recomputation in
 backward, and torch.compile of the reference (Adult and wide10k only: it breaks its graph
 per column, so it compiles for minutes on the 1,000-column table).
+In process, the sampler op alone (`ops.ragged_head_sample`, 2,048 cells in random columns),
+unrestricted and with every cell under a token restriction, at temperatures 1 and 0.
 
 The machine these numbers come from has 2 cores shared by several people: compare ratios
 within one run, not absolute times across runs; CPU seconds are steadier than wall seconds.
@@ -248,6 +251,48 @@ def head_op_times(table: str, threads: int, repeats: int) -> dict:
     return dict(table=table, task="head_op", threads=threads, rows=rows, cpu_ms=medians)
 
 
+def sample_op_times(table: str, threads: int, repeats: int, cells: int = 2048) -> dict:
+    """`ops.ragged_head_sample` alone on `cells` cells in random columns (ms, CPU time), without
+    and with token restrictions: every cell restricted by one of 4 log-weight patterns (30% of
+    the values forbidden, 30% kept with a share in (0, 1), the rest kept), at T = 1 and T = 0."""
+    from fastmdm import _C, ops
+    torch.set_num_threads(threads)
+    _C.set_num_threads(threads)
+    _, cards = load_table(table)
+    gen = torch.Generator().manual_seed(0)
+    num_columns, vocab = len(cards), sum(cards)
+    offsets = torch.zeros(num_columns + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(torch.tensor(cards), 0)
+    h = torch.randn(cells, 48, generator=gen)
+    head_weight = torch.randn(vocab, 48, generator=gen) / 48 ** 0.5
+    head_bias = torch.randn(vocab, generator=gen)
+    columns = torch.randint(0, num_columns, (cells,), generator=gen)
+    kind = torch.rand(4, vocab, generator=gen)
+    share = torch.rand(4, vocab, generator=gen).clamp(min=1e-3).log()
+    log_weights = torch.where(kind < 0.3, float("-inf"), torch.where(kind < 0.6, share, 0.0))
+    restriction = torch.randint(0, 4, (cells,), generator=gen)
+    args = (h, columns, head_weight, head_bias, offsets)
+    variants = {}
+    for temperature in (1.0, 0.0):
+        variants[f"T={temperature:g} unrestricted"] = lambda t=temperature: ops.ragged_head_sample(
+            *args, t, 0, validate=False)
+        variants[f"T={temperature:g} restricted"] = lambda t=temperature: ops.ragged_head_sample(
+            *args, t, 0, log_weights=log_weights, restriction=restriction, validate=False)
+    times = {name: [] for name in variants}
+    for run in variants.values():   # warm up
+        run()
+    for _ in range(repeats):        # interleaved, so load changes hit every variant alike
+        for name, run in variants.items():
+            start = time.process_time()
+            run()
+            times[name].append(time.process_time() - start)
+    medians = {name: round(statistics.median(t) * 1e3, 3) for name, t in times.items()}
+    ratios = {f"T={temperature:g} restricted / unrestricted": round(
+        medians[f"T={temperature:g} restricted"] / medians[f"T={temperature:g} unrestricted"], 3)
+        for temperature in (1.0, 0.0)}
+    return dict(table=table, task="sample_op", threads=threads, cells=cells, cpu_ms=medians, ratios=ratios)
+
+
 # ---------------------------------------------------------------------------------- driver
 def run_worker(args: list[str]) -> dict:
     result = subprocess.run([sys.executable, __file__, "--worker", *args], capture_output=True, text=True)
@@ -259,7 +304,7 @@ def run_worker(args: list[str]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tables", default="adult,wide10k,cols1000,flights")
-    parser.add_argument("--tasks", default="epoch,sample,head_op")
+    parser.add_argument("--tasks", default="epoch,sample,head_op,sample_op")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "ragged_head_runs.jsonl")
@@ -287,6 +332,10 @@ def main() -> None:
                 records.append(record)
         if table != "flights" and "head_op" in tasks:
             record = head_op_times(table, args.threads, args.repeats)
+            print(json.dumps(record), flush=True)
+            records.append(record)
+        if table != "flights" and "sample_op" in tasks:
+            record = sample_op_times(table, args.threads, args.repeats)
             print(json.dumps(record), flush=True)
             records.append(record)
     with open(args.out, "a") as f:

@@ -103,14 +103,18 @@ def ragged_head_loss_launch(d: int, dtype: torch.dtype, compute_grad: bool, *, s
                                _meta(cells, torch.int64), _meta(cells), compute_grad)[1]
 
 
-def ragged_head_sample_launch(d: int, dtype: torch.dtype, temperature: float, *, strided: bool = False,
-                              misaligned: bool = False, columns: int = 16, cells: int = 2048, vocab: int = 4096):
-    """The ragged_head_sample launch for the states h [cells, d] of cells of `columns` columns."""
+def ragged_head_sample_launch(d: int, dtype: torch.dtype, temperature: float, *, restricted: bool = False,
+                              strided: bool = False, misaligned: bool = False, columns: int = 16,
+                              cells: int = 2048, vocab: int = 4096):
+    """The ragged_head_sample launch for the states h [cells, d] of cells of `columns` columns
+    (restricted: with a table of 8 log-weight patterns)."""
     from fastmdm.triton.ragged_head import plan_ragged_head_sample
     h = _meta((d, 2 * cells), dtype)[:, ::2].t() if strided else _meta((cells, d), dtype)
     tiles = tuple(_meta((cells // 64,), torch.int64) for _ in range(3))
+    restriction = (_meta((8, vocab)), _meta((cells,), torch.int64)) if restricted else ()
     return plan_ragged_head_sample(h, _meta((cells,), torch.int64), tiles, _head_weight(vocab, d, dtype, misaligned),
-                                   _meta((vocab,), dtype), _meta((columns + 1,), torch.int64), temperature, _SEED)[1]
+                                   _meta((vocab,), dtype), _meta((columns + 1,), torch.int64), temperature, _SEED,
+                                   *restriction)[1]
 
 
 def problems(exhaustive: bool):
@@ -152,8 +156,9 @@ def problems(exhaustive: bool):
         label = f"d={d} {str(dtype)[6:]}" + "".join(f" {k}={v}" for k, v in layout.items())
         for grad in (False, True):
             yield f"{label}{' +grad' if grad else ''}", ragged_head_loss_launch(d, dtype, grad, **layout)
-        for temperature in (1.0, 0.0):
-            yield f"{label} sample T={temperature:g}", ragged_head_sample_launch(d, dtype, temperature, **layout)
+        for temperature, restricted in product((1.0, 0.0), (False, True)):
+            yield (f"{label} sample T={temperature:g}{' restricted' if restricted else ''}",
+                   ragged_head_sample_launch(d, dtype, temperature, restricted=restricted, **layout))
 
 
 def job_for(launch) -> Job:

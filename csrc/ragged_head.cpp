@@ -1,5 +1,6 @@
 // Ragged per-column output heads fused with the weighted cross entropy, and the matching
-// Gumbel-max sampler. Contract: fastmdm/ops/reference.py (ragged_head_ce, ragged_head_sample).
+// Gumbel-max sampler, with per-cell token restrictions and the log of the probability mass
+// they let through. Contract: fastmdm/ops/reference.py (ragged_head_ce, ragged_head_sample).
 //
 // Selected cells (masked ones for the loss, the requested ones for sampling) are counting-
 // sorted by column and processed in tiles of up to 64 cells of one column. The cells are the
@@ -402,8 +403,33 @@ inline float gumbel(uint64_t key, uint64_t index) {
     return -std::log(-std::log(u));
 }
 
+// log sum_k p_k exp(lw_k) for lane i of the tile, p = softmax(x * inv_t): the two
+// logsumexps as (max_r - max_f) + log(sum_r / sum_f), which keeps a mass close to 1 accurate
+// to float32 rounding instead of to the rounding of two large logsumexps. -inf when every
+// value is forbidden. Forbidden values are skipped (exp_nonpos would give them ~1e-38).
+float restricted_log_mass(Tile& t, int64_t K, int64_t i, float inv_t, const float* lw) {
+    constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+    float max_f = kNegInf, max_r = kNegInf;
+    for (int64_t k = 0; k < K; ++k) {
+        const float y = t.row(k)[i] * inv_t;
+        max_f = std::max(max_f, y);
+        if (lw[k] != kNegInf) max_r = std::max(max_r, y + lw[k]);
+    }
+    if (max_r == kNegInf) return kNegInf;
+    float sum_f = 0.0f, sum_r = 0.0f;
+    for (int64_t k = 0; k < K; ++k) {
+        const float y = t.row(k)[i] * inv_t;
+        sum_f += exp_nonpos(y - max_f);
+        if (lw[k] != kNegInf) sum_r += exp_nonpos(y + lw[k] - max_r);
+    }
+    return (max_r - max_f) + std::log(sum_r / sum_f);
+}
+
+// log_weights / restriction: py::none() for an unrestricted call, else float32 [C, V] and
+// int64 [M] with entries in -1..C-1; log_mass [M] is written for every cell (0 unrestricted).
 void ragged_head_sample(py::array h, py::array columns, py::array weight, py::array bias,
-                        py::array offsets, double temperature, uint64_t seed, py::array values) {
+                        py::array offsets, double temperature, uint64_t seed, py::object log_weights,
+                        py::object restriction, py::array values, py::array log_mass) {
     if (h.ndim() != 2 || columns.ndim() != 1) {
         throw std::invalid_argument("fastmdm._C.ragged_head_sample: h must be [M, d] and columns [M]");
     }
@@ -414,16 +440,44 @@ void ragged_head_sample(py::array h, py::array columns, py::array weight, py::ar
     const float* hp = buffer<float>(h, "h");
     const int64_t* cp = buffer<int64_t>(columns, "columns");
     int64_t* out = buffer<int64_t>(values, "values", true);
+    float* mass = buffer<float>(log_mass, "log_mass", true);
     check_size(columns, "columns", M);
     check_size(values, "values", M);
+    check_size(log_mass, "log_mass", M);
     for (int64_t m = 0; m < M; ++m) {
         if (cp[m] < 0 || cp[m] >= L) {
             throw std::invalid_argument("fastmdm._C.ragged_head_sample: columns[" + std::to_string(m) + "] = " +
                                         std::to_string(cp[m]) + " is outside 0.." + std::to_string(L - 1));
         }
     }
+    if (log_weights.is_none() != restriction.is_none()) {
+        throw std::invalid_argument("fastmdm._C.ragged_head_sample: pass both log_weights and restriction, or neither");
+    }
+    const float* lwp = nullptr;
+    const int64_t* rp = nullptr;
+    py::array lw_array, r_array;  // held here: the kernel reads their buffers
+    if (!log_weights.is_none()) {
+        lw_array = log_weights.cast<py::array>();
+        r_array = restriction.cast<py::array>();
+        if (lw_array.ndim() != 2 || lw_array.shape(1) != heads.V) {
+            throw std::invalid_argument("fastmdm._C.ragged_head_sample: log_weights must be [C, V = " +
+                                        std::to_string(heads.V) + "]");
+        }
+        lwp = buffer<float>(lw_array, "log_weights");
+        rp = buffer<int64_t>(r_array, "restriction");
+        check_size(r_array, "restriction", M);
+        const int64_t C = lw_array.shape(0);
+        for (int64_t m = 0; m < M; ++m) {
+            if (rp[m] < -1 || rp[m] >= C) {
+                throw std::invalid_argument("fastmdm._C.ragged_head_sample: restriction[" + std::to_string(m) +
+                                            "] = " + std::to_string(rp[m]) + " is outside -1.." +
+                                            std::to_string(C - 1));
+            }
+        }
+    }
     const uint64_t key = seed_key(seed);
     const float inv_t = temperature > 0.0 ? static_cast<float>(1.0 / temperature) : 1.0f;
+    constexpr float kNegInf = -std::numeric_limits<float>::infinity();
     py::gil_scoped_release release;
     const CellsByColumn g = group_by_column(M, L, [&](int64_t m) { return cp[m]; });
     std::vector<int64_t> groups;
@@ -435,6 +489,7 @@ void ragged_head_sample(py::array h, py::array columns, py::array weight, py::ar
         Tile tile;
         float best[kMaxTileCells];
         int64_t arg[kMaxTileCells];
+        const float* lw[kMaxTileCells];  // the cell's log weights over its column, or nullptr
 #pragma omp for schedule(dynamic, 1) nowait
         for (size_t ti = 0; ti < tasks.size(); ++ti) {
             const Task& task = tasks[ti];
@@ -443,21 +498,37 @@ void ragged_head_sample(py::array h, py::array columns, py::array weight, py::ar
                 const int64_t* cells = g.cells.data() + c0;
                 const int64_t count = std::min(per_tile, task.end - c0);
                 tile_logits(heads, l, hp, cells, count, tile);
-                std::fill(best, best + count, -std::numeric_limits<float>::infinity());
+                std::fill(best, best + count, kNegInf);
                 std::fill(arg, arg + count, 0);
+                for (int64_t i = 0; i < count; ++i) {
+                    const int64_t r = rp ? rp[cells[i]] : -1;
+                    lw[i] = r >= 0 ? lwp + r * heads.V + heads.offsets[l] : nullptr;
+                }
                 for (int64_t k = 0; k < K; ++k) {
                     const float* x = tile.row(k);
                     for (int64_t i = 0; i < count; ++i) {
-                        const float v = temperature > 0.0
+                        float v = temperature > 0.0
                             ? x[i] * inv_t + gumbel(key, static_cast<uint64_t>(cells[i]) * heads.V + heads.offsets[l] + k)
                             : x[i];
+                        if (lw[i] != nullptr) {  // at temperature 0 the weights only forbid
+                            const float w = lw[i][k];
+                            v = temperature > 0.0 ? v + w : (w == kNegInf ? kNegInf : v);
+                        }
                         if (v > best[i]) {
                             best[i] = v;
                             arg[i] = k;
                         }
                     }
                 }
-                for (int64_t i = 0; i < count; ++i) out[cells[i]] = arg[i];
+                for (int64_t i = 0; i < count; ++i) {
+                    out[cells[i]] = arg[i];
+                    float log_mass_i = 0.0f;
+                    if (lw[i] != nullptr) {
+                        log_mass_i = best[i] == kNegInf ? kNegInf
+                                   : temperature > 0.0 ? restricted_log_mass(tile, K, i, inv_t, lw[i]) : 0.0f;
+                    }
+                    mass[cells[i]] = log_mass_i;
+                }
             }
         }
     }
@@ -475,7 +546,8 @@ void register_ragged_head(py::module_& m) {
     m.def("ragged_head_sample", &ragged_head_sample,
           "Gumbel-max draws from ragged heads (see fastmdm.ops.reference.ragged_head_sample)",
           py::arg("h"), py::arg("columns"), py::arg("head_weight"), py::arg("head_bias"),
-          py::arg("offsets"), py::arg("temperature"), py::arg("seed"), py::arg("values"));
+          py::arg("offsets"), py::arg("temperature"), py::arg("seed"), py::arg("log_weights"),
+          py::arg("restriction"), py::arg("values"), py::arg("log_mass"));
 }
 
 }  // namespace fastmdm

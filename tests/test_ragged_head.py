@@ -221,7 +221,11 @@ def test_custom_ops_pass_opcheck():
                           (torch.rand(5, dtype=torch.float64), *grads, h, head_weight, head_bias,
                            offsets, problem[4], problem[5].detach(), problem[6]))
     torch.library.opcheck(torch.ops.fastmdm.ragged_head_sample.default,
-                          (h[:, 0], torch.tensor([0, 2, 1, 2, 0]), head_weight, head_bias, offsets, 1.0, 7))
+                          (h[:, 0], torch.tensor([0, 2, 1, 2, 0]), head_weight, head_bias, offsets, None, None, 1.0, 7))
+    log_weights = torch.tensor([[0.0, -1.0, float("-inf"), 0.0, -0.5, 0.0, 0.0, float("-inf"), 0.0, 0.0]])
+    torch.library.opcheck(torch.ops.fastmdm.ragged_head_sample.default,
+                          (h[:, 0], torch.tensor([0, 2, 1, 2, 0]), head_weight, head_bias, offsets, log_weights,
+                           torch.tensor([0, -1, 0, 0, -1]), 1.0, 7))
 
 
 @needs_cpp
@@ -233,7 +237,11 @@ def test_opcheck_with_cpp_backend():
         torch.library.opcheck(torch.ops.fastmdm.ragged_head_ce.default, (*problem, True))
         torch.library.opcheck(torch.ops.fastmdm.ragged_head_sample.default,
                               (problem[0][:, 1].detach(), torch.tensor([2, 2, 0, 1, 0]),
-                               *(t.detach() for t in problem[1:4]), 0.5, 3))
+                               *(t.detach() for t in problem[1:4]), None, None, 0.5, 3))
+        torch.library.opcheck(torch.ops.fastmdm.ragged_head_sample.default,
+                              (problem[0][:, 1].detach(), torch.tensor([2, 2, 0, 1, 0]),
+                               *(t.detach() for t in problem[1:4]), torch.zeros(2, 10).log(),
+                               torch.tensor([1, -1, 0, 0, 1]), 0.5, 3))
 
 
 # ---------------------------------------------------------------------------------- errors
@@ -311,11 +319,14 @@ def test_cpp_many_cells_of_a_wide_column_split_into_groups():
 def test_cpp_results_do_not_depend_on_the_thread_count():
     problem = head_problem(600, [2500, 3, 70], 24, seed=9, mask_prob=0.8)
     x, columns = problem[0][:, 0], torch.arange(600) % 3
-    (one, draw_one), (two, draw_two) = outputs_per_thread_count(
-        lambda: (cpp.ragged_head_ce(*problem, True), cpp.ragged_head_sample(x, columns, *problem[1:4], 1.0, 11)))
-    for a, b in zip(one, two):
+    log_weights = torch.where(torch.rand(2, 2573, generator=torch.Generator().manual_seed(1)) < 0.5,
+                              float("-inf"), -0.5)
+    restriction = torch.arange(600) % 3 - 1
+    (one, draw_one, restricted_one), (two, draw_two, restricted_two) = outputs_per_thread_count(
+        lambda: (cpp.ragged_head_ce(*problem, True), cpp.ragged_head_sample(x, columns, *problem[1:4], 1.0, 11),
+                 cpp.ragged_head_sample(x, columns, *problem[1:4], 1.0, 11, log_weights, restriction)))
+    for a, b in zip((*one, *draw_one, *restricted_one), (*two, *draw_two, *restricted_two)):
         assert torch.equal(a, b)
-    assert torch.equal(draw_one, draw_two)
 
 
 @needs_cpp
@@ -409,7 +420,7 @@ def run_sample(backend, h, columns, head_weight, head_bias, offsets, temperature
     module = {"reference": reference, "cpp": cpp, "triton": triton_backend}[backend]
     device = TRITON_DEVICE if backend == "triton" else torch.device("cpu")
     args = [t.to(device) for t in (h, columns, head_weight, head_bias, offsets)]
-    return module.ragged_head_sample(*args, temperature, seed).cpu()
+    return module.ragged_head_sample(*args, temperature, seed)[0].cpu()
 
 
 @pytest.mark.parametrize("backend", sample_backends())
@@ -469,7 +480,7 @@ def test_triton_sample_with_dispatched_tiles(d, odd_layout, dtype, monkeypatch):
     columns[:2] = torch.tensor([0, 2])
     args = (states, columns, head_weight, head_bias, offsets)
     greedy = run_sample("triton", *args, 0.0, 7)
-    assert torch.equal(greedy, reference.ragged_head_sample(*args, 0.0, 7))
+    assert torch.equal(greedy, reference.ragged_head_sample(*args, 0.0, 7)[0])
     drawn = run_sample("triton", *args, 1.0, 7)
     for key in [k for k in triton_ragged_head._TILES if k[0] == "sample"]:
         monkeypatch.setitem(triton_ragged_head._TILES, key, (16, 16, 4, 3))

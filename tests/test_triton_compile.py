@@ -9,7 +9,7 @@ Triton's metadata (at most 99 KiB, `triton_resources.SHARED_LIMIT`). It runs in 
 because the test run has set TRITON_INTERPRET=1, under which kernels cannot be compiled.
 
 Representative shapes only (the largest tile of every width class, and the ragged heads at
-d = 16, 48, 128, 256 in float32 and bfloat16: 140 compiles, several minutes on 2 cores the
+d = 16, 48, 128, 256 in float32 and bfloat16: 172 compiles, several minutes on 2 cores the
 first time, seconds from Triton's on-disk cache afterwards). The exhaustive sweep over
 every power-of-two shape and every head width (1,108 compiles) is
 `python benchmarks/triton_resources.py --exhaustive --jobs N` (`--only ragged_head`: 176 of them).
@@ -65,11 +65,14 @@ def test_every_dispatched_configuration_compiles_without_spills(tmp_path):
     assert {r["arch"] for r in results} == {80, 90}
     # The widest tables mask_order takes on the GPU are among the configurations compiled.
     assert any(r["kernel"] == "_mask_order_kernel" and "BLOCK_L=4096" in r["config"] for r in results)
-    # Every ragged-head tile class of the widest states: loss, loss with gradients, both samplers.
+    # Every ragged-head tile class of the widest states: loss, loss with gradients, both samplers
+    # with and without token restrictions.
     widest = [r["config"] for r in results if r["kernel"].startswith("_ragged_head") and "BLOCK_D=256" in r["config"]]
-    for flag in ("COMPUTE_GRAD=False", "COMPUTE_GRAD=True", "GREEDY=False", "GREEDY=True"):
-        assert sum(flag in config and "PRECISION=ieee" in config for config in widest) == 2, flag   # float32
-        assert sum(flag in config and "PRECISION=tf32" in config for config in widest) == 2, flag   # bfloat16
+    classes = [("COMPUTE_GRAD=False",), ("COMPUTE_GRAD=True",)] + [
+        (f"GREEDY={greedy}", f"RESTRICTED={restricted}") for greedy in (False, True) for restricted in (False, True)]
+    for flags in classes:
+        for precision in ("PRECISION=ieee", "PRECISION=tf32"):   # float32, bfloat16
+            assert sum(all(f in config for f in (*flags, precision)) for config in widest) == 2, (flags, precision)
 
 
 def test_a_spilling_configuration_is_reported():

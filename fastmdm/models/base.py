@@ -47,16 +47,21 @@ class RaggedHeads(nn.Module):
         return ragged_head_ce(h, self.weight, self.bias, self.offsets, targets, weight, mask)
 
     def sample(self, h: Tensor, columns: Tensor, temperature: float = 1.0,
-               generator: torch.Generator | None = None) -> Tensor:
+               generator: torch.Generator | None = None, *, log_weights: Tensor | None = None,
+               restriction: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
         """Values [M] (int64, 0..K_l-1) for M cells with states h [M, d] in columns [M].
 
         Each is drawn from softmax(logits / temperature) of its own column by Gumbel-max
         over vocabulary chunks, without logits; temperature 0 takes the argmax. The noise
         comes from one seed drawn from `generator`, so a seeded generator reproduces a draw.
+        With log_weights [C, V] and restriction [M] (see `fastmdm.ops.ragged_head_sample`)
+        cell m's values are reweighted by its pattern row and the call returns
+        (values, log_mass), log_mass the log of the probability the pattern let through.
         """
         device = generator.device if generator is not None else torch.device("cpu")
         seed = int(torch.randint(0, 2**62, (), generator=generator, device=device))
-        return ragged_head_sample(h, columns, self.weight, self.bias, self.offsets, temperature, seed)
+        return ragged_head_sample(h, columns, self.weight, self.bias, self.offsets, temperature, seed,
+                                  log_weights=log_weights, restriction=restriction)
 
 
 class TableDenoiser(nn.Module):

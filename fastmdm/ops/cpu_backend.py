@@ -108,8 +108,14 @@ def ragged_head_ce(h, head_weight, head_bias, offsets, targets, weight, mask, co
     return (loss, ce, *grads)
 
 
-def ragged_head_sample(h, columns, head_weight, head_bias, offsets, temperature, seed):
+def ragged_head_sample(h, columns, head_weight, head_bias, offsets, temperature, seed,
+                       log_weights=None, restriction=None):
     values = torch.empty(h.shape[0], dtype=torch.int64)
+    log_mass = torch.empty(h.shape[0], dtype=torch.float32)
+    restricted = restriction is not None
     _C.ragged_head_sample(_np(h), _np(columns, torch.int64), _np(head_weight), _np(head_bias),
-                          _np(offsets), float(temperature), _seed(seed), values.numpy())
-    return values
+                          _np(offsets), float(temperature), _seed(seed),
+                          _np(log_weights, torch.float32) if restricted else None,
+                          _np(restriction, torch.int64) if restricted else None,
+                          values.numpy(), log_mass.numpy())
+    return values, log_mass

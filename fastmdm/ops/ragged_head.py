@@ -142,37 +142,85 @@ def ragged_head_ce(h: Tensor, head_weight: Tensor, head_bias: Tensor, offsets: T
 
 @torch.library.custom_op("fastmdm::ragged_head_sample", mutates_args=())
 def _ragged_head_sample(h: Tensor, columns: Tensor, head_weight: Tensor, head_bias: Tensor,
-                        offsets: Tensor, temperature: float, seed: int) -> Tensor:
-    backend = select("ragged_head_sample", h, columns, head_weight, head_bias, offsets)
-    return backend.ragged_head_sample(h, columns, head_weight, head_bias, offsets, temperature, seed)
+                        offsets: Tensor, log_weights: Tensor | None, restriction: Tensor | None,
+                        temperature: float, seed: int) -> tuple[Tensor, Tensor]:
+    backend = select("ragged_head_sample", h, columns, head_weight, head_bias, offsets, log_weights, restriction)
+    return tuple(backend.ragged_head_sample(h, columns, head_weight, head_bias, offsets, temperature, seed,
+                                            log_weights, restriction))
 
 
 @_ragged_head_sample.register_fake
-def _(h, columns, head_weight, head_bias, offsets, temperature, seed):
-    return h.new_empty(h.shape[0], dtype=torch.int64)
+def _(h, columns, head_weight, head_bias, offsets, log_weights, restriction, temperature, seed):
+    return (h.new_empty(h.shape[0], dtype=torch.int64),
+            h.new_empty(h.shape[0], dtype=compute_dtype_of(h.dtype)))
+
+
+def _check_restriction(log_weights: Tensor | None, restriction: Tensor | None, cells: int, vocab: int,
+                       validate: bool) -> None:
+    """log_weights [C, V] float32 (no NaN, no +inf) and restriction [M] int64 in -1..C-1, both or neither."""
+    if (log_weights is None) != (restriction is None):
+        raise ValueError("log_weights and restriction go together: pass both or neither")
+    if log_weights is None:
+        return
+    check_tensor("log_weights", log_weights, ndim=2, dtypes=(torch.float32,))
+    check_tensor("restriction", restriction, ndim=1, dtypes=(torch.int64,))
+    if log_weights.shape[1] != vocab:
+        raise ValueError(f"log_weights must have V = {vocab} columns (head_weight's rows), "
+                         f"got {log_weights.shape[1]}")
+    if restriction.shape[0] != cells:
+        raise ValueError(f"restriction has {restriction.shape[0]} entries for {cells} cells")
+    if not validate:
+        return
+    if bool((log_weights.isnan() | (log_weights == float("inf"))).any()):
+        raise ValueError("log_weights must not hold NaN or +inf (-inf forbids a value, 0 keeps it)")
+    if restriction.numel() and bool(((restriction < -1) | (restriction >= log_weights.shape[0])).any()):
+        raise ValueError(f"restriction must lie in -1..{log_weights.shape[0] - 1} "
+                         f"(a row of log_weights, or -1 for an unrestricted cell)")
 
 
 def ragged_head_sample(h: Tensor, columns: Tensor, head_weight: Tensor, head_bias: Tensor,
                        offsets: Tensor, temperature: float, seed: int, *,
-                       validate: bool = True) -> Tensor:
+                       log_weights: Tensor | None = None, restriction: Tensor | None = None,
+                       validate: bool = True) -> Tensor | tuple[Tensor, Tensor]:
     """One value per cell, drawn from softmax(head_{columns[m]}(h[m]) / temperature), shape [M].
 
     h [M, d] states of the cells to draw, columns [M] int their column ids. Gumbel-max over
     the column's values in chunks: no logits are kept. temperature 0 takes the argmax. The
     noise comes from `seed` (a different stream per backend, deterministic for each).
+
+    Token restrictions, for conditional sampling: log_weights [C, V] float32 holds C patterns
+    of per-value log weights in the ragged layout (column l's values at offsets[l]:offsets[l+1];
+    -inf forbids a value, 0 keeps it, a negative value keeps the given share of it, such as the
+    part of a bin inside a numeric range) and restriction [M] int64 picks cell m's pattern
+    (-1: unrestricted). Cell m then draws from p_k exp(lw_k) normalised, p the tempered
+    softmax, and the call returns (values, log_mass) with log_mass [M] = log sum_k p_k
+    exp(lw_k) (float32; float64 for float64 states), the log of the probability the pattern
+    let through, for importance weights: 0 for unrestricted cells, -inf (value 0) when every
+    value of the column is forbidden. At temperature 0 the value is the argmax of the logits
+    over the allowed values and log_mass 0 or -inf. The mass comes from online logsumexps of
+    logits / T and of logits / T + lw in the same pass as the draw; the [C, V] table is read
+    per cell, never expanded to [M, V]. A restricted call draws the same noise as an
+    unrestricted one: a cell whose pattern keeps every value gets the unrestricted value.
     """
     check_tensor("h", h, ndim=2, dtypes=FLOAT_DTYPES)
     check_tensor("columns", columns, ndim=1, dtypes=INT_DTYPES)
     if columns.shape[0] != h.shape[0]:
         raise ValueError(f"columns has {columns.shape[0]} entries for {h.shape[0]} cells")
-    check_same_device(h=h, columns=columns, head_weight=head_weight, head_bias=head_bias, offsets=offsets)
+    check_same_device(h=h, columns=columns, head_weight=head_weight, head_bias=head_bias, offsets=offsets,
+                      log_weights=log_weights, restriction=restriction)
     _check_heads(h, head_weight, head_bias, offsets, validate)
+    _check_restriction(log_weights, restriction, h.shape[0], head_weight.shape[0], validate)
     if not temperature >= 0 or temperature == float("inf"):
         raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
     if validate and columns.numel() and bool(((columns < 0) | (columns >= offsets.shape[0] - 1)).any()):
         raise ValueError(f"columns must lie in 0..{offsets.shape[0] - 2}")
+    restricted = restriction is not None
     if h.shape[0] == 0:
-        return torch.empty(0, dtype=torch.int64, device=h.device)
+        values = torch.empty(0, dtype=torch.int64, device=h.device)
+        return (values, h.new_empty(0, dtype=compute_dtype_of(h.dtype))) if restricted else values
     # Draws are not differentiable: detached, so parameters that require grad can be passed.
-    return _ragged_head_sample(h.detach(), columns.long(), head_weight.detach(), head_bias.detach(),
-                               offsets, float(temperature), int(seed) & ((1 << 63) - 1))
+    values, log_mass = _ragged_head_sample(
+        h.detach(), columns.long(), head_weight.detach(), head_bias.detach(), offsets,
+        None if log_weights is None else log_weights.detach(), restriction, float(temperature),
+        int(seed) & ((1 << 63) - 1))
+    return (values, log_mass) if restricted else values

@@ -32,10 +32,17 @@ ragged_head_ce(h, head_weight, head_bias, offsets, targets, weight, mask, comput
     and ce [B,L] as in weighted_ce (float32, float64 for float64 inputs). With compute_grad
     the gradients of sum(loss) w.r.t. h, head_weight, head_bias, in that same compute dtype
     (zero for unmasked cells and for columns nothing is masked in); else empty tensors.
-ragged_head_sample(h, columns, head_weight, head_bias, offsets, temperature, seed) -> values [M]
+ragged_head_sample(h, columns, head_weight, head_bias, offsets, temperature, seed,
+                   log_weights=None, restriction=None) -> (values [M], log_mass [M])
     one value per cell from softmax(logits / temperature) of cell m's column columns[m]
     (h [M,d]), by Gumbel-max with noise drawn from `seed`; temperature 0 takes the argmax.
     int64 values in 0..K_l-1. Backends draw different noise streams for the same seed.
+    Restricted cells (restriction[m] = r >= 0) draw from p_k exp(lw_k) normalised, with
+    p = softmax(logits / temperature) and lw = log_weights[r] [V] float32 read over the
+    column's range (-inf forbids a value); log_mass[m] = log sum_k p_k exp(lw_k) in the
+    compute dtype, -inf (and value 0) when every value is forbidden. Temperature 0 takes the
+    argmax of the logits over the values with lw > -inf, and log_mass is 0 or -inf.
+    Unrestricted cells (restriction -1, or no restriction) draw as above with log_mass 0.
 """
 from __future__ import annotations
 
@@ -153,11 +160,13 @@ def ragged_head_ce(h, head_weight, head_bias, offsets, targets, weight, mask, co
     return loss, ce, grad_h, grad_head_weight, grad_head_bias
 
 
-def ragged_head_sample(h, columns, head_weight, head_bias, offsets, temperature, seed):
+def ragged_head_sample(h, columns, head_weight, head_bias, offsets, temperature, seed,
+                       log_weights=None, restriction=None):
     compute_dtype = compute_dtype_of(h.dtype)
     generator = torch.Generator(device=h.device)
     generator.manual_seed(seed)
     values = torch.empty(h.shape[0], dtype=torch.int64, device=h.device)
+    log_mass = torch.zeros(h.shape[0], dtype=compute_dtype, device=h.device)
     bounds = offsets.tolist()
     for column in columns.unique().tolist():
         cells = (columns == column).nonzero().squeeze(1)
@@ -165,8 +174,23 @@ def ragged_head_sample(h, columns, head_weight, head_bias, offsets, temperature,
         logits = h[cells].to(compute_dtype) @ head_weight[lo:hi].to(compute_dtype).T
         logits = logits + head_bias[lo:hi].to(compute_dtype)
         if temperature > 0:
+            logits = logits / temperature
+        # Unrestricted cells get the zero row: their draws equal those of an unrestricted call.
+        lw = torch.zeros_like(logits)
+        if restriction is not None:
+            rows = restriction[cells]
+            restricted = rows >= 0
+            lw[restricted] = log_weights[rows[restricted], lo:hi].to(compute_dtype)
+            if temperature > 0:
+                log_mass[cells] = torch.logsumexp(logits + lw, 1) - torch.logsumexp(logits, 1)
+            else:
+                log_mass[cells] = torch.where((lw == float("-inf")).all(1), float("-inf"), 0.0).to(compute_dtype)
+        if temperature > 0:
             u = torch.rand(logits.shape, generator=generator, dtype=compute_dtype, device=h.device)
             gumbel = -torch.log(-torch.log(u.clamp(min=torch.finfo(compute_dtype).tiny)))
-            logits = logits / temperature + gumbel
-        values[cells] = logits.argmax(1)
-    return values
+            scores = logits + lw + gumbel
+        else:
+            scores = logits.masked_fill(lw == float("-inf"), float("-inf"))
+        # Every value forbidden: value 0 (argmax of an all -inf row is not defined by torch).
+        values[cells] = torch.where(log_mass[cells] == float("-inf"), 0, scores.argmax(1))
+    return values, log_mass

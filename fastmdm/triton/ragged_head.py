@@ -5,7 +5,8 @@ column and cut into tiles of BLOCK_M cells of one column; one program takes one 
 holds the tile's states [BLOCK_M, d] and walks its column's vocabulary in BLOCK_K chunks:
 logits = states @ W_chunk^T + b on tensor cores (fp32 accumulation, bf16 or fp32 inputs),
 an online logsumexp (or a running Gumbel max), never more than one [BLOCK_M, BLOCK_K] chunk
-of logits. With gradients, a second walk forms G = weight * (softmax - onehot) per chunk
+of logits. A restricted draw reads each cell's row of the [C, V] log-weight table chunk by
+chunk alongside and keeps two more online logsumexps for the mass the row lets through. With gradients, a second walk forms G = weight * (softmax - onehot) per chunk
 and accumulates grad_h = G W in registers and grad_W += G^T states, grad_b += sum G with
 fp32 atomics (tiles of one column add into the same rows, so their order is not fixed).
 
@@ -42,8 +43,9 @@ class RaggedHeadTile(NamedTuple):
     num_stages: int
 
 
-#: The kernels a tile is chosen for: the loss alone, the loss with its gradients, the sampler.
-MODES = ("loss", "grad", "sample")
+#: The kernels a tile is chosen for: the loss alone, the loss with its gradients, the sampler,
+#: the sampler under token restrictions.
+MODES = ("loss", "grad", "sample", "restricted")
 _BLOCK_DS = (16, 32, 64, 128, 256)
 
 #: (BLOCK_M, BLOCK_K, num_warps, num_stages) by (mode, dtype, BLOCK_D, d % 16 == 0), found by
@@ -91,6 +93,13 @@ def ragged_head_config(d_model: int, dtype: torch.dtype = torch.float32, mode: s
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"dtype must be float32 or bfloat16, got {dtype}")
+    if mode == "restricted":
+        # A restricted draw also holds a chunk of log weights (with its 64-bit addresses) and two
+        # more running logsumexps. The sampler's tile spills with them at every width class, and
+        # so do half its cells, or half its cells and half its chunk at some; half its cells and
+        # a quarter of its chunk compile without spills (benchmarks/triton_resources.py).
+        tile = ragged_head_config(d_model, dtype, "sample")
+        return tile._replace(block_m=max(16, tile.block_m // 2), block_k=max(16, tile.block_k // 4))
     block_d = max(16, triton.next_power_of_2(d_model))
     block_m, block_k, num_warps, num_stages = _TILES[mode, dtype, block_d, d_model % 16 == 0]
     return RaggedHeadTile(block_m, block_k, block_d, num_warps, num_stages)
@@ -188,32 +197,73 @@ def _ragged_head_ce_kernel(h_ptr, stride_row, stride_column, w_ptr, b_ptr,
                  mask=ok[:, None] & (feature < d)[None, :])
 
 
+@triton.jit
+def _logsumexp_update(running_max, running_sum, scores):
+    """Online logsumexp over chunks of scores [BLOCK_M, BLOCK_K] that may be all -inf for a
+    row: such a row keeps max -inf and sum 0 (a plain update would give NaN)."""
+    new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(tl.exp(scores - shift[:, None]), axis=1)
+    return new_max, running_sum
+
+
 @triton.jit(do_not_specialize=["stride_cell", "V", "seed"],
-            do_not_specialize_on_alignment=["h_ptr", "b_ptr", "offsets_ptr"])
+            do_not_specialize_on_alignment=["h_ptr", "b_ptr", "offsets_ptr", "log_weights_ptr", "restriction_ptr"])
 def _ragged_head_sample_kernel(h_ptr, stride_cell, w_ptr, b_ptr, offsets_ptr,
                                cells_ptr, tile_column_ptr, tile_start_ptr, tile_stop_ptr, out_ptr,
+                               log_weights_ptr, restriction_ptr, log_mass_ptr,
                                inv_temperature, seed, tiny, V, d, GREEDY: tl.constexpr,
-                               PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
-                               BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+                               RESTRICTED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                               BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     column, start, size, cells, ok = _tile(tile_column_ptr, tile_start_ptr, tile_stop_ptr, cells_ptr,
                                            offsets_ptr, BLOCK_M)
     states = _load_states(h_ptr, stride_cell, cells, ok, d, BLOCK_D)
     within = tl.arange(0, BLOCK_K)
     best = tl.full([BLOCK_M], float("-inf"), tl.float32)
     best_index = tl.zeros([BLOCK_M], tl.int64)
+    if RESTRICTED:
+        row = tl.load(restriction_ptr + cells, mask=ok, other=-1)
+        restricted = row >= 0
+        # Online logsumexps of logits / T over all values (_f) and with the log weights (_r).
+        max_f = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        sum_f = tl.zeros([BLOCK_M], tl.float32)
+        max_r = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        sum_r = tl.zeros([BLOCK_M], tl.float32)
     for k0 in range(0, size, BLOCK_K):
         k = k0 + within
         logits, w = _logits_chunk(states, w_ptr, b_ptr, start, k, size, d, BLOCK_D, PRECISION, UPCAST)
         if not GREEDY:
+            logits = logits * inv_temperature
+        if RESTRICTED:
+            # 0 for unrestricted cells; -inf past the column comes from the logits.
+            lw = tl.load(log_weights_ptr + row[:, None] * V + (start + k)[None, :],
+                         mask=restricted[:, None] & (k < size)[None, :], other=0.0)
+            if GREEDY:
+                logits = tl.where(lw == float("-inf"), float("-inf"), logits)
+            else:
+                max_f, sum_f = _logsumexp_update(max_f, sum_f, logits)
+                logits = logits + lw
+                max_r, sum_r = _logsumexp_update(max_r, sum_r, logits)
+        if not GREEDY:
             # Philox counter per (cell, vocabulary row): the same draw for any tiling.
             u = tl.rand(seed, cells[:, None] * V + (start + k)[None, :])
-            logits = logits * inv_temperature - tl.log(-tl.log(tl.maximum(u, tiny)))
+            logits = logits - tl.log(-tl.log(tl.maximum(u, tiny)))
         chunk_best = tl.max(logits, axis=1)
         chunk_index = tl.argmax(logits, axis=1).to(tl.int64)
         better = chunk_best > best
         best_index = tl.where(better, k0 + chunk_index, best_index)
         best = tl.where(better, chunk_best, best)
     tl.store(out_ptr + cells, best_index, mask=ok)
+    if RESTRICTED:
+        # Every value forbidden: best stays -inf (logits are finite), value 0, mass -inf.
+        if GREEDY:
+            log_mass = tl.where(best == float("-inf"), float("-inf"), 0.0)
+        else:
+            # (max_r - max_f) + log(sum_r / sum_f): a mass near 1 stays accurate to rounding.
+            none_allowed = max_r == float("-inf")
+            log_mass = tl.where(none_allowed, float("-inf"),
+                                (max_r - max_f) + tl.log(tl.where(none_allowed, 1.0, sum_r / sum_f)))
+        tl.store(log_mass_ptr + cells, tl.where(restricted, log_mass, 0.0), mask=ok)
 
 
 def _tiles(sorted_columns: torch.Tensor, num_columns: int, block_m: int):
@@ -253,6 +303,10 @@ def _loss_mode(compute_grad: bool) -> str:
     return "grad" if compute_grad else "loss"
 
 
+def _sample_mode(restriction) -> str:
+    return "sample" if restriction is None else "restricted"
+
+
 def plan_ragged_head_ce(h, head_weight, head_bias, offsets, cell_rows, tiles, targets, weight32, compute_grad):
     """Outputs (ce, grad_h, grad_W, grad_b) and the launch over `tiles` (see `_tiles`)."""
     rows, num_columns, d = h.shape
@@ -284,25 +338,33 @@ def ragged_head_ce(h, head_weight, head_bias, offsets, targets, weight, mask, co
     return (loss, ce, *grads)
 
 
-def plan_ragged_head_sample(h, order, tiles, head_weight, head_bias, offsets, temperature, seed):
-    """Output values and the launch over `tiles` of the cells in `order` (sorted by column)."""
+def plan_ragged_head_sample(h, order, tiles, head_weight, head_bias, offsets, temperature, seed,
+                            log_weights=None, restriction=None):
+    """Output (values, log_mass) and the launch over `tiles` of the cells in `order` (sorted by
+    column). Without a restriction log_mass stays 0 and the kernel skips the log weights."""
     h, head_weight, head_bias = _unit_feature_stride(h), _aligned(head_weight), head_bias.contiguous()
-    tile = ragged_head_config(h.shape[1], h.dtype, "sample")
+    tile = ragged_head_config(h.shape[1], h.dtype, _sample_mode(restriction))
     values = torch.zeros(h.shape[0], dtype=torch.int64, device=h.device)
+    log_mass = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
+    restricted = restriction is not None
     launch = Launch(_ragged_head_sample_kernel, (tiles[0].numel(),), (
         h, h.stride(0), head_weight, head_bias, offsets.contiguous(), order, *tiles, values,
-        1.0 / temperature if temperature > 0 else 1.0, int(seed), _TINY, head_weight.shape[0], h.shape[1]),
-        dict(GREEDY=temperature == 0, **_dot_options(h), BLOCK_M=tile.block_m, BLOCK_K=tile.block_k,
-             BLOCK_D=tile.block_d),
+        log_weights.contiguous() if restricted else log_mass, restriction.contiguous() if restricted else values,
+        log_mass, 1.0 / temperature if temperature > 0 else 1.0, int(seed), _TINY, head_weight.shape[0],
+        h.shape[1]),
+        dict(GREEDY=temperature == 0, RESTRICTED=restricted, **_dot_options(h), BLOCK_M=tile.block_m,
+             BLOCK_K=tile.block_k, BLOCK_D=tile.block_d),
         tile.num_warps, tile.num_stages)
-    return values, launch
+    return (values, log_mass), launch
 
 
-def ragged_head_sample(h, columns, head_weight, head_bias, offsets, temperature, seed):
+def ragged_head_sample(h, columns, head_weight, head_bias, offsets, temperature, seed,
+                       log_weights=None, restriction=None):
     order = torch.argsort(columns, stable=True)
-    tile = ragged_head_config(h.shape[1], h.dtype, "sample")
+    tile = ragged_head_config(h.shape[1], h.dtype, _sample_mode(restriction))
     tiles = _tiles(columns[order], offsets.shape[0] - 1, tile.block_m)
-    values, launch = plan_ragged_head_sample(h, order, tiles, head_weight, head_bias, offsets, temperature, seed)
+    outputs, launch = plan_ragged_head_sample(h, order, tiles, head_weight, head_bias, offsets, temperature,
+                                              seed, log_weights, restriction)
     if tiles[0].numel():
         launch()
-    return values
+    return outputs
