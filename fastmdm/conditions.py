@@ -8,6 +8,7 @@ A condition maps a column to
 - a closed range, given as a 2-tuple with None for an open end: `{"age": (30, 40)}`,
   `{"price": (None, 500)}`, `{"date": ("2013-01-01", None)}` (numeric, datetime and timedelta
   columns; on a categorical column of numbers it is the set of its categories in the range).
+  A missing value lies in no range, so `(None, None)` asks for a value that is not missing.
 
 Sets and ranges are enforced when the column's tokens are drawn, by restricting their support
 (`TokenRestrictions`, used by the decoders through the fused sampler), so no row is rejected.
@@ -92,8 +93,6 @@ def split_conditions(codec: TableCodec, conditions: Mapping) -> tuple[dict, list
             low, high = _plain_bound(codec, name, low), _plain_bound(codec, name, high)
             if low is not None and high is not None and low > high:
                 raise ValueError(f"condition on {name!r}: the range {spec!r} is empty (low > high)")
-            if low is None and high is None:
-                continue   # no restriction at all
             restricted.append(ColumnCondition(name, low=low, high=high))
         else:
             exact[name] = spec
