@@ -193,8 +193,7 @@ def test_float64_states_give_a_float64_log_mass():
     torch.testing.assert_close(log_mass[want > NEG_INF], want[want > NEG_INF], rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.skipif(triton_backend is None or not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
-                    reason="triton missing, or no GPU and TRITON_INTERPRET is not 1")
+@pytest.mark.skipif("triton" not in backends(), reason="triton missing, or no GPU and TRITON_INTERPRET is not 1")
 @pytest.mark.parametrize("d", [16, 20, 48, 256])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_restricted_tiles(d, dtype):

@@ -197,10 +197,12 @@ def ragged_head_sample(h: Tensor, columns: Tensor, head_weight: Tensor, head_bia
     exp(lw_k) (float32; float64 for float64 states), the log of the probability the pattern
     let through, for importance weights: 0 for unrestricted cells, -inf (value 0) when every
     value of the column is forbidden. At temperature 0 the value is the argmax of the logits
-    over the allowed values and log_mass 0 or -inf. The mass comes from online logsumexps of
-    logits / T and of logits / T + lw in the same pass as the draw; the [C, V] table is read
-    per cell, never expanded to [M, V]. A restricted call draws the same noise as an
-    unrestricted one: a cell whose pattern keeps every value gets the unrestricted value.
+    over the allowed values and log_mass 0 or -inf. The mass comes from the logsumexps of
+    logits / T and of logits / T + lw, formed while the draw holds each chunk of logits (no
+    logits are kept); the [C, V] table is read per cell, never expanded to [M, V]. A
+    restricted call draws the same noise as an unrestricted one: a cell whose pattern keeps
+    every value gets the unrestricted value. `validate=False` skips the value checks (column
+    and restriction ranges, offsets, NaN or +inf log weights), which cost a device sync on GPU.
     """
     check_tensor("h", h, ndim=2, dtypes=FLOAT_DTYPES)
     check_tensor("columns", columns, ndim=1, dtypes=INT_DTYPES)

@@ -6,9 +6,10 @@ holds the tile's states [BLOCK_M, d] and walks its column's vocabulary in BLOCK_
 logits = states @ W_chunk^T + b on tensor cores (fp32 accumulation, bf16 or fp32 inputs),
 an online logsumexp (or a running Gumbel max), never more than one [BLOCK_M, BLOCK_K] chunk
 of logits. A restricted draw reads each cell's row of the [C, V] log-weight table chunk by
-chunk alongside and keeps two more online logsumexps for the mass the row lets through. With gradients, a second walk forms G = weight * (softmax - onehot) per chunk
-and accumulates grad_h = G W in registers and grad_W += G^T states, grad_b += sum G with
-fp32 atomics (tiles of one column add into the same rows, so their order is not fixed).
+chunk alongside and keeps two more online logsumexps for the mass the row lets through.
+With gradients, a second walk forms G = weight * (softmax - onehot) per chunk and
+accumulates grad_h = G W in registers and grad_W += G^T states, grad_b += sum G with fp32
+atomics (tiles of one column add into the same rows, so their order is not fixed).
 
 States are read with unit feature stride (the ops copy h when its features are not
 contiguous). Triton compiles a variant per specialization of the launch arguments (integers
@@ -85,7 +86,8 @@ def ragged_head_config(d_model: int, dtype: torch.dtype = torch.float32, mode: s
     values a chunk, then the most cells, then the fewest warps) that compiles for sm_80 and
     sm_90 with no spills and at most 99 KiB of shared memory, found by compiling candidates:
     benchmarks/ragged_head_tiles.py, whose results (benchmarks/results/ragged_head_tiles.md)
-    give each tile's registers and the larger tiles that lost.
+    give each tile's registers and the larger tiles that lost. The restricted sampler's tile
+    is derived from the sampler's (see below).
     """
     if not 1 <= d_model <= MAX_HEAD_WIDTH:
         raise ValueError(f"d_model must lie in 1..{MAX_HEAD_WIDTH}, got {d_model}")
