@@ -7,7 +7,8 @@ A condition maps a column to
   numeric column that is categorical, like a small count, takes sets too);
 - a closed range, given as a 2-tuple with None for an open end: `{"age": (30, 40)}`,
   `{"price": (None, 500)}`, `{"date": ("2013-01-01", None)}` (numeric, datetime and timedelta
-  columns; on a categorical column of numbers it is the set of its categories in the range).
+  columns; on a categorical column it is the set of its categories in the range, numbers
+  compared as numbers and text alphabetically).
   A missing value lies in no range, so `(None, None)` asks for a value that is not missing.
 
 Sets and ranges are enforced when the column's tokens are drawn, by restricting their support

@@ -413,6 +413,8 @@ class _Numeric:
         into [low, high] (None: open), the missing token's row 0. Decoding with the same range
         draws inside it (`decode`), so these are the probabilities of landing in the range."""
         start_of_range, end_of_range, grid_low, grid_high = self._range_cdf(low, high)
+        if grid_low > grid_high:   # no value at the column's precision
+            return np.zeros((self.num_values + int(self.has_missing), max(self.fine_levels, 1)))
         bins = np.arange(self.num_values)[:, None]
         fine = np.arange(max(self.fine_levels, 1))[None, :]
         start, end = self._cell_cdf(np.broadcast_to(bins, (len(bins), fine.shape[1])),

@@ -187,7 +187,8 @@ def test_infeasible_conditions_fail_fast(mixed):
     with pytest.raises(ValueError, match="no value .* at the column's precision"):
         model.sample(5, conditions={"price": (10.001, 10.009)})
     with pytest.raises(ValueError, match="holds categories"):
-        model.sample(5, conditions={"color": ("a", "z")})
+        model.sample(5, conditions={"color": (1, 2)})
+    assert model.sample(50, conditions={"color": ("b", "c")}, seed=0)["color"].isin(["black", "blue"]).all()
     with pytest.raises(ValueError, match="not a set"):
         model.sample(5, conditions={"price": [1.0, 2.0]})
     # Conditions the model gives probability zero leave every importance weight at zero.
