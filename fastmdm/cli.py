@@ -83,9 +83,17 @@ def cmd_train(args) -> None:
 
 
 def _conditions(model, args):
-    """(conditions frame or None, rows to sample): --conditions holds one row per sampled row,
-    some of the model's columns, empty cells free; -n, if given, must match its rows."""
+    """(conditions or None, rows to sample): --condition (repeatable) applies to every row;
+    --conditions holds one row per sampled row, some of the model's columns, empty cells
+    free, and -n, if given, must match its rows."""
+    from .conditions import parse_condition_text
     from .table_files import read_table
+    if args.condition and args.conditions is not None:
+        raise ValueError("give --condition (the same for every row) or a --conditions table, not both")
+    if args.condition:
+        if args.num_rows is None:
+            raise ValueError("give the number of rows to sample (-n)")
+        return dict(parse_condition_text(text) for text in args.condition), args.num_rows
     if args.conditions is None:
         if args.num_rows is None:
             raise ValueError("give the number of rows to sample (-n), or a --conditions table")
@@ -233,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--conditions", metavar="TABLE",
                         help=f"values to sample around ({TABLE}): one row per sampled row holding some of the "
                              "model's columns; empty cells are sampled, the others kept")
+    sample.add_argument("--condition", action="append", default=[], metavar="COLUMN=SPEC",
+                        help="a condition for every row, repeatable: COLUMN=VALUE, COLUMN=A|B|C (one of "
+                             "these values), COLUMN=LOW..HIGH (a closed range; leave an end empty to open it, "
+                             "e.g. price=..500)")
     sample.add_argument("--batch-size", type=int, default=4096,
                         help="rows per batch: bounds memory; the rows depend on seed and batch size")
     sample.add_argument("--shard", metavar="K/N",

@@ -201,6 +201,22 @@ def test_sample_conditions_must_match_the_model(table, model_path, tmp_path, cap
     assert "has 5 rows" in capsys.readouterr().err
 
 
+def test_sample_condition_options(model_path, tmp_path, capsys):
+    """--condition: a value, a set (A|B) and a range (LOW..HIGH, open ends), for every row."""
+    out = str(tmp_path / "c.csv")
+    argv = ["sample", model_path, "-n", "40", "--seed", "1", "-o", out]
+    assert cli_main([*argv, "--condition", "color=red|blue", "--condition", "amount=10.5..",
+                     "--condition", "count=..300"]) == 0
+    rows = pd.read_csv(out)
+    assert len(rows) == 40 and rows["color"].isin(["red", "blue"]).all()
+    assert (rows["amount"] >= 10.5).all() and (rows["count"] <= 300).all()
+    assert cli_main([*argv, "--condition", "color=green"]) == 0 and (pd.read_csv(out)["color"] == "green").all()
+    assert cli_main([*argv, "--condition", "count=500..100"]) == 2
+    assert "empty" in capsys.readouterr().err
+    assert cli_main([*argv, "--condition", "count"]) == 2
+    assert "column=value" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- reading
 def test_evaluate_scores_a_seeded_sample_of_a_larger_table(table, model_path, tmp_path, capsys):
     real = write(table, tmp_path, "real", "parquet")
