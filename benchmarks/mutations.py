@@ -50,7 +50,7 @@ MUTATIONS = (
              (f"{PROMISES}::test_temperature_reshapes_every_conditional",)),
     Mutation("heads-ignore-temperature", "the fused head sampler draws from softmax(logits / T)",
              "fastmdm/models/base.py",
-             "self.offsets, temperature, seed)", "self.offsets, 1.0, seed)",
+             "self.offsets, temperature, seed,", "self.offsets, 1.0, seed,",
              (f"{PROMISES}::test_temperature_reshapes_every_conditional",)),
     Mutation("condition-ignored", "sample(conditions=...) samples the other columns given them",
              "fastmdm/api.py",
