@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .conditions import TokenRestrictions, split_conditions
+from .conditions import Rule, TokenRestrictions, split_conditions
 from .data import DEFAULT_CATEGORY_CAP, DEFAULT_NUM_BINS, TableCodec
 from .decoding import DecodeStats, known_first_order, sample_tokens
 from .kinds import ModelKind, model_kind
@@ -221,7 +221,7 @@ class TabularMDM:
 
     def sample(self, num_rows: int, *, steps: int | None = None, speculative: int | None = None,
                temperature: float = 1.0,
-               conditions: Mapping[str, object] | pd.DataFrame | None = None,
+               conditions: Mapping[str, object] | pd.DataFrame | None = None, rules: list[str] | None = None,
                seed: int | None = None, batch_size: int = 4096, progress: bool = False) -> pd.DataFrame:
         """Generate rows. `steps` denoiser calls per row (default: number of columns, exact);
         fewer reveal chunks of columns at once (approximate). `speculative=k` (causal
@@ -234,12 +234,18 @@ class TabularMDM:
         when they are drawn, with importance resampling when the weights differ (see
         fastmdm.conditions); the result's attrs["effective_sample_size"] says how many
         independent rows they were worth, and a warning comes when that falls below a tenth.
+        `rules`: comparisons between two columns of numbers or times that every row obeys,
+        such as "check_in <= check_out" (or >=); the columns are drawn first, each token
+        restricted to those that keep the rule satisfiable, with the same resampling. Exact
+        for columns whose tokens are single values (small integer columns); two numbers drawn
+        inside one shared bin level are swapped when they break the rule.
         An empty range, a category the table never had, or conditions the model gives
         probability zero raise ValueError.
         The rows are those of `iter_samples` with the same seed and batch_size, concatenated.
         """
         frames = list(self.iter_samples(num_rows, steps=steps, speculative=speculative, temperature=temperature,
-                                        conditions=conditions, seed=seed, batch_size=batch_size, progress=progress))
+                                        conditions=conditions, rules=rules, seed=seed, batch_size=batch_size,
+                                        progress=progress))
         sizes = [f.attrs.get("effective_sample_size") for f in frames]
         out = pd.concat(frames)
         if sizes and None not in sizes:
@@ -248,7 +254,7 @@ class TabularMDM:
 
     def iter_samples(self, num_rows: int, *, steps: int | None = None, speculative: int | None = None,
                      temperature: float = 1.0, conditions: Mapping[str, object] | pd.DataFrame | None = None,
-                     seed: int | None = None, batch_size: int = 4096, shard: tuple[int, int] | None = None,
+                     rules: list[str] | None = None, seed: int | None = None, batch_size: int = 4096, shard: tuple[int, int] | None = None,
                      progress: bool = False) -> Iterator[pd.DataFrame]:
         """Generate rows a batch at a time: DataFrames of up to batch_size rows, indexed by row number.
 
@@ -265,11 +271,13 @@ class TabularMDM:
         plan = BlockPlan(num_rows, batch_size, fresh_seed() if seed is None else seed, shard, num_shards)
         if isinstance(conditions, pd.DataFrame) and len(conditions) != num_rows:
             raise ValueError(f"conditions has {len(conditions)} rows but num_rows is {num_rows}")
-        restrictions = None
+        restricted = []
         if isinstance(conditions, Mapping):
             conditions, restricted = split_conditions(self.codec, conditions)
-            if restricted:
-                restrictions = TokenRestrictions(self.codec, restricted, self.device)
+        if isinstance(rules, str):
+            raise TypeError("rules must be a list of strings such as ['check_in <= check_out']")
+        rules = [Rule.parse(text, self.codec) for text in rules or ()]
+        restrictions = TokenRestrictions(self.codec, restricted, self.device, rules) if restricted or rules else None
         options = dict(steps=steps, speculative=speculative, temperature=temperature)
         if isinstance(conditions, Mapping) and not conditions:
             conditions = None
@@ -296,8 +304,8 @@ class TabularMDM:
                 if restrictions is None:
                     frame = self.codec.decode(tokens, generator=generator)
                 else:
-                    frame = self.codec.decode(tokens, generator=generator, ranges=restrictions.ranges,
-                                              choices=restrictions.choices)
+                    frame = restrictions.enforce_rules(self.codec.decode(
+                        tokens, generator=generator, ranges=restrictions.ranges, choices=restrictions.choices))
                 if given is not None:
                     frame = self.codec.keep_given(given, frame)
                 frame.index = pd.RangeIndex(rows.start, rows.stop)

@@ -123,7 +123,7 @@ def cmd_sample(args) -> None:
     conditions, num_rows = _conditions(model, args)
     start = time.perf_counter()
     path = model.sample_to(args.output, num_rows, shard=shard, steps=args.steps, speculative=args.speculative,
-                           temperature=args.temperature, conditions=conditions, seed=args.seed,
+                           temperature=args.temperature, conditions=conditions, rules=args.rule, seed=args.seed,
                            batch_size=args.batch_size, progress=True)
     rows = len(BlockPlan(num_rows, args.batch_size, 0, *shard).rows)
     print(f"wrote {rows:,} rows to {path} ({rows / (time.perf_counter() - start):,.0f} rows/s)")
@@ -245,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a condition for every row, repeatable: COLUMN=VALUE, COLUMN=A|B|C (one of "
                              "these values), COLUMN=LOW..HIGH (a closed range; leave an end empty to open it, "
                              "e.g. price=..500)")
+    sample.add_argument("--rule", action="append", default=[], metavar="'A <= B'",
+                        help="a comparison between two columns every row obeys, repeatable (<= or >=)")
     sample.add_argument("--batch-size", type=int, default=4096,
                         help="rows per batch: bounds memory; the rows depend on seed and batch size")
     sample.add_argument("--shard", metavar="K/N",

@@ -26,6 +26,7 @@ are all equal and the draw is exact for any number of rows.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -34,9 +35,9 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from .data import TableCodec, to_plain
+from .data import TableCodec, is_time_dtype, to_plain
 
-__all__ = ["ColumnCondition", "split_conditions", "TokenRestrictions", "parse_condition_text"]
+__all__ = ["ColumnCondition", "Rule", "split_conditions", "TokenRestrictions", "parse_condition_text"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,34 @@ class ColumnCondition:
     values: tuple | None = None
     low: float | None = None
     high: float | None = None
+
+
+@dataclass(frozen=True)
+class Rule:
+    """`left <= right` (op "<=") or `left >= right` (op ">=") between two columns of numbers or
+    times, in every sampled row."""
+    left: object
+    op: str
+    right: object
+
+    @classmethod
+    def parse(cls, text: str, codec: TableCodec) -> "Rule":
+        """A rule from text such as "check_in <= check_out" (also >=), checked against the codec."""
+        match = re.fullmatch(r"\s*(.+?)\s*(<=|>=)\s*(.+?)\s*", text) if isinstance(text, str) else None
+        if match is None:
+            raise ValueError(f"a rule is 'column <= column' or 'column >= column', got {text!r}")
+        names = {str(c): c for c in codec.columns}
+        left, op, right = match.groups()
+        unknown = [n for n in (left, right) if n not in names]
+        if unknown:
+            raise ValueError(f"rule {text!r} names columns the model does not have: {unknown}")
+        if left == right:
+            raise ValueError(f"rule {text!r} compares a column with itself")
+        dtypes = {n: codec._columns[codec.columns.index(names[n])].pandas_dtype for n in (left, right)}
+        if (is_time_dtype(dtypes[left]) or is_time_dtype(dtypes[right])) and dtypes[left] != dtypes[right]:
+            raise ValueError(f"rule {text!r} compares {dtypes[left]} with {dtypes[right]}; times compare only "
+                             "with times of the same type")
+        return cls(names[left], op, names[right])
 
 
 def _plain_bound(codec: TableCodec, name, bound):
@@ -127,8 +156,10 @@ class TokenRestrictions:
     lies in the range, so the importance weights are exact.
     """
 
-    def __init__(self, codec: TableCodec, conditions: list[ColumnCondition], device: torch.device):
+    def __init__(self, codec: TableCodec, conditions: list[ColumnCondition], device: torch.device,
+                 rules: list[Rule] = ()):
         vocab = int(codec.offsets[-1])
+        self.rules = list(rules)
         rows: list[np.ndarray] = []
         columns = codec.num_token_columns
         self.alone = np.full(columns, -1)        # the row used while the partner is not drawn
@@ -171,10 +202,20 @@ class TokenRestrictions:
             self.given[coarse] = len(rows)
             for j in range(cells.shape[1]):
                 add_row(coarse, _log(cells[:, j]))
+        if not rows:   # rules only: every cell's row is built when it is drawn
+            rows.append(np.zeros(vocab))
         self.log_weights = torch.tensor(np.stack(rows), dtype=torch.float32, device=device)
-        self.restricted = torch.from_numpy(self.alone >= 0).to(device)
         self._alone, self._partner, self._given = (torch.from_numpy(a).to(device)
                                                    for a in (self.alone, self.partner, self.given))
+        self._bounds = {name: _ColumnBounds(codec, name, device)
+                        for rule in self.rules for name in (rule.left, rule.right)}
+        ruled = torch.zeros(columns, dtype=torch.bool)
+        for bounds in self._bounds.values():
+            ruled[bounds.span] = True
+        self._ruled = ruled.to(device)
+        self.restricted = torch.from_numpy(self.alone >= 0).to(device) | self._ruled
+        self._offsets = codec.offsets.to(device)
+        self._owner = [codec.columns[i] for i in codec.token_owner]
 
     def rows_of(self, x: Tensor, rows: Tensor, columns: Tensor, mask_id: Tensor) -> Tensor:
         """The table row of each cell (rows[i], columns[i]) given the row's tokens x [N, T]
@@ -185,6 +226,99 @@ class TokenRestrictions:
         value = x[rows, safe]
         drawn = has_partner & (value != mask_id[safe])
         return torch.where(drawn, self._given[columns] + value, self._alone[columns])
+
+
+    def cells(self, x: Tensor, rows: Tensor, columns: Tensor, mask_id: Tensor) -> tuple[Tensor, Tensor]:
+        """(log-weight table, row of it per cell) for the cells (rows[i], columns[i]) about to be
+        drawn, given the tokens drawn so far x [N, T] (mask ids elsewhere). Set and range
+        conditions use their fixed rows (`rows_of`); a cell of a column under a rule gets a
+        row of its own, which also forbids every token that leaves the rule unsatisfiable
+        given what the other column's tokens drawn so far allow."""
+        index = self.rows_of(x, rows, columns, mask_id)
+        ruled = self._ruled[columns]
+        if not bool(ruled.any()):
+            return self.log_weights, index
+        cells = ruled.nonzero(as_tuple=True)[0]
+        extra = torch.where((index[cells] >= 0)[:, None], self.log_weights[index[cells].clamp(min=0)], 0.0)
+        for column in columns[cells].unique().tolist():
+            group = (columns[cells] == column).nonzero(as_tuple=True)[0]   # positions in `cells`
+            tokens = x[rows[cells[group]]]                                # [m, T]
+            name = self._owner[column]
+            allowed = None
+            for rule in self.rules:
+                if name not in (rule.left, rule.right):
+                    continue
+                other = rule.right if name == rule.left else rule.left
+                below = (rule.op == "<=") == (name == rule.left)   # this column must be <= the other
+                low, high = self._bounds[name].candidates(column, tokens, mask_id)   # [m, K]
+                other_low, other_high = self._bounds[other].interval(tokens, mask_id)   # [m]
+                ok = low <= other_high[:, None] if below else high >= other_low[:, None]
+                allowed = ok if allowed is None else allowed & ok
+            start = int(self._offsets[column])
+            width = allowed.shape[1]
+            extra[group, start:start + width] = extra[group, start:start + width].masked_fill(~allowed,
+                                                                                              float("-inf"))
+        index = index.clone()
+        index[cells] = self.log_weights.shape[0] + torch.arange(len(cells), device=index.device)
+        return torch.cat([self.log_weights, extra]), index
+
+    def enforce_rules(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """Rows whose two ruled values were drawn inside one shared cell can break the rule
+        by less than the cell's width: their two values are swapped, which the tokens allow."""
+        for rule in self.rules:
+            low, high = (rule.left, rule.right) if rule.op == "<=" else (rule.right, rule.left)
+            broken = (frame[low] > frame[high]).to_numpy()
+            if broken.any():
+                frame.loc[broken, [low, high]] = frame.loc[broken, [high, low]].to_numpy()
+        return frame
+
+
+class _ColumnBounds:
+    """The lowest and highest value a column under a rule can still decode to, given which of
+    its token columns are drawn (`TableCodec` value bounds per (bin, fine level) cell)."""
+
+    def __init__(self, codec: TableCodec, name, device: torch.device):
+        column = codec._columns[codec.columns.index(name)]
+        self.span = codec.token_columns_of(name)
+        self.coarse, self.fine = self.span.start, (self.span.start + 1 if self.span.stop - self.span.start == 2 else None)
+        low, high = (torch.tensor(b, dtype=torch.float64, device=device) for b in column.value_bounds())
+        self.cell_low, self.cell_high = low, high                              # [coarse, fine or 1]
+        self.coarse_low, self.coarse_high = low.min(1).values, high.max(1).values
+        self.fine_low, self.fine_high = low.min(0).values, high.max(0).values  # any bin
+        finite_low, finite_high = low[torch.isfinite(low)], high[torch.isfinite(high)]
+        self.lowest, self.highest = finite_low.min(), finite_high.max()
+
+    def _drawn(self, tokens: Tensor, mask_id: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(bin, bin drawn, fine level, fine level drawn) per row of tokens [m, T], indices clamped."""
+        k = tokens[:, self.coarse]
+        k_drawn = k != mask_id[self.coarse]
+        if self.fine is None:
+            return k.clamp(max=self.cell_low.shape[0] - 1), k_drawn, torch.zeros_like(k), torch.zeros_like(k_drawn)
+        j = tokens[:, self.fine]
+        j_drawn = j != mask_id[self.fine]
+        return (k.clamp(max=self.cell_low.shape[0] - 1), k_drawn, j.clamp(max=self.cell_low.shape[1] - 1), j_drawn)
+
+    def interval(self, tokens: Tensor, mask_id: Tensor) -> tuple[Tensor, Tensor]:
+        """(low, high) [m] this column can still take in each row of tokens [m, T]."""
+        k, k_drawn, j, j_drawn = self._drawn(tokens, mask_id)
+        low = torch.where(k_drawn & j_drawn, self.cell_low[k, j],
+                          torch.where(k_drawn, self.coarse_low[k], torch.where(j_drawn, self.fine_low[j], self.lowest)))
+        high = torch.where(k_drawn & j_drawn, self.cell_high[k, j],
+                           torch.where(k_drawn, self.coarse_high[k],
+                                       torch.where(j_drawn, self.fine_high[j], self.highest)))
+        return low, high
+
+    def candidates(self, token_column: int, tokens: Tensor, mask_id: Tensor) -> tuple[Tensor, Tensor]:
+        """(low, high) [m, K] per candidate token of one of this column's token columns, given
+        the column's other token column in each row of tokens [m, T] if drawn."""
+        k, k_drawn, j, j_drawn = self._drawn(tokens, mask_id)
+        if token_column == self.coarse:
+            given = j_drawn[:, None]
+            return (torch.where(given, self.cell_low[:, j].T, self.coarse_low[None, :]),
+                    torch.where(given, self.cell_high[:, j].T, self.coarse_high[None, :]))
+        given = k_drawn[:, None]
+        return (torch.where(given, self.cell_low[k], self.fine_low[None, :]),
+                torch.where(given, self.cell_high[k], self.fine_high[None, :]))
 
 
 def _log(weights: np.ndarray) -> np.ndarray:

@@ -229,6 +229,17 @@ class _Categorical:
         codes[(codes < 0) & ~missing] = len(self.categories)
         return np.where(missing, self.num_values, codes)[:, None]
 
+    def value_bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """(value, value) of each category token as [tokens, 1], for comparisons between
+        columns; "other" and missing are (+inf, -inf), which satisfy no comparison. Only a
+        column of numbers compares."""
+        if not all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in self.categories):
+            raise ValueError(f"column {self.name!r} holds categories that are not numbers; a rule compares numbers "
+                             "or times")
+        values = np.array(self.categories, dtype=np.float64)
+        never = np.full(self.num_values + int(self.has_missing) - len(values), np.inf)
+        return np.concatenate([values, never])[:, None], np.concatenate([values, -never])[:, None]
+
     def set_weights(self, values) -> tuple[np.ndarray, tuple]:
         """(1 for the tokens of `values`, else 0, over the column's tokens; the values that
         have no token of their own). Text matches a category by its printed form, so a
@@ -427,6 +438,20 @@ class _Numeric:
         share = np.where(point, ((left >= grid_low) & (left <= grid_high)).astype(np.float64), share)
         missing_row = np.zeros((int(self.has_missing), share.shape[1]))
         return np.concatenate([share, missing_row])
+
+    def value_bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """(lowest, highest) number each (bin, fine level) cell decodes to, [coarse tokens,
+        fine levels (1 without)]; the missing token's row (+inf, -inf) satisfies no comparison."""
+        bins = np.arange(self.num_values)[:, None]
+        fine = np.arange(max(self.fine_levels, 1))[None, :]
+        shape = (len(bins), fine.shape[1])
+        start, end = self._cell_cdf(np.broadcast_to(bins, shape), np.broadcast_to(fine, shape))
+        point = self._point[bins] | (end <= start)
+        left = np.broadcast_to(self._lefts_np[bins], shape)
+        low = np.where(point, left, self._quantile(start))
+        high = np.where(point, left, self._quantile(end))
+        never = np.full((int(self.has_missing), shape[1]), np.inf)
+        return np.concatenate([low, never]), np.concatenate([high, -never])
 
     def _range_cdf(self, low, high) -> tuple[float, float, float, float]:
         """(start, end) of [low, high] in the sketch's distribution function, and the range's

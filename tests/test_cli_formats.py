@@ -211,6 +211,9 @@ def test_sample_condition_options(model_path, tmp_path, capsys):
     assert len(rows) == 40 and rows["color"].isin(["red", "blue"]).all()
     assert (rows["amount"] >= 10.5).all() and (rows["count"] <= 300).all()
     assert cli_main([*argv, "--condition", "color=green"]) == 0 and (pd.read_csv(out)["color"] == "green").all()
+    assert cli_main([*argv, "--rule", "amount <= count"]) == 0
+    rows = pd.read_csv(out)
+    assert (rows["amount"] <= rows["count"]).all()
     assert cli_main([*argv, "--condition", "count=500..100"]) == 2
     assert "empty" in capsys.readouterr().err
     assert cli_main([*argv, "--condition", "count"]) == 2

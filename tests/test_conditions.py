@@ -51,9 +51,10 @@ def peaky():
     return model
 
 
-def conditional_distribution(model: TabularMDM, allowed: dict[int, list[int]]) -> torch.Tensor:
+def conditional_distribution(model: TabularMDM, allowed: dict[int, list[int]], keep=None) -> torch.Tensor:
     """p(row | conditions) over all rows (row_counts order): orders with the restricted columns
-    first, PL(w) among them and then among the others; rows outside the conditions get 0."""
+    first, PL(w) among them and then among the others; rows outside the conditions (or, with
+    `keep`, rows [R, L] -> bool [R] false) get 0."""
     denoiser = model.denoiser.double()
     log_w = torch.log(model.schedule.w.detach().double())
     rows = all_rows(SIZES)
@@ -75,6 +76,8 @@ def conditional_distribution(model: TabularMDM, allowed: dict[int, list[int]]) -
     probs = torch.logsumexp(log_p + weights, 1).exp()
     for column, values in allowed.items():
         probs = probs * torch.isin(rows[:, column], torch.tensor(values))
+    if keep is not None:
+        probs = probs * keep(rows)
     return probs / probs.sum()
 
 
@@ -110,6 +113,18 @@ def test_two_conditions_are_exact_with_importance_resampling(peaky, monkeypatch)
     assert p_value(counts_of(peaky, unweighted), expected) < REJECT
 
 
+def test_a_rule_between_two_columns_is_exact(peaky, monkeypatch):
+    """rules=["a <= b"] on integer columns (a token is a value, so the rule is exact): both
+    columns first, b restricted to b >= a (or a to a <= b), rows resampled by the weights."""
+    expected = conditional_distribution(peaky, {0: [0, 1, 2], 1: [0, 1, 2]}, keep=lambda r: r[:, 0] <= r[:, 1])
+    synth = peaky.sample(NUM_ROWS, rules=["a <= b"], seed=5)
+    assert (synth["a"] <= synth["b"]).all()
+    assert p_value(counts_of(peaky, synth), expected) > ACCEPT
+    monkeypatch.setattr(bidirectional_decoding, "resample",
+                        lambda log_weights, generator: (torch.arange(log_weights.numel()), 1.0))
+    assert p_value(counts_of(peaky, peaky.sample(NUM_ROWS, rules=["a <= b"], seed=5)), expected) < REJECT
+
+
 # ------------------------------------------------------------------------------ any table
 def mixed_table(rows: int = 400, seed: int = 0) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
@@ -135,8 +150,10 @@ def mixed():
 @given(count=st.tuples(st.integers(0, 499), st.integers(0, 499)),
        price=st.tuples(st.one_of(st.none(), st.floats(0, 400)), st.one_of(st.none(), st.floats(0, 400))),
        colors=st.sets(st.sampled_from(["red", "green", "blue", "black"]), min_size=1),
-       level=st.tuples(st.integers(1, 5), st.integers(1, 5)), day=st.integers(0, 364), which=st.integers(1, 31))
-def test_every_sampled_row_satisfies_its_conditions(mixed, count, price, colors, level, day, which):
+       level=st.tuples(st.integers(1, 5), st.integers(1, 5)), day=st.integers(0, 364), which=st.integers(1, 31),
+       rules=st.lists(st.sampled_from(["count >= level", "price <= count", "level <= price", "count <= price"]),
+                      max_size=2, unique=True))
+def test_every_sampled_row_satisfies_its_conditions(mixed, count, price, colors, level, day, which, rules):
     model, _ = mixed
     low_day = pd.Timestamp("2020-01-01") + pd.Timedelta(days=day)
     candidates = {"count": tuple(sorted(count)), "price": price, "color": sorted(colors),
@@ -163,7 +180,14 @@ def test_every_sampled_row_satisfies_its_conditions(mixed, count, price, colors,
             return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        synth = model.sample(200, conditions=conditions, seed=0, batch_size=64)
+        try:
+            synth = model.sample(200, conditions=conditions, rules=rules, seed=0, batch_size=64)
+        except ValueError as err:   # rules and ranges that contradict each other leave no row
+            assert rules and "probability zero" in str(err)
+            return
+    for rule in rules:
+        left, op, right = rule.split()
+        assert ((synth[left] <= synth[right]) if op == "<=" else (synth[left] >= synth[right])).all(), rule
     checks = {"count": lambda s: s.between(*conditions["count"]),
               "price": lambda s: s.between(price[0] if price[0] is not None else -np.inf,
                                            price[1] if price[1] is not None else np.inf),
@@ -191,6 +215,11 @@ def test_infeasible_conditions_fail_fast(mixed):
     assert model.sample(50, conditions={"color": ("b", "c")}, seed=0)["color"].isin(["black", "blue"]).all()
     with pytest.raises(ValueError, match="not a set"):
         model.sample(5, conditions={"price": [1.0, 2.0]})
+    for rule, message in [("count < price", "a rule is"), ("count <= weight", "does not have"),
+                          ("count <= count", "itself"), ("color <= count", "not numbers"),
+                          ("day >= count", "times compare only with times")]:
+        with pytest.raises(ValueError, match=message):
+            model.sample(5, rules=[rule])
     # Conditions the model gives probability zero leave every importance weight at zero.
     with pytest.raises(ValueError, match="probability zero"):
         resample(torch.full((4,), -torch.inf), None)

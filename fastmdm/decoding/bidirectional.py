@@ -43,9 +43,9 @@ def sample_bidirectional(denoiser, w, layout: ColumnLayout, steps, temperature, 
         if isinstance(denoiser, TableDenoiser):   # our models: chunked heads, never full logits
             h = denoiser.states(x_in)[logit_rows, cols]
             if s < num_restricted:
-                x[rows, cols], log_mass = denoiser.heads.sample(
-                    h, cols, temperature, generator, log_weights=restrictions.log_weights,
-                    restriction=restrictions.rows_of(x, rows, cols, layout.mask_id))
+                table, index = restrictions.cells(x, rows, cols, layout.mask_id)
+                x[rows, cols], log_mass = denoiser.heads.sample(h, cols, temperature, generator, log_weights=table,
+                                                                restriction=index)
                 log_weights.index_add_(0, rows, log_mass.double())
             else:
                 x[rows, cols] = denoiser.heads.sample(h, cols, temperature, generator)
