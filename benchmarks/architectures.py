@@ -101,7 +101,7 @@ def run(dataset: str, seed: int, epochs: int, max_rows: int | None, sample_rows:
         val = train.sample(frac=0.1, random_state=seed).head(2000)
         val_tokens = model.codec.encode(val)
         estimators = ["order"] if arch == "causal" else ["order", "tspace"]
-        num_columns = model.codec.num_token_columns
+        num_columns = model.codec.num_columns
         n = sample_rows or len(train)
         rates = {"S=L": sampling_rate(model, n), f"S={math.ceil(num_columns / 4)}":
                  sampling_rate(model, n, steps=math.ceil(num_columns / 4))}

@@ -52,7 +52,7 @@ def run(device: torch.device, precision: str, backend: str, epochs: int, sample_
         result = {"device": str(device), "precision": precision, "backend": backend,
                   "train_rows_per_s": epoch_rows / statistics.median(warm),
                   "final_train_nelbo": model.history[-1].train_nelbo}
-        num_columns = model.codec.num_token_columns
+        num_columns = model.codec.num_columns
         for steps in (num_columns, max(1, num_columns // 4)):
             with _autocast(device, precision):
                 model.sample(min(1024, sample_rows), steps=steps, seed=1)        # warm-up

@@ -60,7 +60,7 @@ def main() -> None:
     tokens = model.codec.encode(train)
     rows = tokens[torch.randperm(tokens.shape[0])[:args.rows]]
     generator = torch.Generator().manual_seed(1)
-    spread = torch.exp(torch.randn(model.codec.num_token_columns, generator=generator))
+    spread = torch.exp(torch.randn(model.codec.num_columns, generator=generator))
     print(f"Adult, denoiser trained {args.epochs} epochs; {args.rows} rows, "
           f"{args.batches} mini-batches of {args.batch_rows} rows x K=2 for gradients\n")
     print("| w | estimator | NELBO mean ± s.e. | per-row std | var(grad theta) | var(grad log w) |")

@@ -89,7 +89,7 @@ def write_resampled_adult(path: Path, rows: int, seed: int = 0) -> None:
 def measure_sample(kind: str, rows: int, workdir: Path) -> dict:
     from fastmdm import TabularMDM
     model = TabularMDM.load(workdir / "model.pt", device="cpu")
-    steps = math.ceil(model.codec.num_token_columns / 4)
+    steps = math.ceil(model.codec.num_columns / 4)
     model.sample_to(workdir / "warm.parquet", 4096, steps=steps, seed=1)   # first-call costs into the baseline
     baseline = reset_peak_mb()
     out = workdir / f"{kind}-{rows}.parquet"
@@ -99,7 +99,7 @@ def measure_sample(kind: str, rows: int, workdir: Path) -> dict:
     else:
         model.sample(rows, steps=steps, seed=0).to_parquet(out, index=False)
     seconds = time.perf_counter() - start
-    result = {"rows": rows, "steps": steps, "columns": model.codec.num_token_columns, "seconds": seconds,
+    result = {"rows": rows, "steps": steps, "columns": model.codec.num_columns, "seconds": seconds,
               "rows_per_s": rows / seconds, "baseline_rss_mb": baseline, "peak_rss_mb": rss_mb("VmHWM"),
               "file_mb": out.stat().st_size / 2**20}
     out.unlink()
@@ -112,7 +112,7 @@ def _trainer(codec):
     from fastmdm.train import TrainConfig, Trainer
     torch.manual_seed(0)
     denoiser = build_denoiser("bidirectional", codec.cardinalities)
-    trainer = Trainer(denoiser, PowerSchedule(codec.num_token_columns), codec.mask_ids, codec.offsets,
+    trainer = Trainer(denoiser, PowerSchedule(codec.num_columns), codec.mask_ids, codec.offsets,
                       TrainConfig(batch_size=1024, progress=False))
     return trainer, sum(p.numel() for p in denoiser.parameters())
 
@@ -164,7 +164,7 @@ def measure_train(kind: str, rows: int, workdir: Path, timed_steps: int) -> dict
     prepare = time.perf_counter() - start
     prepared_rss = rss_mb("VmHWM")
     trainer, parameters = _trainer(codec)
-    return {"rows": rows, "columns": codec.num_token_columns, "prepare_s": prepare, "prepare_rows_per_s": rows / prepare,
+    return {"rows": rows, "columns": codec.num_columns, "prepare_s": prepare, "prepare_rows_per_s": rows / prepare,
             "token_mb": stored_bytes / 2**20, "bytes_per_row": stored_bytes / rows, "parameters": parameters,
             "baseline_rss_mb": baseline, "prepared_rss_mb": prepared_rss,
             **_time_steps(trainer, tokens, rows, timed_steps),

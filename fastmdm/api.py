@@ -23,7 +23,7 @@ from .token_store import prepare_token_store
 from .train import Budget, EpochRecord, TrainConfig, Trainer, atomic_save, estimate_nelbo
 
 #: The version of the files save() and checkpoints write; load() and resume read this one only.
-_FORMAT = "fastmdm-tabular-4"
+_FORMAT = "fastmdm-tabular-3"
 #: The architecture of a static-order model when none is named.
 DEFAULT_ARCHITECTURE = model_kind(None, "static").architecture
 
@@ -145,7 +145,7 @@ class TabularMDM:
     def _build_model(self) -> None:
         """A fresh denoiser and schedule for the codec's columns, from this model's settings."""
         self.denoiser = self.kind.denoiser(self.codec.cardinalities, **self.model_options)
-        self.schedule = PowerSchedule(self.codec.num_token_columns, learnable=self.learn_schedule)
+        self.schedule = PowerSchedule(self.codec.num_columns, learnable=self.learn_schedule)
 
     def _encode_frame(self, df: pd.DataFrame, validation, categorical, fit_codec: bool):
         """(train tokens, validation tokens or None) of an in-memory table, fitting the codec first if asked."""
@@ -194,18 +194,16 @@ class TabularMDM:
 
     @property
     def weights(self) -> pd.Series:
-        """Learned schedule weights w per token column (higher = revealed earlier in
-        generation), indexed by `codec.token_columns`: a numeric column's fine level is
-        "<column> (fine)".
+        """Learned schedule weights w per column (higher = revealed earlier in generation).
 
         For a contextual model these are the policy's prior scores: its preference before
         the values move it (see `generation_orders` for the orders it actually takes)."""
         self._require_fitted()
-        return pd.Series(self.schedule.w.detach().cpu().numpy(), index=self.codec.token_columns, name="w")
+        return pd.Series(self.schedule.w.detach().cpu().numpy(), index=self.codec.columns, name="w")
 
     def generation_orders(self, num_rows: int = 2000, *, seed: int = 0) -> pd.DataFrame:
-        """The order in which generation reveals the token columns, for num_rows sampled rows: a
-        frame whose column i names the token column revealed i-th (1 = first). For a static model
+        """The order in which generation reveals the columns, for num_rows sampled rows: a
+        frame whose column i names the column revealed i-th (1 = first). For a static model
         these are draws from PL(w); a contextual model's depend on each row's values, so they
         come from sampling rows."""
         self._require_fitted()
@@ -216,7 +214,7 @@ class TabularMDM:
             orders = torch.cat(stats.orders)
         else:
             orders, _ = known_first_order(self.schedule.w.detach().cpu(), num_rows, generator=generator)
-        names = np.asarray(self.codec.token_columns, dtype=object)[orders.numpy()]
+        names = np.asarray(self.codec.columns, dtype=object)[orders.numpy()]
         return pd.DataFrame(names, columns=range(1, orders.shape[1] + 1))
 
     def sample(self, num_rows: int, *, steps: int | None = None, speculative: int | None = None,
@@ -237,8 +235,9 @@ class TabularMDM:
         `rules`: comparisons between two columns of numbers or times that every row obeys,
         such as "check_in <= check_out" (or >=); the columns are drawn first, each token
         restricted to those that keep the rule satisfiable, with the same resampling. Exact
-        for columns whose tokens are single values (small integer columns); two numbers drawn
-        inside one shared bin level are swapped when they break the rule.
+        for columns whose tokens are single values (small integer columns); a number drawn
+        inside a bin that overlaps the other column's is drawn again, bounded by the other
+        value, when it breaks the rule.
         An empty range, a category the table never had, or conditions the model gives
         probability zero raise ValueError.
         The rows are those of `iter_samples` with the same seed and batch_size, concatenated.
@@ -254,8 +253,8 @@ class TabularMDM:
 
     def iter_samples(self, num_rows: int, *, steps: int | None = None, speculative: int | None = None,
                      temperature: float = 1.0, conditions: Mapping[str, object] | pd.DataFrame | None = None,
-                     rules: list[str] | None = None, seed: int | None = None, batch_size: int = 4096, shard: tuple[int, int] | None = None,
-                     progress: bool = False) -> Iterator[pd.DataFrame]:
+                     rules: list[str] | None = None, seed: int | None = None, batch_size: int = 4096,
+                     shard: tuple[int, int] | None = None, progress: bool = False) -> Iterator[pd.DataFrame]:
         """Generate rows a batch at a time: DataFrames of up to batch_size rows, indexed by row number.
 
         Memory is one batch, whatever num_rows. Block b of batch_size rows draws from a seed
@@ -304,8 +303,9 @@ class TabularMDM:
                 if restrictions is None:
                     frame = self.codec.decode(tokens, generator=generator)
                 else:
-                    frame = restrictions.enforce_rules(self.codec.decode(
-                        tokens, generator=generator, ranges=restrictions.ranges, choices=restrictions.choices))
+                    frame = self.codec.decode(tokens, generator=generator, ranges=restrictions.ranges,
+                                              choices=restrictions.choices)
+                    frame = restrictions.enforce_rules(self.codec, tokens, frame, generator)
                 if given is not None:
                     frame = self.codec.keep_given(given, frame)
                 frame.index = pd.RangeIndex(rows.start, rows.stop)
@@ -334,7 +334,7 @@ class TabularMDM:
         frames = self.iter_samples(num_rows, shard=shard, **options)
         target = shard_path(path, *(shard or (0, 1)))
         # One real value per column, no missing ones: it fixes the Parquet schema.
-        example = self.codec.decode(torch.zeros(1, self.codec.num_token_columns, dtype=torch.int64),
+        example = self.codec.decode(torch.zeros(1, self.codec.num_columns, dtype=torch.int64),
                                     generator=torch.Generator().manual_seed(0))
         with TableWriter(target, example) as writer:
             for frame in frames:

@@ -142,7 +142,7 @@ def cmd_impute(args) -> None:
     chunks = read_chunks(table_files(args.data))
     # One real value per column and no missing one fixes the Parquet schema (a chunk whose
     # column is all missing would give it a null type), as in TabularMDM.sample_to.
-    example = model.codec.decode(torch.zeros(1, model.codec.num_token_columns, dtype=torch.int64),
+    example = model.codec.decode(torch.zeros(1, model.codec.num_columns, dtype=torch.int64),
                                  generator=torch.Generator().manual_seed(0))
     rows = holes = 0
     with TableWriter(args.output, example) as writer:

@@ -14,9 +14,9 @@ A condition maps a column to
 Sets and ranges are enforced when the column's tokens are drawn, by restricting their support
 (`TokenRestrictions`, used by the decoders through the fused sampler), so no row is rejected.
 Each restricted token is drawn from the model's conditional times a weight in [0, 1]: 0 for a
-token outside the condition, 1 inside, and for a numeric cell (a bin, or a bin's fine level)
-that straddles a bound, the share of the cell's mass inside the range, since decoding then
-draws the number inside the cell and the range (`fastmdm.data.TableCodec.decode`). A row's
+token outside the condition, 1 inside, and for a numeric bin that straddles a bound, the share
+of the bin's mass inside the range, since decoding then draws the number inside the bin and
+the range (`fastmdm.data.TableCodec.decode`). A row's
 importance weight is the product of the probabilities these restrictions let through; the
 decoders draw the restricted columns first and resample rows by those weights before drawing
 the rest (sequential Monte Carlo), which makes the rows follow the model's conditional
@@ -145,96 +145,57 @@ def _categories_in_range(column, name, low, high) -> ColumnCondition:
 
 
 class TokenRestrictions:
-    """Which tokens each restricted token column may take, as rows of a log-weight table for
-    the fused sampler (`fastmdm.ops.ragged_head_sample`'s log_weights and restriction).
-
-    A column with one token column has one row. A numeric column with a fine level has a
-    weight F[k, j] per (bin k, fine level j) pair, the share of that cell inside the range;
-    whichever of its two token columns is drawn first takes the indicator of "some partner
-    cell has weight > 0", and the second takes F's row or column given the first. The product
-    of the two factors is F[k, j], the probability that the number decoded inside the cell
-    lies in the range, so the importance weights are exact.
-    """
+    """Which tokens each restricted column may take, as rows of a log-weight table for the
+    fused sampler (`fastmdm.ops.ragged_head_sample`'s log_weights and restriction): one row
+    per set or range condition, and for a column under a rule a row per cell, built when the
+    cell is drawn (`cells`)."""
 
     def __init__(self, codec: TableCodec, conditions: list[ColumnCondition], device: torch.device,
                  rules: list[Rule] = ()):
         vocab = int(codec.offsets[-1])
         self.rules = list(rules)
         rows: list[np.ndarray] = []
-        columns = codec.num_token_columns
-        self.alone = np.full(columns, -1)        # the row used while the partner is not drawn
-        self.partner = np.full(columns, -1)      # the other token column of the same column
-        self.given = np.full(columns, -1)        # first row of "given the partner's value" rows
-        self.ranges: dict = {}                   # numeric columns: (low, high) for decoding
-        self.choices: dict = {}                  # categorical columns: set values decoding "other" picks from
-
-        def add_row(token_column: int, log_weight: np.ndarray) -> int:
-            row = np.zeros(vocab)
-            start = int(codec.offsets[token_column])
-            row[start:start + len(log_weight)] = log_weight
-            rows.append(row)
-            return len(rows) - 1
-
+        self.row_of = np.full(codec.num_columns, -1)   # each column's row, -1: none
+        self.ranges: dict = {}                         # numeric columns: (low, high) for decoding
+        self.choices: dict = {}                        # categorical columns: set values decoding "other" picks from
         for condition in conditions:
-            span = codec.token_columns_of(condition.column)
-            column = codec._columns[codec.columns.index(condition.column)]
+            l = codec.columns.index(condition.column)
+            column = codec._columns[l]
             if condition.values is not None:
                 weights, others = column.set_weights(condition.values)
                 if others:
                     self.choices[condition.column] = others
-                self.alone[span.start] = add_row(span.start, _log(weights))
-                continue
-            self.ranges[condition.column] = (condition.low, condition.high)
-            cells = column.range_weights(condition.low, condition.high)   # [coarse tokens, fine levels or 1]
-            if not (cells > 0).any():
-                raise ValueError(f"condition on {condition.column!r}: no value the model can generate lies in "
-                                 f"the range ({condition.low}, {condition.high}) at the column's precision")
-            if span.stop - span.start == 1:
-                self.alone[span.start] = add_row(span.start, _log(cells[:, 0]))
-                continue
-            coarse, fine = span.start, span.start + 1
-            self.alone[coarse] = add_row(coarse, _log((cells > 0).any(1)))
-            self.alone[fine] = add_row(fine, _log((cells > 0).any(0)))
-            self.partner[coarse], self.partner[fine] = fine, coarse
-            self.given[fine] = len(rows)
-            for k in range(cells.shape[0]):
-                add_row(fine, _log(cells[k]))
-            self.given[coarse] = len(rows)
-            for j in range(cells.shape[1]):
-                add_row(coarse, _log(cells[:, j]))
+            else:
+                self.ranges[condition.column] = (condition.low, condition.high)
+                weights = column.range_weights(condition.low, condition.high)
+                if not (weights > 0).any():
+                    raise ValueError(f"condition on {condition.column!r}: no value the model can generate lies in "
+                                     f"the range ({condition.low}, {condition.high}) at the column's precision")
+            row = np.zeros(vocab)
+            start = int(codec.offsets[l])
+            row[start:start + len(weights)] = _log(weights)
+            rows.append(row)
+            self.row_of[l] = len(rows) - 1
         if not rows:   # rules only: every cell's row is built when it is drawn
             rows.append(np.zeros(vocab))
         self.log_weights = torch.tensor(np.stack(rows), dtype=torch.float32, device=device)
-        self._alone, self._partner, self._given = (torch.from_numpy(a).to(device)
-                                                   for a in (self.alone, self.partner, self.given))
-        self._bounds = {name: _ColumnBounds(codec, name, device)
+        self._row_of = torch.from_numpy(self.row_of).to(device)
+        self._bounds = {codec.columns.index(name): _ColumnBounds(codec, name, device)
                         for rule in self.rules for name in (rule.left, rule.right)}
-        ruled = torch.zeros(columns, dtype=torch.bool)
-        for bounds in self._bounds.values():
-            ruled[bounds.span] = True
+        self._rules = [(codec.columns.index(r.left), r.op, codec.columns.index(r.right)) for r in self.rules]
+        ruled = torch.zeros(codec.num_columns, dtype=torch.bool)
+        ruled[list(self._bounds)] = True
         self._ruled = ruled.to(device)
-        self.restricted = torch.from_numpy(self.alone >= 0).to(device) | self._ruled
+        self.restricted = (self._row_of >= 0) | self._ruled
         self._offsets = codec.offsets.to(device)
-        self._owner = [codec.columns[i] for i in codec.token_owner]
-
-    def rows_of(self, x: Tensor, rows: Tensor, columns: Tensor, mask_id: Tensor) -> Tensor:
-        """The table row of each cell (rows[i], columns[i]) given the row's tokens x [N, T]
-        (mask ids where not drawn yet); -1 for unrestricted cells."""
-        partner = self._partner[columns]
-        has_partner = partner >= 0
-        safe = partner.clamp(min=0)
-        value = x[rows, safe]
-        drawn = has_partner & (value != mask_id[safe])
-        return torch.where(drawn, self._given[columns] + value, self._alone[columns])
-
 
     def cells(self, x: Tensor, rows: Tensor, columns: Tensor, mask_id: Tensor) -> tuple[Tensor, Tensor]:
         """(log-weight table, row of it per cell) for the cells (rows[i], columns[i]) about to be
-        drawn, given the tokens drawn so far x [N, T] (mask ids elsewhere). Set and range
-        conditions use their fixed rows (`rows_of`); a cell of a column under a rule gets a
-        row of its own, which also forbids every token that leaves the rule unsatisfiable
-        given what the other column's tokens drawn so far allow."""
-        index = self.rows_of(x, rows, columns, mask_id)
+        drawn, given the tokens drawn so far x [N, L] (mask ids elsewhere); row -1 leaves a
+        cell unrestricted. A cell of a column under a rule gets a row of its own, which also
+        forbids every token whose values cannot satisfy the rule against the values the other
+        column can still take (any, or its drawn bin's)."""
+        index = self._row_of[columns]
         ruled = self._ruled[columns]
         if not bool(ruled.any()):
             return self.log_weights, index
@@ -242,83 +203,65 @@ class TokenRestrictions:
         extra = torch.where((index[cells] >= 0)[:, None], self.log_weights[index[cells].clamp(min=0)], 0.0)
         for column in columns[cells].unique().tolist():
             group = (columns[cells] == column).nonzero(as_tuple=True)[0]   # positions in `cells`
-            tokens = x[rows[cells[group]]]                                # [m, T]
-            name = self._owner[column]
-            allowed = None
-            for rule in self.rules:
-                if name not in (rule.left, rule.right):
+            tokens = x[rows[cells[group]]]                                # [m, L]
+            low, high = self._bounds[column].low, self._bounds[column].high   # [K] per candidate token
+            allowed = torch.ones(len(group), low.numel(), dtype=torch.bool, device=x.device)
+            for left, op, right in self._rules:
+                if column not in (left, right):
                     continue
-                other = rule.right if name == rule.left else rule.left
-                below = (rule.op == "<=") == (name == rule.left)   # this column must be <= the other
-                low, high = self._bounds[name].candidates(column, tokens, mask_id)   # [m, K]
-                other_low, other_high = self._bounds[other].interval(tokens, mask_id)   # [m]
-                ok = low <= other_high[:, None] if below else high >= other_low[:, None]
-                allowed = ok if allowed is None else allowed & ok
+                other = right if column == left else left
+                below = (op == "<=") == (column == left)   # this column must be <= the other
+                other_low, other_high = self._bounds[other].interval(tokens[:, other], mask_id[other])
+                allowed &= (low[None, :] <= other_high[:, None]) if below else (high[None, :] >= other_low[:, None])
             start = int(self._offsets[column])
-            width = allowed.shape[1]
+            width = low.numel()
             extra[group, start:start + width] = extra[group, start:start + width].masked_fill(~allowed,
                                                                                               float("-inf"))
         index = index.clone()
         index[cells] = self.log_weights.shape[0] + torch.arange(len(cells), device=index.device)
         return torch.cat([self.log_weights, extra]), index
 
-    def enforce_rules(self, frame: pd.DataFrame) -> pd.DataFrame:
-        """Rows whose two ruled values were drawn inside one shared cell can break the rule
-        by less than the cell's width: their two values are swapped, which the tokens allow."""
+    def enforce_rules(self, codec: TableCodec, tokens: Tensor, frame: pd.DataFrame,
+                      generator: torch.Generator | None) -> pd.DataFrame:
+        """Rows whose two ruled values were decoded inside bins whose ranges overlap can break
+        the rule by less than a bin's width. There the number of the larger side (or, if it is
+        categorical, of the smaller) is drawn again inside its bin, bounded by the other value
+        and by the column's range condition if any."""
+        tokens = tokens.cpu()
         for rule in self.rules:
             low, high = (rule.left, rule.right) if rule.op == "<=" else (rule.right, rule.left)
             broken = (frame[low] > frame[high]).to_numpy()
-            if broken.any():
-                frame.loc[broken, [low, high]] = frame.loc[broken, [high, low]].to_numpy()
+            if not broken.any():
+                continue
+            redrawn, bound = (high, low) if codec.is_numeric[codec.columns.index(high)] else (low, high)
+            bounds = to_plain(bound, frame[bound][broken], frame[bound].dtype)
+            bounds = bounds.to_numpy(dtype=np.float64)
+            range_low, range_high = self.ranges.get(redrawn, (None, None))
+            if redrawn == high:
+                limits = (np.maximum(bounds, -np.inf if range_low is None else range_low), range_high)
+            else:
+                limits = (range_low, np.minimum(bounds, np.inf if range_high is None else range_high))
+            l = codec.columns.index(redrawn)
+            values = codec.redraw(redrawn, tokens[torch.from_numpy(broken), l], *limits, generator)
+            frame.loc[broken, redrawn] = values.to_numpy()
         return frame
 
 
 class _ColumnBounds:
-    """The lowest and highest value a column under a rule can still decode to, given which of
-    its token columns are drawn (`TableCodec` value bounds per (bin, fine level) cell)."""
+    """The lowest and highest value each token of a column under a rule decodes to (the
+    codec's value bounds), and what the column can still take in a row."""
 
     def __init__(self, codec: TableCodec, name, device: torch.device):
         column = codec._columns[codec.columns.index(name)]
-        self.span = codec.token_columns_of(name)
-        self.coarse, self.fine = self.span.start, (self.span.start + 1 if self.span.stop - self.span.start == 2 else None)
-        low, high = (torch.tensor(b, dtype=torch.float64, device=device) for b in column.value_bounds())
-        self.cell_low, self.cell_high = low, high                              # [coarse, fine or 1]
-        self.coarse_low, self.coarse_high = low.min(1).values, high.max(1).values
-        self.fine_low, self.fine_high = low.min(0).values, high.max(0).values  # any bin
-        finite_low, finite_high = low[torch.isfinite(low)], high[torch.isfinite(high)]
-        self.lowest, self.highest = finite_low.min(), finite_high.max()
-
-    def _drawn(self, tokens: Tensor, mask_id: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(bin, bin drawn, fine level, fine level drawn) per row of tokens [m, T], indices clamped."""
-        k = tokens[:, self.coarse]
-        k_drawn = k != mask_id[self.coarse]
-        if self.fine is None:
-            return k.clamp(max=self.cell_low.shape[0] - 1), k_drawn, torch.zeros_like(k), torch.zeros_like(k_drawn)
-        j = tokens[:, self.fine]
-        j_drawn = j != mask_id[self.fine]
-        return (k.clamp(max=self.cell_low.shape[0] - 1), k_drawn, j.clamp(max=self.cell_low.shape[1] - 1), j_drawn)
+        self.low, self.high = (torch.tensor(b, dtype=torch.float64, device=device) for b in column.value_bounds())
+        self.lowest = self.low[torch.isfinite(self.low)].min()
+        self.highest = self.high[torch.isfinite(self.high)].max()
 
     def interval(self, tokens: Tensor, mask_id: Tensor) -> tuple[Tensor, Tensor]:
-        """(low, high) [m] this column can still take in each row of tokens [m, T]."""
-        k, k_drawn, j, j_drawn = self._drawn(tokens, mask_id)
-        low = torch.where(k_drawn & j_drawn, self.cell_low[k, j],
-                          torch.where(k_drawn, self.coarse_low[k], torch.where(j_drawn, self.fine_low[j], self.lowest)))
-        high = torch.where(k_drawn & j_drawn, self.cell_high[k, j],
-                           torch.where(k_drawn, self.coarse_high[k],
-                                       torch.where(j_drawn, self.fine_high[j], self.highest)))
-        return low, high
-
-    def candidates(self, token_column: int, tokens: Tensor, mask_id: Tensor) -> tuple[Tensor, Tensor]:
-        """(low, high) [m, K] per candidate token of one of this column's token columns, given
-        the column's other token column in each row of tokens [m, T] if drawn."""
-        k, k_drawn, j, j_drawn = self._drawn(tokens, mask_id)
-        if token_column == self.coarse:
-            given = j_drawn[:, None]
-            return (torch.where(given, self.cell_low[:, j].T, self.coarse_low[None, :]),
-                    torch.where(given, self.cell_high[:, j].T, self.coarse_high[None, :]))
-        given = k_drawn[:, None]
-        return (torch.where(given, self.cell_low[k], self.fine_low[None, :]),
-                torch.where(given, self.cell_high[k], self.fine_high[None, :]))
+        """(low, high) [m] the column can still take given its tokens [m] (mask id: not drawn)."""
+        drawn = tokens != mask_id
+        safe = tokens.clamp(max=self.low.numel() - 1)
+        return (torch.where(drawn, self.low[safe], self.lowest), torch.where(drawn, self.high[safe], self.highest))
 
 
 def _log(weights: np.ndarray) -> np.ndarray:

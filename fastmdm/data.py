@@ -1,11 +1,10 @@
-"""TableCodec: pandas DataFrame <-> token ids, one or two discrete tokens per column.
+"""TableCodec: pandas DataFrame <-> token ids, one discrete token per column.
 
-Masked diffusion works on discrete tokens, so every column becomes small vocabularies:
+Masked diffusion works on discrete tokens, so every column becomes a small vocabulary:
 categorical columns map each category to an id, numeric columns map each value to a
-quantile bin and, where bins hold several values, to a fine level inside the bin (an extra
-token column; see TableCodec). Decoding draws a new number inside the fine level from the
-column's quantile sketch, at the column's observed precision; point masses (capital-gain = 0)
-come back exactly. The codec stores quantile levels, never training rows' values (see `_Numeric`).
+quantile bin. Decoding a bin draws a new number inside the bin from the column's quantile
+sketch, at the column's observed precision; point masses (capital-gain = 0) come back
+exactly. The codec stores quantile levels, never training rows' values (see `_Numeric`).
 A column that had missing values when fitted gets one extra token for "missing".
 
 Every categorical column has an "other" token, after its categories: values it has no token
@@ -69,7 +68,7 @@ OTHER_LABEL = "(other)"
 # seen once is refused (it cannot be modelled), all-distinct integers get a warning (they are
 # binned like any number, which works but may repeat identifiers).
 KEY_MIN_VALUES = 100
-_STATE_VERSION = 4
+_STATE_VERSION = 3
 
 
 def _python_scalar(value):
@@ -220,25 +219,20 @@ class _Categorical:
     def num_values(self) -> int:
         return len(self.categories) + 1  # the categories, then "other"
 
-    @property
-    def token_cardinalities(self) -> list[int]:
-        return [self.num_values + int(self.has_missing)]
-
     def encode(self, series: pd.Series, missing: np.ndarray) -> np.ndarray:
         codes = self._index.get_indexer(series.to_numpy(dtype=object))
         codes[(codes < 0) & ~missing] = len(self.categories)
-        return np.where(missing, self.num_values, codes)[:, None]
+        return codes
 
     def value_bounds(self) -> tuple[np.ndarray, np.ndarray]:
-        """(value, value) of each category token as [tokens, 1], for comparisons between
-        columns; "other" and missing are (+inf, -inf), which satisfy no comparison. Only a
+        """(value, value) of each category token, for comparisons between columns; "other" and missing are (+inf, -inf), which satisfy no comparison. Only a
         column of numbers compares."""
         if not all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in self.categories):
             raise ValueError(f"column {self.name!r} holds categories that are not numbers; a rule compares numbers "
                              "or times")
         values = np.array(self.categories, dtype=np.float64)
         never = np.full(self.num_values + int(self.has_missing) - len(values), np.inf)
-        return np.concatenate([values, never])[:, None], np.concatenate([values, -never])[:, None]
+        return np.concatenate([values, never]), np.concatenate([values, -never])
 
     def set_weights(self, values) -> tuple[np.ndarray, tuple]:
         """(1 for the tokens of `values`, else 0, over the column's tokens; the values that
@@ -270,7 +264,7 @@ class _Categorical:
     def decode(self, codes: np.ndarray, missing: np.ndarray, generator, choices: tuple = ()) -> pd.Series:
         """Categories of the tokens; "other" as the class docstring says, or, with `choices`
         (a set condition's values without a token), one of them drawn uniformly."""
-        codes = np.where(missing, 0, codes[:, 0])
+        codes = np.where(missing, 0, codes)
         other = codes == len(self.categories)
         u = torch.rand(len(codes), generator=generator, dtype=torch.float64).numpy()
         if choices:
@@ -298,10 +292,8 @@ class _Categorical:
 
 
 class _Numeric:
-    """Quantile bins [left_k, left_{k+1}) as tokens, each split into `fine_levels` equal-mass
-    fine levels (a second token; 0 = the bin alone says the value); a (bin, fine level) pair
-    decodes to a new number drawn from the column's quantile sketch inside it, at the column's
-    observed precision.
+    """Quantile bins [left_k, left_{k+1}) as tokens; a bin decodes to a new number drawn from
+    the column's quantile sketch inside the bin, at the column's observed precision.
 
     The sketch holds SKETCH_LEVELS + 1 equal-mass quantile levels, each an interpolation
     between two neighbouring sorted training values (never one of them, unless the two are
@@ -319,10 +311,9 @@ class _Numeric:
     is_numeric = True
 
     def __init__(self, name, dtype: str, has_missing: bool, lefts: torch.Tensor, sketch: torch.Tensor,
-                 step: int | None, decimals: int | None, fine_levels: int):
+                 step: int | None, decimals: int | None):
         self.name, self.dtype, self.has_missing = name, dtype, has_missing
         self.lefts, self.sketch, self.step, self.decimals = lefts, sketch, step, decimals
-        self.fine_levels = fine_levels
         self._lefts_np, self._sketch_np = lefts.numpy(), sketch.numpy()
         rights = np.append(self._lefts_np[1:], np.inf)
         self._point = rights == np.nextafter(self._lefts_np, np.inf)  # bins holding one value
@@ -349,22 +340,12 @@ class _Numeric:
             step, decimals = max(int(np.gcd.reduce(exact)), 1), None
         else:
             step, decimals = None, _decimals(x)
-        # A fine level only where some bin holds more than one distinct value: otherwise the bin
-        # alone says which value it is.
-        bins = _bin_of(lefts, x)
-        several = bool(np.any((np.diff(x) > 0) & (bins[1:] == bins[:-1])))
         return cls(name, str(series.dtype), has_missing, torch.from_numpy(lefts), torch.from_numpy(sketch),
-                   step, decimals, num_bins if several else 0)
+                   step, decimals)
 
     @property
     def num_values(self) -> int:
         return len(self.lefts)
-
-    @property
-    def token_cardinalities(self) -> list[int]:
-        """The bin (with the missing token when the column had missing values), then the fine level."""
-        coarse = self.num_values + int(self.has_missing)
-        return [coarse, self.fine_levels] if self.fine_levels else [coarse]
 
     def encode(self, series: pd.Series, missing: np.ndarray) -> np.ndarray:
         numbers = pd.to_numeric(series, errors="coerce") if series.dtype == object else series
@@ -375,22 +356,12 @@ class _Numeric:
         if bad.any():
             raise TypeError(f"column {self.name!r} is numeric but holds non-numeric values: "
                             f"{_examples(series.to_numpy(dtype=object)[bad])}")
-        bins, fine = self._cells(np.where(missing, self._lefts_np[0], x))
-        codes = np.where(missing, self.num_values, bins)
-        return np.stack([codes, np.where(missing, 0, fine)], axis=1) if self.fine_levels else codes[:, None]
+        return self._bins(np.where(missing, self._lefts_np[0], x))
 
-    def _cells(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(bin, fine level) of each value: a value at a bin's left edge belongs to that bin,
-        out-of-range values clip to the end bins; the fine level is the equal-mass share of
-        the bin below the value (0 in a point-mass bin, and in a column without fine levels)."""
-        bins = _bin_of(self._lefts_np, x)
-        if not self.fine_levels:
-            return bins, np.zeros_like(bins)
-        start, end = self._cdf_range[bins, 0], self._cdf_range[bins, 1]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            share = np.where(end > start, (self._cdf(x) - start) / (end - start), 0.0)
-        fine = np.clip(np.floor(share * self.fine_levels), 0, self.fine_levels - 1).astype(np.int64)
-        return bins, np.where(self._point[bins], 0, fine)
+    def _bins(self, x: np.ndarray) -> np.ndarray:
+        """Bin of each value: a value at a bin's left edge belongs to that bin; out-of-range
+        values clip to the end bins."""
+        return np.maximum(np.searchsorted(self._lefts_np, x, side="right") - 1, 0)
 
     def _cdf(self, x: np.ndarray) -> np.ndarray:
         """The sketch's distribution function just below x (a point mass at x excluded)."""
@@ -409,86 +380,67 @@ class _Numeric:
         k = np.clip(np.floor(t).astype(np.int64), 0, levels - 1)
         return sketch[k] + (t - k) * (sketch[k + 1] - sketch[k])
 
-    def _cell_cdf(self, bins: np.ndarray, fine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The interval [start, end] of the sketch's distribution function each (bin, fine
-        level) cell covers."""
-        start, end = self._cdf_range[bins, 0], self._cdf_range[bins, 1]
-        if self.fine_levels:   # the fine level's equal-mass share of the bin
-            width = np.maximum(end - start, 0.0) / self.fine_levels
-            start = start + fine * width
-            end = start + width
-        return start, end
-
     def range_weights(self, low: float | None, high: float | None) -> np.ndarray:
-        """[coarse tokens, fine levels (1 without)]: the share of each cell's mass that decodes
-        into [low, high] (None: open), the missing token's row 0. Decoding with the same range
-        draws inside it (`decode`), so these are the probabilities of landing in the range."""
-        start_of_range, end_of_range, grid_low, grid_high = self._range_cdf(low, high)
+        """[tokens]: the share of each bin's mass that decodes into [low, high] (None: open),
+        0 for the missing token. Decoding with the same range draws inside it (`decode`), so
+        these are the probabilities of landing in the range."""
+        start_of_range, end_of_range, grid_low, grid_high = (float(v[0]) for v in self._range_cdf(low, high))
         if grid_low > grid_high:   # no value at the column's precision
-            return np.zeros((self.num_values + int(self.has_missing), max(self.fine_levels, 1)))
-        bins = np.arange(self.num_values)[:, None]
-        fine = np.arange(max(self.fine_levels, 1))[None, :]
-        start, end = self._cell_cdf(np.broadcast_to(bins, (len(bins), fine.shape[1])),
-                                    np.broadcast_to(fine, (len(bins), fine.shape[1])))
+            return np.zeros(self.num_values + int(self.has_missing))
+        start, end = self._cdf_range[:, 0], self._cdf_range[:, 1]
         with np.errstate(invalid="ignore", divide="ignore"):
-            share = np.clip((np.minimum(end, end_of_range) - np.maximum(start, start_of_range))
-                            / (end - start), 0.0, 1.0)
-        point = self._point[bins] | (end <= start)
-        left = self._lefts_np[bins]
-        share = np.where(point, ((left >= grid_low) & (left <= grid_high)).astype(np.float64), share)
-        missing_row = np.zeros((int(self.has_missing), share.shape[1]))
-        return np.concatenate([share, missing_row])
+            share = np.clip((np.minimum(end, end_of_range) - np.maximum(start, start_of_range)) / (end - start),
+                            0.0, 1.0)
+        point = self._point | (end <= start)
+        share = np.where(point, ((self._lefts_np >= grid_low) & (self._lefts_np <= grid_high)).astype(np.float64),
+                         share)
+        return np.concatenate([share, np.zeros(int(self.has_missing))])
 
     def value_bounds(self) -> tuple[np.ndarray, np.ndarray]:
-        """(lowest, highest) number each (bin, fine level) cell decodes to, [coarse tokens,
-        fine levels (1 without)]; the missing token's row (+inf, -inf) satisfies no comparison."""
-        bins = np.arange(self.num_values)[:, None]
-        fine = np.arange(max(self.fine_levels, 1))[None, :]
-        shape = (len(bins), fine.shape[1])
-        start, end = self._cell_cdf(np.broadcast_to(bins, shape), np.broadcast_to(fine, shape))
-        point = self._point[bins] | (end <= start)
-        left = np.broadcast_to(self._lefts_np[bins], shape)
-        low = np.where(point, left, self._quantile(start))
-        high = np.where(point, left, self._quantile(end))
-        never = np.full((int(self.has_missing), shape[1]), np.inf)
+        """(lowest, highest) number each bin decodes to, [tokens]; the missing token's
+        (+inf, -inf) satisfies no comparison."""
+        start, end = self._cdf_range[:, 0], self._cdf_range[:, 1]
+        point = self._point | (end <= start)
+        low = np.where(point, self._lefts_np, self._quantile(start))
+        high = np.where(point, self._lefts_np, self._quantile(end))
+        never = np.full(int(self.has_missing), np.inf)
         return np.concatenate([low, never]), np.concatenate([high, -never])
 
-    def _range_cdf(self, low, high) -> tuple[float, float, float, float]:
+    def _range_cdf(self, low, high) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(start, end) of [low, high] in the sketch's distribution function, and the range's
-        first and last values at the column's precision. A number rounds to its grid value,
-        so on a grid the range covers half a step beyond its first and last grid values."""
-        low = -np.inf if low is None else low
-        high = np.inf if high is None else high
-        if self.step is None and self.decimals is None:
+        first and last values at the column's precision, as arrays (low and high: numbers,
+        None or arrays of them, +-inf open). A number rounds to its grid value, so on a grid
+        the range covers half a step beyond its first and last grid values."""
+        low = np.atleast_1d(np.asarray(-np.inf if low is None else low, dtype=np.float64))
+        high = np.atleast_1d(np.asarray(np.inf if high is None else high, dtype=np.float64))
+        if self._grid() is None:
             grid_low, grid_high, half = low, high, 0.0
         else:
-            grid_low = self._grid_at_or_above(np.array([low]))[0] if np.isfinite(low) else low
-            grid_high = self._grid_at_or_below(np.array([high]))[0] if np.isfinite(high) else high
+            grid_low = np.where(np.isfinite(low), self._grid_at_or_above(np.where(np.isfinite(low), low, 0.0)), low)
+            grid_high = np.where(np.isfinite(high), self._grid_at_or_below(np.where(np.isfinite(high), high, 0.0)),
+                                 high)
             half = (self.step if self.step is not None else 10.0 ** -self.decimals) / 2
-        start = self._cdf(np.array([grid_low - half]))[0]
-        end = self._cdf(np.array([np.nextafter(grid_high + half, np.inf)]))[0]
-        return float(start), float(end), float(grid_low), float(grid_high)
+        start = self._cdf(grid_low - half)
+        end = self._cdf(np.nextafter(grid_high + half, np.inf))
+        return start, end, grid_low.astype(np.float64), grid_high.astype(np.float64)
 
     def decode(self, codes: np.ndarray, missing: np.ndarray, generator,
                value_range: tuple[float | None, float | None] | None = None) -> pd.Series:
-        """Numbers drawn inside their (bin, fine level) cells; with `value_range`, inside the
-        part of the cell in that range (rows the range restricted when they were sampled)."""
-        bins = np.where(missing, 0, codes[:, 0])
-        fine = np.where(missing, 0, codes[:, 1]) if self.fine_levels else np.zeros_like(bins)
+        """Numbers drawn inside their bins; with `value_range` (low, high: numbers, None or
+        per-row arrays), inside the part of the bin in that range (rows the range restricted
+        when they were sampled); where that part holds no value, the range's nearest end."""
+        bins = np.where(missing, 0, codes)
         u = torch.rand(len(bins), generator=generator, dtype=torch.float64).numpy()
-        start, end = self._cell_cdf(bins, fine)
-        cell_start = start
+        start, end = self._cdf_range[bins, 0], self._cdf_range[bins, 1]
         if value_range is not None:
             start_of_range, end_of_range, grid_low, grid_high = self._range_cdf(*value_range)
             start, end = np.clip(start, start_of_range, end_of_range), np.clip(end, start_of_range, end_of_range)
         drawn = self._quantile(start + u * np.maximum(end - start, 0.0))
         lefts = self._lefts_np[bins]
-        point = self._point[bins] | (end <= start)
-        drawn = np.where(point, lefts, drawn)
-        cell_start = np.where(point, lefts, self._quantile(cell_start))
-        values = self._on_grid(drawn, bins, fine, cell_start)
+        drawn = np.where(self._point[bins] | (end <= start), lefts, drawn)
+        values = self._on_grid(drawn, bins)
         if value_range is not None:   # rounding to the grid never leaves the range
-            values = np.clip(values, grid_low, grid_high).astype(values.dtype)
+            values = np.clip(values, grid_low, grid_high).astype(np.asarray(values).dtype)
         return _from_plain(values, missing, self.pandas_dtype)
 
     def _grid(self):
@@ -510,38 +462,20 @@ class _Numeric:
         last = np.floor(x * scale)
         return to_value(last - (to_value(last).astype(np.float64) > x))
 
-    def _on_grid(self, drawn: np.ndarray, bins: np.ndarray, fine: np.ndarray, cell_start: np.ndarray) -> np.ndarray:
-        """Drawn numbers rounded to the column's precision, kept inside their (bin, fine level)
-        cells where the grid allows: a rounded value that leaves its cell takes one of the
-        two grid values at the cell's start, or else, if both are outside the cell, the bin's
-        first grid value (a bin holds a training value, so it has one; a cell no training
-        value fell in may hold no grid value)."""
+    def _on_grid(self, drawn: np.ndarray, bins: np.ndarray) -> np.ndarray:
+        """Drawn numbers rounded to the column's precision, kept inside their bins (a rounded
+        value that leaves its bin takes the bin's first grid value; the bin holds a training
+        value, so it has one)."""
         if self._grid() is None:
             return drawn
         scale, to_value = self._grid()
-
-        def cell_of(values):
-            return self._cells(values.astype(np.float64))
-
         values = to_value(np.round(drawn * scale))
-        # Where the rounded value left its cell, the grid value nearest the cell's start, or
-        # the next one (a point mass that starts in the cell below can fill the cell's start).
-        nearest = to_value(np.round(cell_start * scale))
-        for candidate in (nearest, self._grid_at_or_above(np.nextafter(nearest.astype(np.float64), np.inf))):
-            outside = np.any(np.stack(cell_of(values)) != np.stack([bins, fine]), axis=0)
-            fits = np.all(np.stack(cell_of(candidate)) == np.stack([bins, fine]), axis=0)
-            values = np.where(outside & fits, candidate, values)
-        return np.where(cell_of(values)[0] != bins, self._grid_at_or_above(self._lefts_np[bins]), values)
+        outside = self._bins(values.astype(np.float64)) != bins
+        return np.where(outside, self._grid_at_or_above(self._lefts_np[bins]), values)
 
     def state_dict(self) -> dict:
         return {"kind": "numeric", "lefts": self.lefts, "sketch": self.sketch, "step": self.step,
-                "decimals": self.decimals, "fine_levels": self.fine_levels}
-
-
-def _bin_of(lefts: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """Bin of each value given the bins' sorted left edges: a value at a left edge belongs to
-    that bin; values below the first edge go to bin 0."""
-    return np.maximum(np.searchsorted(lefts, x, side="right") - 1, 0)
+                "decimals": self.decimals}
 
 
 def _quantile_sketch(x: np.ndarray, levels: int) -> np.ndarray:
@@ -585,42 +519,23 @@ def _decimals(x: np.ndarray) -> int | None:
 
 
 class TableCodec:
-    """Maps a table's rows to int64 tokens [N, T] and back.
+    """Maps a table's rows to int64 tokens [N, L] and back.
 
-    Each column of the table is one token column, or two for a numeric column whose bins hold
-    more than one distinct value: its bin, then its fine level, the equal-mass share of the
-    bin the value falls in (num_bins of them, so 32 x 32 = 1,024 levels by default). The fine
-    level is a column of the model like any other, so it is predicted from the whole row and
-    the learned order decides when it comes; that keeps relations that live inside a bin
-    (carat and price), which decoding a bin independently of the other columns would lose.
-
-    `columns` names the table's columns; `token_columns` names the T token columns (a fine
-    level is "<column> (fine)") and `token_owner[t]` is the table column token column t
-    belongs to. Token column t has cardinalities[t] = K_t values (categories or bins, plus a
-    final "missing" token on the first token column of a column that had missing values when
-    fitted); its mask token is K_t, one past the last real value. offsets[t] is where token
-    column t starts in a flat [sum K_t] vocabulary. Build with TableCodec.fit(df).
+    Column l has cardinalities[l] = K_l values (categories or bins, plus a final "missing"
+    token if the column had missing values when fitted); its mask token is K_l, one past
+    the last real value. offsets[l] is where column l starts in a flat [sum K_l] vocabulary.
+    Build with TableCodec.fit(df).
     """
 
     def __init__(self, columns: Sequence[_Categorical | _Numeric]):
         self._columns = list(columns)
         self.columns = [c.name for c in self._columns]
+        self.num_columns = len(self._columns)
         self.is_numeric = [c.is_numeric for c in self._columns]
-        self.cardinalities = [k for c in self._columns for k in c.token_cardinalities]
-        self.token_owner = np.repeat(np.arange(len(self._columns)),
-                                     [len(c.token_cardinalities) for c in self._columns])
-        self.token_columns = [str(c.name) if t == 0 else f"{c.name} (fine)"
-                              for c in self._columns for t in range(len(c.token_cardinalities))]
-        self.num_token_columns = len(self.cardinalities)
+        self.cardinalities = [c.num_values + int(c.has_missing) for c in self._columns]
         self.mask_ids = torch.tensor(self.cardinalities, dtype=torch.int64)
-        self.offsets = torch.zeros(self.num_token_columns + 1, dtype=torch.int64)
+        self.offsets = torch.zeros(self.num_columns + 1, dtype=torch.int64)
         self.offsets[1:] = torch.cumsum(self.mask_ids, 0)
-        self._token_slices = np.concatenate([[0], np.cumsum([len(c.token_cardinalities) for c in self._columns])])
-
-    def token_columns_of(self, column) -> slice:
-        """The token columns of the table column named `column`."""
-        i = self.columns.index(column)
-        return slice(int(self._token_slices[i]), int(self._token_slices[i + 1]))
 
     @classmethod
     def fit(cls, df: pd.DataFrame, *, num_bins: int = DEFAULT_NUM_BINS,
@@ -700,31 +615,31 @@ class TableCodec:
 
     def _encode(self, df: pd.DataFrame, nan_is_unknown: bool) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_frame(df)
-        tokens = np.zeros((len(df), self.num_token_columns), dtype=np.int64)
-        known = np.ones((len(df), self.num_token_columns), dtype=bool)
+        tokens = np.zeros((len(df), self.num_columns), dtype=np.int64)
+        known = np.ones((len(df), self.num_columns), dtype=bool)
         for l, column in enumerate(self._columns):
-            span = slice(self._token_slices[l], self._token_slices[l + 1])
             series = df[column.name].reset_index(drop=True)
             if isinstance(series.dtype, pd.CategoricalDtype):
                 series = series.astype(object)
             series = to_plain(column.name, series, column.pandas_dtype)
             missing = series.isna().to_numpy()
-            tokens[:, span] = column.encode(series, missing)
+            tokens[:, l] = column.encode(series, missing)
             if nan_is_unknown:
-                tokens[missing, span] = 0
-                known[:, span] = ~missing[:, None]
-            elif missing.any() and not column.has_missing:
-                raise ValueError(f"column {column.name!r} has {int(missing.sum())} missing value(s) but "
-                                 "had none when the codec was fitted (use encode_partial to impute them)")
+                tokens[missing, l] = 0
+                known[:, l] = ~missing
+            elif missing.any():
+                if not column.has_missing:
+                    raise ValueError(f"column {column.name!r} has {int(missing.sum())} missing value(s) but "
+                                     "had none when the codec was fitted (use encode_partial to impute them)")
+                tokens[missing, l] = column.num_values
         return torch.from_numpy(tokens), torch.from_numpy(known)
 
     def encode(self, df: pd.DataFrame) -> torch.Tensor:
-        """Tokens int64 [N, T] in token column order; NaN becomes the column's missing token."""
+        """Tokens int64 [N, L] in codec column order; NaN becomes the column's missing token."""
         return self._encode(df, nan_is_unknown=False)[0]
 
     def encode_partial(self, df: pd.DataFrame) -> tuple[torch.Tensor, torch.Tensor]:
-        """(tokens [N, T], known bool [N, T]) for imputation: NaN marks a value to fill in
-        (every token column of that cell).
+        """(tokens [N, L], known bool [N, L]) for imputation: NaN marks a value to fill in.
 
         Unknown positions hold token 0 and known=False (callers replace them with mask_ids).
         """
@@ -769,21 +684,18 @@ class TableCodec:
         values that have no token.
         """
         check_tensor("tokens", tokens, ndim=2, dtypes=INT_DTYPES)
-        if tokens.shape[1] != self.num_token_columns:
-            raise ValueError(f"tokens has {tokens.shape[1]} columns but the codec has {self.num_token_columns} "
-                             f"token columns")
-        tokens = tokens.detach().to("cpu", torch.int64).numpy()
-        bad = (tokens < 0) | (tokens >= np.asarray(self.cardinalities))
-        if bad.any():
-            t = int(np.nonzero(bad.any(0))[0][0])
-            codes = tokens[:, t]
-            hint = " (mask tokens must be sampled before decoding)" if (codes == self.cardinalities[t]).any() else ""
-            raise ValueError(f"column {self.token_columns[t]!r} has token ids outside [0, {self.cardinalities[t]}): "
-                             f"{_examples(codes[bad[:, t]])}{hint}")
+        if tokens.shape[1] != self.num_columns:
+            raise ValueError(f"tokens has {tokens.shape[1]} columns but the codec has {self.num_columns}")
+        tokens = tokens.detach().to("cpu", torch.int64)
         out = {}
         for l, column in enumerate(self._columns):
-            codes = tokens[:, self._token_slices[l]:self._token_slices[l + 1]]
-            missing = (codes[:, 0] == column.num_values) if column.has_missing else np.zeros(len(codes), dtype=bool)
+            codes = tokens[:, l].numpy()
+            bad = (codes < 0) | (codes >= self.cardinalities[l])
+            if bad.any():
+                hint = " (mask tokens must be sampled before decoding)" if (codes == self.cardinalities[l]).any() else ""
+                raise ValueError(f"column {column.name!r} has token ids outside [0, {self.cardinalities[l]}): "
+                                 f"{_examples(codes[bad])}{hint}")
+            missing = (codes == column.num_values) if column.has_missing else np.zeros(len(codes), dtype=bool)
             if column.is_numeric and ranges and column.name in ranges:
                 out[column.name] = column.decode(codes, missing, generator, ranges[column.name])
             elif not column.is_numeric and choices and column.name in choices:
@@ -791,6 +703,15 @@ class TableCodec:
             else:
                 out[column.name] = column.decode(codes, missing, generator)
         return pd.DataFrame(out, columns=self.columns)
+
+    def redraw(self, column, tokens: torch.Tensor, low, high, generator: torch.Generator | None = None) -> pd.Series:
+        """A numeric column's values decoded again from its tokens [N] inside [low, high]
+        (numbers, None or per-row arrays), in the fitted dtype."""
+        l = self.columns.index(column)
+        codes = tokens.detach().to("cpu", torch.int64).numpy()
+        numeric = self._columns[l]
+        missing = (codes == numeric.num_values) if numeric.has_missing else np.zeros(len(codes), dtype=bool)
+        return numeric.decode(codes, missing, generator, (low, high))
 
     # ----------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
@@ -812,11 +733,10 @@ class TableCodec:
                 columns.append(_Categorical(*common, list(c["categories"]), list(c["counts"]), c["capped"],
                                             c["domain"], c["ordered"]))
             else:
-                columns.append(_Numeric(*common, c["lefts"], c["sketch"], c["step"], c["decimals"],
-                                        c["fine_levels"]))
+                columns.append(_Numeric(*common, c["lefts"], c["sketch"], c["step"], c["decimals"]))
         return cls(columns)
 
     def __repr__(self) -> str:
         kinds = sum(self.is_numeric)
-        return (f"TableCodec({len(self.columns)} columns: {kinds} numeric, {len(self.columns) - kinds} categorical; "
-                f"{self.num_token_columns} token columns, vocabulary {int(self.offsets[-1])})")
+        return (f"TableCodec({self.num_columns} columns: {kinds} numeric, {self.num_columns - kinds} categorical; "
+                f"vocabulary {int(self.offsets[-1])})")

@@ -96,17 +96,11 @@ def test_load_csv(tmp_path):
 # ------------------------------------------------------------------------------ codec layout
 def test_layout_attributes(small):
     codec = TableCodec.fit(small, num_bins=8)
-    assert codec.columns == list(small.columns)
+    assert codec.columns == list(small.columns) and codec.num_columns == 7
     assert codec.is_numeric == [False, True, True, False, False, False, True]
-    # Numbers whose bins hold several values get a fine level of num_bins tokens after their bin.
-    assert codec.token_columns == ["city", "age", "age (fine)", "score", "score (fine)", "kids", "flag", "job",
-                                   "income", "income (fine)"]
-    assert codec.num_token_columns == 10 and codec.token_owner.tolist() == [0, 1, 1, 2, 2, 3, 4, 5, 6, 6]
-    assert codec.token_columns_of("income") == slice(8, 10) and codec.token_columns_of("kids") == slice(5, 6)
     # kids: 4 ints + "other" -> categorical; job: 2 + "other" + missing; income: <= 8 bins + missing
-    cards = dict(zip(codec.token_columns, codec.cardinalities))
-    assert cards["city"] == 4 and cards["kids"] == 5 and cards["job"] == 4
-    assert cards["age"] <= 8 and cards["income"] <= 9 and cards["income (fine)"] == cards["score (fine)"] == 8
+    assert codec.cardinalities[0] == 4 and codec.cardinalities[3] == 5 and codec.cardinalities[5] == 4
+    assert codec.cardinalities[1] <= 8 and codec.cardinalities[6] <= 9
     assert codec.mask_ids.tolist() == codec.cardinalities and codec.mask_ids.dtype == torch.int64
     assert codec.offsets.tolist() == np.concatenate([[0], np.cumsum(codec.cardinalities)]).tolist()
 
@@ -114,7 +108,7 @@ def test_layout_attributes(small):
 def test_small_round_trip(small):
     codec = TableCodec.fit(small, num_bins=8)
     tokens = codec.encode(small)
-    assert tokens.dtype == torch.int64 and tokens.shape == (len(small), codec.num_token_columns)
+    assert tokens.dtype == torch.int64 and tokens.shape == (len(small), 7)
     assert bool((tokens >= 0).all()) and bool((tokens < codec.mask_ids).all())
     out = codec.decode(tokens, gen())
     assert list(out.columns) == list(small.columns) and out.dtypes.equals(small.dtypes)
@@ -165,7 +159,7 @@ def test_point_mass_gets_own_bin_and_edges_are_consistent():
     lefts = codec.state_dict()["columns"][0]["lefts"]
     at_edges = codec.encode(pd.DataFrame({"x": lefts.numpy()}))[:, 0]
     assert at_edges.tolist() == list(range(len(lefts)))  # a left edge belongs to its own bin
-    decoded = codec.decode(torch.zeros(5000, codec.num_token_columns, dtype=torch.int64), gen())["x"]
+    decoded = codec.decode(torch.zeros(5000, 1, dtype=torch.int64), gen())["x"]
     assert (decoded == 0).all()
 
 
@@ -198,9 +192,8 @@ def test_numbers_decode_at_the_observed_precision():
 def test_adult_round_trip(adult, adult_codec):
     train, test = adult
     codec = adult_codec
-    assert codec.cardinalities[codec.token_columns.index("education-num")] == 17  # categorical (16 + "other")
-    numeric_tokens = [k for k, owner in zip(codec.cardinalities, codec.token_owner) if codec.is_numeric[owner]]
-    assert max(numeric_tokens) <= DEFAULT_NUM_BINS
+    assert codec.cardinalities[codec.columns.index("education-num")] == 17  # categorical (16 + "other")
+    assert max(k for k, num in zip(codec.cardinalities, codec.is_numeric) if num) <= DEFAULT_NUM_BINS
     tokens = codec.encode(test)
     out = codec.decode(tokens, gen())
     assert out.dtypes.equals(test.dtypes)
@@ -223,8 +216,7 @@ def test_encode_partial(small):
     full = codec.encode(small)
     assert known.dtype == torch.bool and known.shape == tokens.shape
     unknown = ~known
-    # score and income have a fine level: a missing cell hides both of their token columns
-    assert unknown.sum() == 2 * 2 + 1 + holes["job"].isna().sum() + 2 * holes["income"].isna().sum()
+    assert unknown.sum() == 3 + holes["job"].isna().sum() + holes["income"].isna().sum()
     assert bool((tokens[unknown] == 0).all()) and torch.equal(tokens[known], full[known])
 
 
@@ -244,7 +236,7 @@ def test_state_dict_weights_only_round_trip(adult, adult_codec, tmp_path):
 def test_state_dict_rejects_other_versions(small, version):
     state = TableCodec.fit(small).state_dict()
     state["version"] = version
-    with pytest.raises(ValueError, match=f"version {version} .*reads version 4.*refit"):
+    with pytest.raises(ValueError, match=f"version {version} .*reads version 3.*refit"):
         TableCodec.from_state_dict(state)
 
 
@@ -281,7 +273,7 @@ def test_encode_errors(small):
 def test_decode_errors(small):
     codec = TableCodec.fit(small)
     tokens = codec.encode(small)
-    with pytest.raises(ValueError, match="3 columns but the codec has 10 token columns"):
+    with pytest.raises(ValueError, match="3 columns but the codec has 7"):
         codec.decode(tokens[:, :3])
     masked = tokens.clone()
     masked[0, 0] = codec.mask_ids[0]
@@ -334,9 +326,7 @@ def test_encode_decode_invariants(df, num_bins, seed):
         if not numeric:
             assert out[col].equals(df[col])
         else:
-            span = codec.token_columns_of(col)
-            assert codec.cardinalities[span.start] <= num_bins + int(df[col].isna().any())
-            assert all(k == num_bins for k in codec.cardinalities[span.start + 1:span.stop])   # fine levels
+            assert codec.cardinalities[codec.columns.index(col)] <= num_bins + int(df[col].isna().any())
             if pd.api.types.is_integer_dtype(df[col].dtype):
                 assert pd.api.types.is_integer_dtype(out[col].dtype)
 
@@ -427,8 +417,7 @@ def test_datetime_input_is_converted_to_the_fitted_timezone_and_unit(dated):
     with pytest.raises(TypeError, match="'departure' .* cannot take object values \\('soon'\\)"):
         codec.encode(row.assign(departure="soon"))
     tokens, known = codec.encode_partial(row.assign(departure=None).astype({"departure": object}))
-    departure = codec.token_columns_of("departure")
-    assert not known[0, departure].any() and known[0, departure.stop:].all()
+    assert not known[0, 0] and known[0, 1:].all()
 
 
 def test_state_dict_round_trip_of_new_dtypes(dated):

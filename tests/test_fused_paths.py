@@ -55,8 +55,7 @@ def test_default_paths_never_build_vocabulary_wide_logits(architecture, sample_o
     df = wide_table()
     model = TabularMDM(architecture=architecture, epochs=1, batch_size=1024, category_cap=None,
                        progress=False, model=TINY)
-    # each categorical column's "other" token, and x's bins and fine levels; checked below
-    vocab = 3001 + 3 + 2 * model.num_bins
+    vocab = 3001 + 3 + model.num_bins          # with each categorical column's "other" token; checked below
     with RefuseVocabularyWide(vocab, TINY["d_model"]):
         model.fit(df)
         assert np.isfinite(model.nelbo(df.head(50)))
