@@ -30,6 +30,7 @@ for training (fastmdm.models.orders).
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -184,14 +185,14 @@ class CausalTransformer(TableDenoiser):
         """
         h = self._embed(values, value_columns, positions)
         targets = self._embed_targets(target_columns).to(h.dtype)
-        num_slots = self.num_columns + 2 if cache is not None else h.shape[1] + 1
-        allowed = torch.arange(num_slots, device=h.device) <= positions[..., None]   # [(N,) T, S]
-        allowed = allowed.unsqueeze(-3)                                                # heads axis
         if cache is None:
             start_keys, start_values, _ = self._start_states()
-            attention, mask = attend, allowed
+            # Keys: the start token, then tokens 0..T-1; token p sees keys 0..p.
+            attention, mask = partial(attend, causal=True), None
         else:
             attention = attend_cached
+            allowed = torch.arange(self.num_columns + 2, device=h.device) <= positions[..., None]   # [(N,) T, S]
+            allowed = allowed.unsqueeze(-3)                                                       # heads axis
             mask = torch.zeros(allowed.shape, dtype=h.dtype, device=h.device)
             mask.masked_fill_(~allowed, float("-inf"))
             slots = torch.where(written & (positions < self.num_columns), positions + 1, self.trash_slot)

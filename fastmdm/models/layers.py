@@ -1,8 +1,8 @@
 """Transformer pieces shared by the denoisers: a pre-norm block split into its two halves.
 
 Splitting a block into `project` (norm + q/k/v) and `mix` (output projection + MLP) lets the
-bidirectional model run it as usual and the causal model run two streams through the same
-weights, with keys and values from the content stream only (XLNet's two-stream attention).
+bidirectional model run it as usual and the causal model put its keys and values into a
+cache between the two, with start-token keys that no token of the pass computes.
 """
 from __future__ import annotations
 
@@ -11,18 +11,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None = None) -> Tensor:
+def attend(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None = None, causal: bool = False) -> Tensor:
     """softmax(q k^T / sqrt(d) | allowed) v for [N, H, T, dh] queries and [N, H, S, dh] keys.
 
     `allowed` is boolean, True = may attend, broadcastable to [N, H, T, S]; every query must
-    be allowed at least one key. torch's SDPA against explicit batched matmuls, on CPU for
+    be allowed at least one key. `causal` (without `allowed`): query t sees keys 0..t, the
+    causal model's training pass (keys: the start token, then the T tokens); SDPA's own
+    causal path is faster than the same boolean mask, and the fastest for its backward
+    (about 0.7x the masked call's time on one CPU thread at Adult's training shapes). torch's SDPA against explicit batched matmuls, on CPU for
     15 and 60 columns (`python benchmarks/attention.py`, benchmarks/results/attention.md):
     SDPA is 1.2-2.7x faster for training, forward and backward, and within 11% either way
     for a masked KV-cached decoding step at that benchmark's batch. SDPA serves every full
     pass; the causal model's KV-cached decoding steps use `attend_cached`, which is faster at
     the sampling batch (GPU: not measured).
     """
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=causal)
 
 
 def attend_cached(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
@@ -61,11 +64,6 @@ class Block(nn.Module):
         """Queries, keys and values of h [N, T, d], each [N, H, T, d / H]."""
         q, k, v = self.qkv(self.norm_attn(h)).chunk(3, dim=-1)
         return self._heads(q), self._heads(k), self._heads(v)
-
-    def query(self, h: Tensor) -> Tensor:
-        """Queries only (the query stream needs no keys or values): [N, H, T, d / H]."""
-        width = h.shape[-1]
-        return self._heads(F.linear(self.norm_attn(h), self.qkv.weight[:width], self.qkv.bias[:width]))
 
     def mix(self, h: Tensor, attended: Tensor) -> Tensor:
         """Residual update of h [N, T, d] with attention output [N, H, T, d / H], then the MLP."""
