@@ -8,12 +8,13 @@ equal CPU time, on Adult.
 Each version (this checkout, and with --baseline another checkout's fastmdm) runs in its own
 child processes (benchmarks/checkouts.py):
 - speed, per thread count: a training step (forward, backward, update) of each architecture
-  at the default batch, `--steps` steps interleaved round-robin (median CPU seconds, so load
+  at a batch of `--batch-size` rows, `--steps` steps interleaved round-robin (median CPU seconds, so load
   on a shared machine hits both alike), and sampling `--rows` rows at S = L (median wall
   rows/s of `--repeats` interleaved calls). The models are fitted on two batches only:
   cost does not depend on the weights;
 - NELBO, at 1 thread: each architecture trains for the optimizer steps that fit in
-  `--seconds` of CPU time at its probed step time (so both get the same CPU), seed 0,
+  `--seconds` of CPU time at its probed step time (so both get the same CPU), at the same
+  batch, seed 0,
   validation on 10% of the rows, and reports the last validation NELBO (nats per row).
 """
 from __future__ import annotations
@@ -36,13 +37,13 @@ SPEED = r"""
 import json, statistics, sys, time
 import torch
 from fastmdm import TabularMDM, datasets
-steps, rows, repeats = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+steps, rows, repeats, batch_size = (int(a) for a in sys.argv[1:5])
 architectures = ("bidirectional", "causal")
 train, _ = datasets.load("adult")
 models, batches = {}, {}
 for arch in architectures:
-    model = TabularMDM(architecture=arch, epochs=1, seed=0, progress=False)
-    model.fit(train.head(2 * 1024), validation=None)
+    model = TabularMDM(architecture=arch, epochs=1, batch_size=batch_size, seed=0, progress=False)
+    model.fit(train.head(2 * batch_size), validation=None)
     models[arch] = model
     batches[arch] = model.codec.encode(train.head(model.config.batch_size))
 step_times = {arch: [] for arch in architectures}
@@ -68,9 +69,9 @@ print(json.dumps(dict(step_seconds={a: statistics.median(t) for a, t in step_tim
 NELBO = r"""
 import json, sys, time
 from fastmdm import TabularMDM, datasets
-arch, steps = sys.argv[1], int(sys.argv[2])
+arch, steps, batch_size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 train, _ = datasets.load("adult")
-model = TabularMDM(architecture=arch, steps=steps, seed=0, progress=False)
+model = TabularMDM(architecture=arch, steps=steps, batch_size=batch_size, seed=0, progress=False)
 start = time.process_time()
 model.fit(train, validation=0.1)
 print(json.dumps(dict(val_nelbo=model.history[-1].val_nelbo, cpu_seconds=time.process_time() - start)))
@@ -83,6 +84,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=15, help="training steps per architecture (interleaved)")
     parser.add_argument("--rows", type=int, default=4096, help="rows per sampling call")
     parser.add_argument("--repeats", type=int, default=3, help="sampling calls per architecture")
+    parser.add_argument("--batch-size", type=int, default=1024, help="training batch (step timing and NELBO)")
     parser.add_argument("--seconds", type=float, default=75.0, help="CPU seconds of training for the NELBO")
     parser.add_argument("--no-write", action="store_true", help="print only; do not write the results")
     args = parser.parse_args(argv)
@@ -92,7 +94,7 @@ def main(argv=None) -> int:
     for threads in (1, 2):
         for label, source in sources:
             record = dict(kind="speed", version=label, threads=threads,
-                          **run_in(source, SPEED, [args.steps, args.rows, args.repeats], threads))
+                          **run_in(source, SPEED, [args.steps, args.rows, args.repeats, args.batch_size], threads))
             print(json.dumps(record), flush=True)
             runs.append(record)
     for label, source in sources:
@@ -102,7 +104,7 @@ def main(argv=None) -> int:
                 continue              # one bidirectional reference: this checkout's
             steps = max(1, round(args.seconds / probe["step_seconds"][arch]))
             record = dict(kind="nelbo", version=label, architecture=arch, steps=steps,
-                          **run_in(source, NELBO, [arch, steps], 1))
+                          **run_in(source, NELBO, [arch, steps, args.batch_size], 1))
             print(json.dumps(record), flush=True)
             runs.append(record)
     lines = [
