@@ -1,9 +1,9 @@
 """Decoding with the causal denoiser: KV-cached chunks of the order, and contextual orders.
 
 Every row draws its order pi from PL(w) with known columns first (`known_first_order`). The
-known columns are encoded once, as content tokens of the cache; after that each call of the
-model (`CausalTransformer.extend`) appends the columns just revealed and asks query tokens
-for the next ones, so a row costs O(L) tokens instead of the bidirectional model's O(L^2).
+known columns are encoded once, as tokens of the cache; after that each call of the model
+(`CausalTransformer.extend`) writes the tokens that carry the values just revealed and asks
+for the next columns, so a row costs O(L) tokens instead of the bidirectional model's O(L^2).
 
 - `sample_chunks`: the unknown positions are split into `steps` chunks of ranks; a chunk's
   queries all see the same prefix. steps = L is exact learned-order AR; fewer steps are
