@@ -362,17 +362,20 @@ def test_speculative_needs_the_causal_model_and_excludes_steps():
 
 @pytest.mark.parametrize("rows, heads, queries, slots, width", [(5, 4, 2, 17, 12), (3, 1, 1, 3, 1), (1, 2, 7, 9, 5)])
 def test_cached_attention_equals_sdpa(rows, heads, queries, slots, width):
-    """The decoding step's attention (batched matmuls, additive mask) against SDPA with the
-    boolean mask: random values and masks, a query that may see only slot 0 among them,
-    float64, so both compute the same sums and agree to rounding (1e-12)."""
+    """The decoding step's attention (batched matmuls, additive mask, each query's own key)
+    against SDPA over the slots followed by the queries' own keys, with the boolean mask:
+    random values and masks, a query that may see only slot 0 among them, float64, so both
+    compute the same sums and agree to rounding (1e-12)."""
     generator = torch.Generator().manual_seed(rows * 100 + slots)
-    q, k, v = (torch.randn(rows, heads, length, width, generator=generator, dtype=torch.float64)
-               for length in (queries, slots, slots))
+    q, k, v, own_k, own_v = (torch.randn(rows, heads, length, width, generator=generator, dtype=torch.float64)
+                             for length in (queries, slots, slots, queries, queries))
     sees = torch.randint(0, slots, (rows, queries), generator=generator)
     sees[0, 0] = 0
     allowed = (torch.arange(slots) <= sees[..., None]).unsqueeze(1)
     bias = torch.zeros(allowed.shape, dtype=torch.float64).masked_fill_(~allowed, float("-inf"))
-    torch.testing.assert_close(attend_cached(q, k, v, bias), attend(q, k, v, allowed), rtol=1e-12, atol=1e-12)
+    itself = torch.eye(queries, dtype=torch.bool).expand(rows, 1, -1, -1)
+    expected = attend(q, torch.cat([k, own_k], 2), torch.cat([v, own_v], 2), torch.cat([allowed, itself], -1))
+    torch.testing.assert_close(attend_cached(q, k, v, bias, own_k, own_v), expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("grad", [False, True])

@@ -287,7 +287,7 @@ def test_sampled_rows_and_orders_follow_the_joint(steps, exact, num_layers):
 def test_order_depends_on_the_values():
     """The point of the model: the first revealed column is fixed by the policy's start
     state, but the second one's distribution changes with the first value."""
-    model = contextual_model(seed=13)
+    model = contextual_model(seed=4)
     w = torch.ones(3, dtype=torch.float64)
     tokens, orders = draw_with_orders(model, w)
     first = orders[:, 0] == 1                       # rows that revealed column 1 first

@@ -3,10 +3,10 @@
 A row's columns are gathered in a generation order pi. Token p (p = 0..L-1) predicts x_{pi_p}:
 it carries the value and column of pi_{p-1} (token 0 carries a learned start vector instead)
 plus a target embedding of the column pi_p it predicts, the "double positional encoding" of
-sigma-GPT (Pannatier et al. 2024). It attends to a learned start token (cache slot 0) and to
-the tokens before it (slots 1..p), so its own value x_{pi_{p-1}} reaches it through its
-residual stream and its output depends on x_{pi_<p} only. A training pass is L tokens under a
-causal mask, as many as the bidirectional model's pass. Tokens carry their column's identity
+sigma-GPT (Pannatier et al. 2024). It attends to a learned start token (cache slot 0), to the
+tokens before it (slots 1..p) and to itself, so its output depends on x_{pi_<p} only. A
+training pass is the start token and the L tokens under a causal mask, one token more than
+the bidirectional model's pass. Tokens carry their column's identity
 and no position in the order, so the model is permutation-equivariant: relabelling the
 columns together with the order changes nothing.
 
@@ -30,7 +30,6 @@ for training (fastmdm.models.orders).
 """
 from __future__ import annotations
 
-from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -176,25 +175,22 @@ class CausalTransformer(TableDenoiser):
         A token at order position p ([N, T] or [T]) carries values, value_columns: x_{pi_{p-1}}
         and pi_{p-1} (ignored at p = 0, which carries the start vector), and target_columns:
         pi_p, the column it predicts (NO_TARGET: none, a policy query). It sees the start
-        token and the tokens at positions < p. A written token goes to slot p + 1; the others
+        token, the tokens at positions < p and itself. A written token goes to slot p + 1; the others
         (queries; padding, at position L) to the trash slot. Written tokens of one call are
         seen by the call's later positions. cache=None is an empty cache whose tokens arrive
-        at positions 0..T-1 in this call, all written (training): keys are then
-        concatenated, not scattered. The returned cache replaces the given one; without
+        at positions 0..T-1 in this call, all written (training): the start token then runs
+        as the pass's first token, under SDPA's causal mask, and no cache is scattered. The returned cache replaces the given one; without
         autograd the given one is updated in place.
         """
         h = self._embed(values, value_columns, positions)
         targets = self._embed_targets(target_columns).to(h.dtype)
         if cache is None:
-            start_keys, start_values, _ = self._start_states()
-            # Keys: the start token, then tokens 0..T-1; token p sees keys 0..p.
-            attention, mask = partial(attend, causal=True), None
+            h = torch.cat([self.start.to(h.dtype).expand(h.shape[0], 1, -1), h], 1)
+            targets = torch.cat([torch.zeros_like(targets[:, :1]), targets], 1)
         else:
-            attention = attend_cached
-            allowed = torch.arange(self.num_columns + 2, device=h.device) <= positions[..., None]   # [(N,) T, S]
-            allowed = allowed.unsqueeze(-3)                                                       # heads axis
+            allowed = torch.arange(self.num_columns + 2, device=h.device) <= positions[..., None]  # [(N,) T, S]
             mask = torch.zeros(allowed.shape, dtype=h.dtype, device=h.device)
-            mask.masked_fill_(~allowed, float("-inf"))
+            mask = mask.masked_fill_(~allowed, float("-inf")).unsqueeze(-3)                      # heads axis
             slots = torch.where(written & (positions < self.num_columns), positions + 1, self.trash_slot)
             slots = slots.expand(h.shape[0], -1)
         keys, vals = [], []
@@ -204,15 +200,18 @@ class CausalTransformer(TableDenoiser):
                 policy, h = h, h + targets
             q, k, v = block.project(h)
             if cache is None:
-                count = k.shape[0]
-                keys.append(torch.cat([start_keys[index].expand(count, -1, -1, -1).to(k.dtype), k], 2))
-                vals.append(torch.cat([start_values[index].expand(count, -1, -1, -1).to(v.dtype), v], 2))
+                keys.append(k)
+                vals.append(v)
+                attended = attend(q, k, v, causal=True)
             else:
                 keys.append(write_slots(cache.keys[index].to(k.dtype), slots, k))
                 vals.append(write_slots(cache.values[index].to(v.dtype), slots, v))
-            h = block.mix(h, attention(q, keys[-1], vals[-1], mask))
+                attended = attend_cached(q, keys[-1], vals[-1], mask, k, v)
+            h = block.mix(h, attended)
         if self.policy_depth == len(self.blocks):
             policy, h = h, h + targets
+        if cache is None:                       # the start token's states
+            h, policy = h[:, 1:], policy[:, 1:]
         policy = self.norm_out(policy) if policy_states else None
         return Extension(KVCache(keys, vals), self.norm_out(h), policy)
 
