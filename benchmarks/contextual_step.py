@@ -1,7 +1,7 @@
 """What a contextual order costs per training step and per sampled row, against a static one.
 
 Two causal models per table, the default size: `static` (learned w) and `contextual` (the
-order policy reads the content stream one block before the last, and the order posterior is
+order policy reads the states one block before the last, and the order posterior is
 an MLP on the row: fastmdm.models.orders). Reported: the median CPU seconds
 of a training step (forward, backward, update; steps interleaved,
 `architectures.step_seconds`) and of sampling a batch of rows at S = L (interleaved

@@ -10,9 +10,8 @@ package of another checkout) loads it in its own child process and samples `--ro
 `--repeats` times per thread count, the versions alternating, so that load on a shared
 machine hits both alike. Rows/s are medians; the ratio is this checkout's over the baseline's.
 
-The arithmetic limit: a row at S = L costs, per step and block, a content token (q, k, v,
-output projection, MLP) and a query token (q, output projection, MLP), plus attention over
-at most L + 2 cache slots and the step's head (K_l * d). The limit is the rows/s if only the
+The arithmetic limit: a row at S = L costs, per step and block, one token (q, k, v, output
+projection, MLP), plus attention over at most L + 2 cache slots and the step's head (K_l * d). The limit is the rows/s if only the
 blocks' matrix products ran, each at the speed torch reaches here for that product's shape
 at the sampling batch (timed the same way, in the same child).
 """
@@ -45,11 +44,11 @@ model.sample(256, seed=0)                                   # warm up
 start = time.perf_counter()
 model.sample(rows, seed=1, batch_size=rows)
 rows_per_s = rows / (time.perf_counter() - start)
-# The blocks' products at this batch: content [rows, d] x [d, 3d], query [rows, d] x [d, d],
-# both tokens through the output projection and the MLP, per step and block.
+# The blocks' products at this batch, per step and block: one token [rows, d] through q, k, v,
+# the output projection and the MLP.
 config = model.denoiser.config
 d, F, blocks, L = config["d_model"], config["dim_feedforward"], config["num_layers"], model.denoiser.num_columns
-products = [(rows, d, 3 * d), (rows, d, d), (2 * rows, d, d), (2 * rows, d, F), (2 * rows, F, d)]
+products = [(rows, d, 3 * d), (rows, d, d), (rows, d, F), (rows, F, d)]
 def seconds(m, k, n):
     a, b = torch.randn(m, k), torch.randn(k, n)
     times = []
@@ -59,7 +58,7 @@ def seconds(m, k, n):
 matmul_s = sum(seconds(*p) for p in products) * blocks * L
 flops_row = 2 * sum(m // rows * k * n for m, k, n in products) * blocks * L
 cache_slots = L + 2
-attention_row = 2 * 2 * 2 * cache_slots * d * blocks * L             # 2 tokens, QK and AV
+attention_row = 2 * 2 * cache_slots * d * blocks * L                 # QK and AV
 heads_row = 2 * int(model.denoiser.offsets[-1]) * d
 # Where the time goes: the ops' shares of self CPU time in one more sampling call.
 from torch.profiler import profile, ProfilerActivity

@@ -24,7 +24,7 @@ TABLE = "a .csv or .parquet file, or a directory of them"
 def _add_training_options(parser: argparse.ArgumentParser, epochs: int | None) -> None:
     parser.add_argument("--architecture", choices=["bidirectional", "causal"], default=None,
                         help="denoiser: bidirectional (re-encodes the row every step; the default) or causal "
-                             "(two-stream, KV-cached sampling, exact speculative decoding)")
+                             "(one pass per order, KV-cached sampling, exact speculative decoding)")
     parser.add_argument("--order", choices=["static", "contextual"], default="static",
                         help="generation order: one learned PL(w) for the table (default), or contextual: "
                              "the next column depends on the values so far (implies --architecture causal)")

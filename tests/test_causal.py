@@ -1,4 +1,4 @@
-"""The causal two-stream denoiser, its whole-order objective and its KV-cached samplers.
+"""The causal denoiser, its whole-order objective and its KV-cached samplers.
 
 On a tiny table everything is enumerable: the model's NELBO is
 sum_pi PL(pi; w) * -log p(x | pi), and its joint (a mixture over orders) is
@@ -20,6 +20,7 @@ from fastmdm.kinds import kind_of, model_loss
 from fastmdm.models.causal import write_slots
 from fastmdm.models.layers import attend, attend_cached
 from fastmdm.objective import causal_loss
+from fastmdm.decoding.causal import order_tokens
 from fastmdm.decoding import ColumnLayout, DecodeStats, known_first_order, sample_tokens
 from fastmdm.schedules import PowerSchedule, plackett_luce_log_prob
 
@@ -120,8 +121,9 @@ def test_conditionals_depend_only_on_the_prefix():
 
 
 def test_cached_steps_equal_one_full_pass():
-    """Appending content one column (or a chunk) at a time gives the full pass's conditionals,
-    and padding tokens (position L) change nothing."""
+    """Writing one token at a time gives the full pass's conditionals; a query (a token not
+    written) at position p for the column at position L-1 gives the full pass of the order
+    with those two positions swapped; padding tokens (position L) change nothing."""
     model = peaky_model([3, 2, 4, 2, 5])
     generator = torch.Generator().manual_seed(0)
     rows = 6
@@ -134,16 +136,18 @@ def test_cached_steps_equal_one_full_pass():
     x_ord = x.gather(1, order)
     with torch.no_grad():
         for position in range(length):
-            # content: the previous column plus one padding token; queries: this column + padding
-            prev = torch.tensor([position - 1, length]) if position else torch.tensor([length, length])
-            prev = prev.expand(rows, 2)
-            values = x_ord.gather(1, prev.clamp(max=length - 1))
-            columns = order.gather(1, prev.clamp(max=length - 1))
-            query_columns = torch.stack([order[:, position], order[:, 0]], 1)
-            sees = torch.tensor([position, 0]).expand(rows, 2)
-            cache, h = model.extend(cache, values, columns, prev, query_columns, sees)
+            swapped = order.clone()
+            swapped[:, [position, length - 1]] = order[:, [length - 1, position]]
+            expected = layout.segments(model(x, swapped), torch.arange(rows)[:, None], swapped)[:, position]
+            # the order's next token, a padding token and the query
+            targets = torch.tensor([position, length, length - 1]).expand(rows, 3)
+            positions = torch.tensor([position, length, position]).expand(rows, 3)
+            written = torch.tensor([True, False, False]).expand(rows, 3)
+            cache, h, _ = model.extend(cache, *order_tokens(order, x_ord, targets, positions), written)
             step = cell_logits(model, layout, h[:, 0], order[:, position])
             torch.testing.assert_close(step, full[:, position], rtol=1e-9, atol=1e-9)
+            query = cell_logits(model, layout, h[:, 2], order[:, length - 1])
+            torch.testing.assert_close(query, expected, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("sizes, shape", [([1, 4, 2, 9, 3], (7, 3)), ([300, 2, 5], (11,)), ([2, 2], (0, 2))])
@@ -172,6 +176,7 @@ def permuted_copy(model, perm):
     head_rows = torch.cat([torch.arange(model.offsets[p], model.offsets[p + 1]) for p in perm])
     state["token_embedding.weight"] = state["token_embedding.weight"][embed_rows]
     state["column_embedding"] = state["column_embedding"][perm]
+    state["target_embedding"] = state["target_embedding"][perm]
     state["heads.weight"] = state["heads.weight"][head_rows]
     state["heads.bias"] = state["heads.bias"][head_rows]
     state["offsets"], state["mask_ids"] = clone.offsets, clone.mask_ids
@@ -236,7 +241,7 @@ def test_whole_order_estimate_is_unbiased(w):
 
 @pytest.mark.parametrize("w", W_CASES[1:])
 def test_rloo_gradient_matches_enumerated_gradient(w):
-    model = peaky_model(SIZES)
+    model = peaky_model(SIZES, seed=1)
     rows = torch.tensor([[0, 2, 1], [1, 0, 0], [1, 1, 1]])
     orders = all_orders(3)
     log_w = torch.log(torch.tensor(w, dtype=torch.float64)).requires_grad_(True)
@@ -357,17 +362,20 @@ def test_speculative_needs_the_causal_model_and_excludes_steps():
 
 @pytest.mark.parametrize("rows, heads, queries, slots, width", [(5, 4, 2, 17, 12), (3, 1, 1, 3, 1), (1, 2, 7, 9, 5)])
 def test_cached_attention_equals_sdpa(rows, heads, queries, slots, width):
-    """The decoding step's attention (batched matmuls, additive mask) against SDPA with the
-    boolean mask: random values and masks, a query that may see only slot 0 among them,
-    float64, so both compute the same sums and agree to rounding (1e-12)."""
+    """The decoding step's attention (batched matmuls, additive mask, each query's own key)
+    against SDPA over the slots followed by the queries' own keys, with the boolean mask:
+    random values and masks, a query that may see only slot 0 among them, float64, so both
+    compute the same sums and agree to rounding (1e-12)."""
     generator = torch.Generator().manual_seed(rows * 100 + slots)
-    q, k, v = (torch.randn(rows, heads, length, width, generator=generator, dtype=torch.float64)
-               for length in (queries, slots, slots))
+    q, k, v, own_k, own_v = (torch.randn(rows, heads, length, width, generator=generator, dtype=torch.float64)
+                             for length in (queries, slots, slots, queries, queries))
     sees = torch.randint(0, slots, (rows, queries), generator=generator)
     sees[0, 0] = 0
     allowed = (torch.arange(slots) <= sees[..., None]).unsqueeze(1)
     bias = torch.zeros(allowed.shape, dtype=torch.float64).masked_fill_(~allowed, float("-inf"))
-    torch.testing.assert_close(attend_cached(q, k, v, bias), attend(q, k, v, allowed), rtol=1e-12, atol=1e-12)
+    itself = torch.eye(queries, dtype=torch.bool).expand(rows, 1, -1, -1)
+    expected = attend(q, torch.cat([k, own_k], 2), torch.cat([v, own_v], 2), torch.cat([allowed, itself], -1))
+    torch.testing.assert_close(attend_cached(q, k, v, bias, own_k, own_v), expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("grad", [False, True])

@@ -67,7 +67,7 @@ def test_static_special_case_is_the_static_nelbo(w, monkeypatch):
         torch.testing.assert_close(got.samples, want.samples, rtol=1e-12, atol=1e-12)
         orders = all_orders(3)
         log_pl = plackett_luce_log_prob(w_t, orders)
-        # The static NELBO sum_pi PL(pi; w) * -log p_theta(x | pi), from the content stream alone
+        # The static NELBO sum_pi PL(pi; w) * -log p_theta(x | pi), from the conditionals alone
         # (no order prior: the policy is not run), so it shares no term with the bound's expression.
         exact_static = sum((log_pl.exp() * order_nll(model, r.expand(6, -1), orders)).sum() for r in ROWS)
     torch.testing.assert_close(enumerated_bound(model, w_t).detach(), exact_static / len(ROWS), rtol=1e-12, atol=1e-12)
@@ -209,10 +209,10 @@ def test_gradient_reaches_policy_posterior_and_prior():
 
 
 @pytest.mark.parametrize("num_layers, policy_depth", [(1, 1), (2, 1), (3, 2)])
-def test_policy_reads_the_content_stream_at_policy_depth(num_layers, policy_depth):
+def test_policy_reads_the_states_at_policy_depth(num_layers, policy_depth):
     """log p_psi(pi | x) depends on the blocks before `policy_depth` and on no block after it:
-    one block before the last spares the last block's content stream; a one-block model's
-    policy reads that block."""
+    the states one block before the last, where the target embedding is added; a one-block
+    model's policy reads that block."""
     w = torch.tensor([0.5, 1.0, 3.0], dtype=torch.float64)
     orders = all_orders(3)
     x = ROWS.repeat_interleave(len(orders), 0)
@@ -287,7 +287,7 @@ def test_sampled_rows_and_orders_follow_the_joint(steps, exact, num_layers):
 def test_order_depends_on_the_values():
     """The point of the model: the first revealed column is fixed by the policy's start
     state, but the second one's distribution changes with the first value."""
-    model = contextual_model()
+    model = contextual_model(seed=4)
     w = torch.ones(3, dtype=torch.float64)
     tokens, orders = draw_with_orders(model, w)
     first = orders[:, 0] == 1                       # rows that revealed column 1 first

@@ -1,9 +1,9 @@
 """Decoding with the causal denoiser: KV-cached chunks of the order, and contextual orders.
 
 Every row draws its order pi from PL(w) with known columns first (`known_first_order`). The
-known columns are encoded once, as content tokens of the cache; after that each call of the
-model (`CausalTransformer.extend`) appends the columns just revealed and asks query tokens
-for the next ones, so a row costs O(L) tokens instead of the bidirectional model's O(L^2).
+known columns are encoded once, as tokens of the cache; after that each call of the model
+(`CausalTransformer.extend`) writes the tokens that carry the values just revealed and asks
+for the next columns, so a row costs O(L) tokens instead of the bidirectional model's O(L^2).
 
 - `sample_chunks`: the unknown positions are split into `steps` chunks of ranks; a chunk's
   queries all see the same prefix. steps = L is exact learned-order AR; fewer steps are
@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..models.causal import NO_TARGET
 from .common import ColumnLayout, DecodeStats, chunk_of_position, gumbel_noise, known_first_order
 
 
@@ -49,30 +50,45 @@ def unorder(order: Tensor, x_ord: Tensor) -> Tensor:
     return torch.empty_like(x_ord).scatter_(1, order, x_ord)
 
 
-def content_tokens(order: Tensor, x_ord: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Values, columns and positions of content tokens at `positions` (padding L stays L)."""
-    safe = positions.clamp(max=order.shape[1] - 1)
-    return x_ord.gather(1, safe), order.gather(1, safe), positions
+def order_tokens(order: Tensor, x_ord: Tensor, targets: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The model's tokens (values, value columns, target columns, positions) that predict
+    order position `targets` [N, T] (padding L) from the prefix before `positions` [N, T]:
+    each carries the value and column at position - 1 and the column at its target."""
+    last = order.shape[1] - 1
+    before = (positions - 1).clamp(0, last)
+    value_columns = order.gather(1, before).clamp(min=0)
+    return x_ord.gather(1, before), value_columns, order.gather(1, targets.clamp(max=last)), positions
 
 
 def sample_chunks(model, w: Tensor, layout: ColumnLayout, steps: int, temperature: float, num_rows: int,
                   known: Tensor | None, known_mask: Tensor | None, generator, stats: DecodeStats) -> Tensor:
-    """Rows of tokens [num_rows, L]: each step queries one chunk of the order, from one prefix."""
+    """Rows of tokens [num_rows, L]: each step queries one chunk of the order, from one prefix.
+
+    A chunk [a, b) asks the token at position a (written: it is the next token of the order)
+    and queries for positions a+1..b-1 at position a (not written); the same call writes the
+    tokens between the previous chunk's start and a, whose values have been sampled since.
+    At steps = L a step is one token.
+    """
     num_columns = w.numel()
     order, n_known, x_ord = start_orders(model, w, known, known_mask, num_rows, generator, stats)
     step_of_position = chunk_of_position(n_known, num_columns, steps)
     cache = model.empty_cache(num_rows)
-    pending = pack(step_of_position == -1)           # known columns: encoded in the first call
+    position = torch.arange(num_columns, device=w.device)
+    unwritten = torch.zeros_like(n_known)          # positions >= this have no token in the cache
     for step in range(int(step_of_position.max()) + 1):
-        positions = pack(step_of_position == step)   # [N, T], ascending, padded with L
-        valid = positions < num_columns
-        columns = order.gather(1, positions.clamp(max=num_columns - 1))
-        sees = positions[:, :1].expand_as(positions)  # the chunk's first position: one prefix
-        cache, h = model.extend(cache, *content_tokens(order, x_ord, pending), columns, sees)
-        rows, slots = valid.nonzero(as_tuple=True)
-        x_ord[rows, positions[rows, slots]] = model.heads.sample(h[rows, slots], columns[rows, slots],
-                                                                 temperature, generator)
-        pending = positions
+        in_chunk = step_of_position == step
+        has_chunk = in_chunk.any(1)
+        first = torch.where(in_chunk, position, num_columns).amin(1)
+        end = torch.where(in_chunk, position + 1, 0).amax(1)
+        targets = pack(has_chunk[:, None] & (position >= unwritten[:, None]) & (position < end[:, None]))
+        positions = torch.minimum(targets, first[:, None])
+        written = (targets <= first[:, None]) & (targets < num_columns)
+        cache, h, _ = model.extend(cache, *order_tokens(order, x_ord, targets, positions), written)
+        rows, slots = ((targets >= first[:, None]) & (targets < num_columns)).nonzero(as_tuple=True)
+        columns = order.gather(1, targets.clamp(max=num_columns - 1))
+        x_ord[rows, targets[rows, slots]] = model.heads.sample(h[rows, slots], columns[rows, slots],
+                                                               temperature, generator)
+        unwritten = torch.where(has_chunk, first + 1, unwritten)
     return unorder(order, x_ord)
 
 
@@ -85,37 +101,46 @@ def sample_contextual(model, w: Tensor, layout: ColumnLayout, steps: int, temper
     known columns not yet placed (no value to sample). The unknown positions are then split
     into `steps` chunks as in `sample_chunks`: a chunk's columns are drawn from one policy
     state without replacement (Gumbel top-k, i.e. sequential PL sampling from the policy),
-    queried from one prefix, then appended as content, whose last state gives the next
-    policy. steps = L is exact: each step is one policy draw and one value draw. A step costs
-    two calls (the query needs the column, which needs the previous content's state).
-    Orders are drawn at temperature 1 whatever `temperature` (which applies to values).
+    queried from one prefix, then appended, and a policy query (a token with no target) at
+    the next position gives the next policy state. steps = L is exact: each step is one
+    policy draw and one value draw. A step costs two calls (the query needs the column,
+    which needs the previous values' policy state). Orders are drawn at temperature 1
+    whatever `temperature` (which applies to values).
     """
     num_columns = w.numel()
     device = w.device
     log_prior = torch.log(w)
-    arange = torch.arange(num_columns, device=device)
-    no_tokens = torch.zeros(num_rows, 0, dtype=torch.long, device=device)
+    offsets = torch.arange(num_columns, device=device)
     cache = model.empty_cache(num_rows)
     revealed = torch.zeros(num_rows, num_columns, dtype=torch.bool, device=device)
     state = model.start_state().expand(num_rows, -1)
-    x = torch.zeros(num_rows, num_columns, dtype=torch.long, device=device)
+    x_ord = torch.zeros(num_rows, num_columns, dtype=torch.long, device=device)
     order = torch.full((num_rows, num_columns), -1, dtype=torch.long, device=device)
-    count = torch.zeros(num_rows, dtype=torch.long, device=device)
+    count = torch.zeros(num_rows, dtype=torch.long, device=device)   # positions placed (and written)
 
-    def append(columns: Tensor, values: Tensor, valid: Tensor) -> Tensor:
-        """Write values of columns [N, T] (where valid) as content at the next positions;
-        returns the state after the last valid one (unchanged for rows with none)."""
-        nonlocal cache, count
-        sizes = valid.sum(1)
-        positions = torch.where(valid, count[:, None] + valid.cumsum(1) - 1, num_columns)
-        cache, h = model.extend(cache, values, columns, positions, no_tokens, no_tokens, content_states=True)
+    def place(columns: Tensor, values: Tensor, valid: Tensor) -> Tensor:
+        """Put columns [N, T] with their values (where valid) at the next positions; returns
+        the positions [N, T] (L where not valid)."""
+        positions = torch.where(valid, count[:, None] + offsets[:columns.shape[1]], num_columns)
         rows, slots = valid.nonzero(as_tuple=True)
         revealed[rows, columns[rows, slots]] = True
-        x[rows, columns[rows, slots]] = values[rows, slots]
         order[rows, positions[rows, slots]] = columns[rows, slots]
+        x_ord[rows, positions[rows, slots]] = values[rows, slots]
+        return positions
+
+    def append(targets: Tensor, sizes: Tensor) -> Tensor:
+        """Write the tokens of target positions [N, T] (padding L), then count += sizes and
+        return the policy state at the new count (a policy query, not written)."""
+        nonlocal cache, count
         count = count + sizes
-        last = h.gather(1, (sizes - 1).clamp(min=0)[:, None, None].expand(-1, 1, h.shape[2])).squeeze(1)
-        return torch.where((sizes > 0)[:, None], last, state)
+        policy_targets = torch.full_like(count[:, None], NO_TARGET)
+        positions = torch.cat([targets, count[:, None]], 1)
+        values, value_columns, target_columns, _ = order_tokens(order, x_ord, positions.clamp(max=num_columns), positions)
+        target_columns = torch.cat([target_columns[:, :-1], policy_targets], 1)
+        written = torch.cat([targets < num_columns, torch.zeros_like(policy_targets, dtype=torch.bool)], 1)
+        cache, _, policy = model.extend(cache, values, value_columns, target_columns, positions, written,
+                                        policy_states=True)
+        return policy[:, -1]
 
     def draw_columns(allowed: Tensor, sizes: Tensor) -> tuple[Tensor, Tensor]:
         """Up to max(sizes) distinct columns per row from the policy restricted to `allowed`."""
@@ -123,23 +148,26 @@ def sample_contextual(model, w: Tensor, layout: ColumnLayout, steps: int, temper
         keys = log_probs.float() + gumbel_noise(tuple(log_probs.shape), generator, device)
         width = int(sizes.max())
         columns = keys.topk(width, dim=1).indices
-        return columns, torch.arange(width, device=device)[None, :] < sizes[:, None]
+        return columns, offsets[None, :width] < sizes[:, None]
 
     if known is not None:
         for _ in range(int(known_mask.sum(1).max())):
             allowed = known_mask & ~revealed
             columns, valid = draw_columns(allowed, allowed.any(1).long())
-            state = append(columns, known.gather(1, columns), valid)
+            state = append(place(columns, known.gather(1, columns), valid), valid.sum(1))
     n_known = count.clone()
     step_of_position = chunk_of_position(n_known, num_columns, steps)
     for step in range(int(step_of_position.max()) + 1):
         columns, valid = draw_columns(~revealed, (step_of_position == step).sum(1))
-        sees = count[:, None].expand_as(columns)
-        cache, h = model.extend(cache, no_tokens, no_tokens, no_tokens, columns, sees)
+        targets = place(columns, torch.zeros_like(columns), valid)
+        # The chunk's first token is the order's next one (written); the rest are queries.
+        positions = count[:, None].expand_as(targets)
+        written = (targets == positions) & valid
+        cache, h, _ = model.extend(cache, *order_tokens(order, x_ord, targets, positions), written)
         rows, slots = valid.nonzero(as_tuple=True)
-        values = torch.zeros_like(columns)
-        values[rows, slots] = model.heads.sample(h[rows, slots], columns[rows, slots], temperature, generator)
-        state = append(columns, values, valid)
+        x_ord[rows, targets[rows, slots]] = model.heads.sample(h[rows, slots], columns[rows, slots],
+                                                               temperature, generator)
+        state = append(torch.where(written, num_columns, targets), valid.sum(1))
     if stats.orders is not None:
         stats.orders.append(order.cpu())
-    return x
+    return unorder(order, x_ord)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .causal import content_tokens, pack, start_orders, unorder
+from .causal import order_tokens, pack, start_orders, unorder
 from .common import ColumnLayout, DecodeStats, uniforms
 
 
@@ -64,34 +64,39 @@ def sample_speculative(model, w: Tensor, layout: ColumnLayout, draft: int, tempe
     order, out = full_order, x_ord.clone()
     alive = torch.arange(num_rows, device=w.device)   # rows still decoding, indices into out
     revealed = n_known.clone()                        # positions 0..revealed-1 hold values
-    cached = torch.zeros_like(revealed)               # positions 0..cached-1 are in the cache
+    unwritten = torch.zeros_like(revealed)            # positions >= this have no token in the cache
     cache = model.empty_cache(num_rows)
     offsets = torch.arange(draft, device=w.device)
+    positions = torch.arange(num_columns, device=w.device)
     while True:
         done = revealed >= num_columns
         if bool(done.any()):
             out[alive[done]] = x_ord[done]
             keep = ~done
-            alive, order, x_ord, revealed, cached = alive[keep], order[keep], x_ord[keep], revealed[keep], cached[keep]
+            alive, order, x_ord, revealed, unwritten = alive[keep], order[keep], x_ord[keep], revealed[keep], unwritten[keep]
             cache = cache.select(keep)
         if alive.numel() == 0:
             break
-        positions = torch.arange(num_columns, device=w.device)
-        pending = pack((positions >= cached[:, None]) & (positions < revealed[:, None]))
-        # Draft: k queries that all see the current prefix.
+        # Draft: the tokens of the positions revealed since the last round (written), then k
+        # queries for positions revealed .. revealed+k-1 that all see the current prefix; the
+        # first is the order's next token, so it is written too.
+        pending = pack((positions >= unwritten[:, None]) & (positions < revealed[:, None]))
         draft_positions = revealed[:, None] + offsets
         in_table = draft_positions < num_columns
         draft_positions = draft_positions.masked_fill(~in_table, num_columns)
         draft_columns = order.gather(1, draft_positions.clamp(max=num_columns - 1))
-        cache, h = model.extend(cache, *content_tokens(order, x_ord, pending), draft_columns,
-                                revealed[:, None].expand_as(draft_positions))
-        q = _probabilities(cell_logits(model, layout, h, draft_columns), temperature)    # [N, k, Kmax]
+        targets = torch.cat([pending, draft_positions], 1)
+        sources = torch.cat([pending, revealed[:, None].expand_as(draft_positions)], 1)
+        written = torch.cat([pending < num_columns, (offsets == 0) & in_table], 1)
+        cache, h, _ = model.extend(cache, *order_tokens(order, x_ord, targets, sources), written)
+        q = _probabilities(cell_logits(model, layout, h[:, -draft:], draft_columns), temperature)    # [N, k, Kmax]
         drafts = _categorical(q, generator)
-        # Verify: append the drafts; query positions revealed+1 .. revealed+k, each seeing
-        # the drafts before it. p_j for j >= 1 is the target of draft j; the last is a bonus.
+        # Verify: the tokens of positions revealed+1 .. revealed+k, each carrying the draft
+        # before it; p_j for j >= 1 is the target of draft j; the last is a bonus.
         verify_positions = (draft_positions + 1).clamp(max=num_columns)
         verify_columns = order.gather(1, verify_positions.clamp(max=num_columns - 1))
-        cache, h = model.extend(cache, drafts, draft_columns, draft_positions, verify_columns, verify_positions)
+        cache, h, _ = model.extend(cache, drafts, draft_columns, verify_columns, verify_positions,
+                                   verify_positions < num_columns)
         p_next = _probabilities(cell_logits(model, layout, h, verify_columns), temperature)  # p of position j+1
         # Acceptance: draft 0 always (its q is p); draft j >= 1 with probability min(1, p/q).
         p_draft = torch.cat([q[:, :1], p_next[:, :-1]], 1)
@@ -118,6 +123,6 @@ def sample_speculative(model, w: Tensor, layout: ColumnLayout, draft: int, tempe
         x_ord[extra_rows, (revealed + accepted)[extra_rows]] = extra[extra_rows]
         stats.rounds += int(alive.numel())
         stats.columns += int((accepted + has_extra.long()).sum())
-        cached = revealed + accepted
+        unwritten = revealed + accepted + 1      # the token after the last accepted draft carries it
         revealed = revealed + accepted + has_extra.long()
     return unorder(full_order, out)

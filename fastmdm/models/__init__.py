@@ -1,5 +1,5 @@
-"""Denoisers: `bidirectional` (re-encodes the masked row every step) and `causal` (two-stream,
-one pass per order, KV-cached sampling; its order may be static or contextual, see orders).
+"""Denoisers: `bidirectional` (re-encodes the masked row every step) and `causal` (one
+pass per order, KV-cached sampling; its order may be static or contextual, see orders).
 Both share embeddings, blocks and ragged heads (base)."""
 from .base import RaggedHeads, TableDenoiser
 from .bidirectional import ColumnTransformer

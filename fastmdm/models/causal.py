@@ -1,34 +1,39 @@
-"""The causal learned-order denoiser (two streams; docs/design.md).
+"""The causal learned-order denoiser (one stream of L tokens; docs/design.md).
 
-A row's columns are gathered in a generation order pi. Two streams run through the same
-blocks; keys and values come from the content stream only:
-- content token i = value(x_{pi_i}) + column(pi_i); it sees a learned start token and the
-  content tokens up to and including i;
-- query token i = column(pi_i) + a learned query vector; it sees the start token and the
-  content tokens before i, so its output predicts x_{pi_i} from x_{pi_<i}.
-Tokens carry their column's identity and no position in the order, so the model is
-permutation-equivariant: relabelling the columns together with the order changes nothing.
+A row's columns are gathered in a generation order pi. Token p (p = 0..L-1) predicts x_{pi_p}:
+it carries the value and column of pi_{p-1} (token 0 carries a learned start vector instead)
+plus a target embedding of the column pi_p it predicts, the "double positional encoding" of
+sigma-GPT (Pannatier et al. 2024). It attends to a learned start token (cache slot 0), to the
+tokens before it (slots 1..p) and to itself, so its output depends on x_{pi_<p} only. A
+training pass is the start token and the L tokens under a causal mask, one token more than
+the bidirectional model's pass. Tokens carry their column's identity
+and no position in the order, so the model is permutation-equivariant: relabelling the
+columns together with the order changes nothing.
 
 One pass scores every conditional of an order: -log p(x | pi) = sum_i -log p(x_{pi_i} | x_{pi_<i}).
 The conditionals depend on the order of the prefix, not only on its set, so the model is a
 mixture over orders, p(x) = E_{pi ~ PL(w)} p(x | pi); E_pi[-log p(x | pi)] bounds -log p(x)
 (Jensen) and is what training minimizes.
 
-Everything runs through `extend`, which appends content tokens to a key/value cache and
-answers query tokens against it. Training calls it once on an empty cache with the whole
-order; sampling calls it once per step (see fastmdm.decoding.causal), so the two can
-never disagree. Cache slot 0 is the start token, slot p + 1 is order position p, and the
-last slot takes writes from padding tokens and is never attended to.
+Everything runs through `extend`, which runs tokens against a key/value cache, writing some of
+them into it. Training calls it once on an empty cache with the whole order; sampling calls it
+once per step (see fastmdm.decoding.causal), so the two can never disagree. Cache slot 0 is
+the start token, slot p + 1 is the token at order position p, and the last slot takes the
+tokens that are not written (queries, padding) and is never attended to. A token that is not
+written is a query: several of them at one position ask for several columns from one prefix
+(chunked and speculative sampling).
 
-With order="contextual" the model also chooses its orders: a policy head reads the content
-stream's final states (the state at position i - 1 has seen exactly the prefix), and an order
-posterior reads the clean row for training (fastmdm.models.orders).
+With order="contextual" the model also chooses its orders: a policy head reads token p's
+state at `policy_depth`, where the target embedding has not been added yet (it enters before
+that block), so that state has seen exactly x_{pi_<p}; an order posterior reads the clean row
+for training (fastmdm.models.orders).
 """
 from __future__ import annotations
 
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import INT_DTYPES, check_tensor
@@ -37,10 +42,12 @@ from .layers import attend, attend_cached
 from .orders import OrderPolicy, OrderPosterior
 
 ORDERS = ("static", "contextual")
+#: The target column of a token that predicts nothing: a contextual model's policy query.
+NO_TARGET = -1
 
 
 class KVCache(NamedTuple):
-    """Per-layer keys and values of the content stream: each [N, H, L + 2, d / H]."""
+    """Per-layer keys and values of the written tokens: each [N, H, L + 2, d / H]."""
     keys: list[Tensor]
     values: list[Tensor]
 
@@ -48,8 +55,17 @@ class KVCache(NamedTuple):
         return KVCache([k[rows] for k in self.keys], [v[rows] for v in self.values])
 
 
+class Extension(NamedTuple):
+    """What `extend` returns: the cache, the tokens' final states [N, T, d] (ready for the
+    heads) and, when asked for, their states at `policy_depth` [N, T, d] (what the order
+    policy reads; None otherwise)."""
+    cache: KVCache
+    states: Tensor
+    policy_states: Tensor | None
+
+
 class CausalTransformer(TableDenoiser):
-    """Two-stream causal denoiser: (x [N, L], order [N, L]) -> logits [N, V] of every
+    """Causal denoiser: (x [N, L], order [N, L]) -> logits [N, V] of every
     p(x_{pi_i} | x_{pi_<i}), returned in column layout (column l at offsets[l]:offsets[l+1]).
 
     With `targets`, `weight`, `mask` it returns the per-row weighted cross entropy instead
@@ -65,9 +81,11 @@ class CausalTransformer(TableDenoiser):
         super().__init__(cardinalities, **options)
         d_model = self._config["d_model"]
         self.start = nn.Parameter(torch.zeros(d_model))
-        self.query_embedding = nn.Parameter(torch.zeros(d_model))
+        # Its own table, not column_embedding: a token carries two columns (its value's and
+        # its target's), and one shared table would make their sum symmetric.
+        self.target_embedding = nn.Parameter(torch.zeros(self.num_columns, d_model))
         nn.init.normal_(self.start, std=0.02)
-        nn.init.normal_(self.query_embedding, std=0.02)
+        nn.init.normal_(self.target_embedding, std=0.02)
         self._config.update(order=order)
         if order == "contextual":
             self.order_policy = OrderPolicy(d_model, self.num_columns)
@@ -91,15 +109,17 @@ class CausalTransformer(TableDenoiser):
 
     @property
     def policy_depth(self) -> int:
-        """How many blocks the content stream has passed where the order policy reads it.
+        """The block before which tokens get their target embedding; a contextual model's
+        order policy reads the states there.
 
-        The second-to-last block's output (the last block's, for a one-block model): it has
-        seen the whole prefix, and the last block then runs the query stream only, as a
-        static model's does, so a contextual training step costs little more than a static
-        one (benchmarks/results/contextual_step.md). Static models: the last block (unused).
+        Static models: 0, every block sees the target. Contextual models: the last block
+        (after the only one, for a one-block model): before it a token's state has seen the
+        prefix and not the column it predicts, which is what the policy chooses, so one pass
+        of L tokens serves the policy and the conditionals
+        (benchmarks/results/contextual_step.md).
         """
         num_layers = len(self.blocks)
-        return max(1, num_layers - 1) if self.contextual and num_layers else num_layers
+        return max(1, num_layers - 1) if self.contextual and num_layers else 0
 
     @property
     def trash_slot(self) -> int:
@@ -107,7 +127,8 @@ class CausalTransformer(TableDenoiser):
 
     def _start_states(self) -> tuple[list[Tensor], list[Tensor], Tensor]:
         """Keys and values [1, H, 1, d / H] of the start token in every layer (it sees only
-        itself), and its state at `policy_depth` [d] (what the order policy reads before any value)."""
+        itself), and its state at `policy_depth` [d] (what the order policy reads before any
+        value)."""
         keys, values = [], []
         h = self.start.view(1, 1, -1)
         policy_state = h
@@ -137,69 +158,62 @@ class CausalTransformer(TableDenoiser):
         keys, values, _ = self._start_states()
         return KVCache([slots(k) for k in keys], [slots(v) for v in values])
 
-    def extend(self, cache: KVCache | None, values: Tensor, value_columns: Tensor, value_positions: Tensor,
-               query_columns: Tensor, query_sees: Tensor, content_states: bool = False) -> tuple[KVCache, Tensor]:
-        """Append content tokens to the cache and answer query tokens; returns (cache, h).
-
-        values, value_columns [N, Tc] and value_positions ([N, Tc] or [Tc]): tokens
-        x_{pi_p} of column pi_p at order position p (position L marks padding, which is
-        written to the trash slot). query_columns [N, Tq] and query_sees ([N, Tq] or [Tq]):
-        a query for a column that sees the content at order positions < query_sees (and
-        the start token). h [N, Tq, d] are the final query states, ready for the heads.
-        cache=None is an empty cache whose content arrives at positions 0..Tc-1 in this
-        call (training): keys are then concatenated, not scattered. The returned cache
-        replaces the given one; without autograd the given one is updated in place.
-        With `content_states`, h is [N, Tc + Tq, d]: the content tokens' states at
-        `policy_depth` (which the order policy reads) come first.
-        """
+    def _embed(self, values: Tensor, value_columns: Tensor, positions: Tensor) -> Tensor:
+        """Token inputs before the target: value(x) + column(c) of the previous order
+        position, the start vector at position 0."""
         content = self.embed_values(values, value_columns)
-        query = self.query_embedding + self.embed_columns(query_columns)
-        write = (value_positions + 1).clamp(max=self.trash_slot)
-        # A content token at position p sees slots 0..p+1 (itself included); a query sees
-        # slots 0..query_sees; padding content sees only the start token.
-        content_sees = torch.where(value_positions < self.num_columns, write, torch.zeros_like(write))
-        sees = torch.cat([content_sees.expand(*query_sees.shape[:-1], -1),
-                          query_sees.expand(*content_sees.shape[:-1], -1)], -1)
-        num_slots = self.num_columns + 2 if cache is not None else content.shape[1] + 1
-        allowed = torch.arange(num_slots, device=values.device) <= sees[..., None]    # [(N,) T, S]
-        allowed = allowed.unsqueeze(-3)                                               # heads axis
+        return torch.where((positions == 0)[..., None], self.start.to(content.dtype), content)
+
+    def _embed_targets(self, target_columns: Tensor) -> Tensor:
+        embedded = F.embedding(target_columns.clamp(min=0), self.target_embedding)
+        return embedded.masked_fill((target_columns == NO_TARGET)[..., None], 0)
+
+    def extend(self, cache: KVCache | None, values: Tensor, value_columns: Tensor, target_columns: Tensor,
+               positions: Tensor, written: Tensor, policy_states: bool = False) -> Extension:
+        """Run tokens [N, T] against the cache, writing those marked `written` into it.
+
+        A token at order position p ([N, T] or [T]) carries values, value_columns: x_{pi_{p-1}}
+        and pi_{p-1} (ignored at p = 0, which carries the start vector), and target_columns:
+        pi_p, the column it predicts (NO_TARGET: none, a policy query). It sees the start
+        token, the tokens at positions < p and itself. A written token goes to slot p + 1; the others
+        (queries; padding, at position L) to the trash slot. Written tokens of one call are
+        seen by the call's later positions. cache=None is an empty cache whose tokens arrive
+        at positions 0..T-1 in this call, all written (training): the start token then runs
+        as the pass's first token, under SDPA's causal mask, and no cache is scattered. The returned cache replaces the given one; without
+        autograd the given one is updated in place.
+        """
+        h = self._embed(values, value_columns, positions)
+        targets = self._embed_targets(target_columns).to(h.dtype)
         if cache is None:
-            start_keys, start_values, _ = self._start_states()
-            attention = attend
-            mask = allowed
+            h = torch.cat([self.start.to(h.dtype).expand(h.shape[0], 1, -1), h], 1)
+            targets = torch.cat([torch.zeros_like(targets[:, :1]), targets], 1)
         else:
-            attention = attend_cached
-            mask = torch.zeros(allowed.shape, dtype=content.dtype, device=content.device)
-            mask.masked_fill_(~allowed, float("-inf"))
-            slots = write.expand(content.shape[0], -1)
-        split = content.shape[1]
-        h = torch.cat([content, query.to(content.dtype)], 1)
+            allowed = torch.arange(self.num_columns + 2, device=h.device) <= positions[..., None]  # [(N,) T, S]
+            mask = torch.zeros(allowed.shape, dtype=h.dtype, device=h.device)
+            mask = mask.masked_fill_(~allowed, float("-inf")).unsqueeze(-3)                      # heads axis
+            slots = torch.where(written & (positions < self.num_columns), positions + 1, self.trash_slot)
+            slots = slots.expand(h.shape[0], -1)
         keys, vals = [], []
-        last = len(self.blocks) - 1
-        # The content stream's last outputs are used only when the policy reads them.
-        content_through_last = content_states and self.policy_depth == len(self.blocks)
-        policy_states, query_from = h[:, :split], split
+        policy = None
         for index, block in enumerate(self.blocks):
-            q_content, k, v = block.project(h[:, :split])
-            q = torch.cat([q_content, block.query(h[:, split:])], 2)
+            if index == self.policy_depth:
+                policy, h = h, h + targets
+            q, k, v = block.project(h)
             if cache is None:
-                count = k.shape[0]
-                keys.append(torch.cat([start_keys[index].expand(count, -1, -1, -1).to(k.dtype), k], 2))
-                vals.append(torch.cat([start_values[index].expand(count, -1, -1, -1).to(v.dtype), v], 2))
+                keys.append(k)
+                vals.append(v)
+                attended = attend(q, k, v, causal=True)
             else:
                 keys.append(write_slots(cache.keys[index].to(k.dtype), slots, k))
                 vals.append(write_slots(cache.values[index].to(v.dtype), slots, v))
-            if index == last and not content_through_last:
-                h = block.mix(h[:, split:], attention(q[:, :, split:], keys[-1], vals[-1], mask[..., split:, :]))
-                query_from = 0
-            else:
-                h = block.mix(h, attention(q, keys[-1], vals[-1], mask))
-            if content_states and index + 1 == self.policy_depth:
-                policy_states = h[:, :split]
-        h = h[:, query_from:]
-        if content_states:
-            h = torch.cat([policy_states, h], 1)
-        return KVCache(keys, vals), self.norm_out(h)
+                attended = attend_cached(q, keys[-1], vals[-1], mask, k, v)
+            h = block.mix(h, attended)
+        if self.policy_depth == len(self.blocks):
+            policy, h = h, h + targets
+        if cache is None:                       # the start token's states
+            h, policy = h[:, 1:], policy[:, 1:]
+        policy = self.norm_out(policy) if policy_states else None
+        return Extension(KVCache(keys, vals), self.norm_out(h), policy)
 
     def forward(self, x: Tensor, order: Tensor, targets: Tensor | None = None,
                 weight: Tensor | None = None, mask: Tensor | None = None,
@@ -209,27 +223,27 @@ class CausalTransformer(TableDenoiser):
         -log p_psi(order | x), so that the loss is -log p(x, order)."""
         self.check_tokens("x", x, allow_mask=False)
         check_order(order, x.shape[0], self.num_columns)
-        rows, length = x.shape
-        positions = torch.arange(length, device=x.device)
+        positions = torch.arange(x.shape[1], device=x.device)
         scores_order = self.contextual and targets is not None and order_prior is not None
-        _, h = self.extend(None, x.gather(1, order), order, positions, order, positions,
-                           content_states=scores_order)
-        content, h = h[:, :-length], h[:, -length:]
+        # Token p carries x_{pi_{p-1}}; token 0's slot (the wrapped-around last value) is
+        # replaced by the start vector.
+        previous = order.roll(1, 1)
+        _, h, policy = self.extend(None, x.gather(1, previous), previous, order, positions,
+                                   torch.ones_like(positions, dtype=torch.bool), policy_states=scores_order)
         h_by_column = torch.empty_like(h).scatter_(1, order[..., None].expand_as(h), h)
         loss = self.loss_or_logits(h_by_column, targets, weight, mask)
         if scores_order:
-            loss = loss - self.order_log_prob(order_prior, content, order).to(loss.dtype)
+            loss = loss - self.order_log_prob(order_prior, policy, order).to(loss.dtype)
         return loss
 
-    def order_log_prob(self, order_prior: Tensor, content: Tensor, order: Tensor) -> Tensor:
-        """log p_psi(order | x) per row from the content states [N, L, d] of one pass: step i
-        reads the state at position i - 1 (the start token's for i = 0)."""
+    def order_log_prob(self, order_prior: Tensor, policy_states: Tensor, order: Tensor) -> Tensor:
+        """log p_psi(order | x) per row from the policy states [N, L, d] of one pass: step i
+        reads token i's, which has seen x_{pi_<i}."""
         rows, length = order.shape
-        before = torch.cat([self.start_state().to(content.dtype).expand(rows, 1, -1), content[:, :-1]], 1)
         rank = torch.empty_like(order).scatter_(1, order, torch.arange(length, device=order.device).expand_as(order))
         steps = torch.arange(length, device=order.device)
         revealed = rank[:, None, :] < steps[None, :, None]                   # [N, step, column]
-        log_probs = self.order_policy.log_probs(torch.log(order_prior), before, revealed)
+        log_probs = self.order_policy.log_probs(torch.log(order_prior), policy_states, revealed)
         return log_probs.gather(2, order[..., None]).squeeze(2).sum(1)
 
 

@@ -1,8 +1,8 @@
 """Transformer pieces shared by the denoisers: a pre-norm block split into its two halves.
 
 Splitting a block into `project` (norm + q/k/v) and `mix` (output projection + MLP) lets the
-bidirectional model run it as usual and the causal model run two streams through the same
-weights, with keys and values from the content stream only (XLNet's two-stream attention).
+bidirectional model run it as usual and the causal model put its keys and values into a
+cache between the two, with start-token keys that no token of the pass computes.
 """
 from __future__ import annotations
 
@@ -11,31 +11,39 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None = None) -> Tensor:
+def attend(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None = None, causal: bool = False) -> Tensor:
     """softmax(q k^T / sqrt(d) | allowed) v for [N, H, T, dh] queries and [N, H, S, dh] keys.
 
     `allowed` is boolean, True = may attend, broadcastable to [N, H, T, S]; every query must
-    be allowed at least one key. torch's SDPA against explicit batched matmuls, on CPU for
+    be allowed at least one key. `causal` (without `allowed`): query t sees keys 0..t, the
+    causal model's training pass; SDPA's own causal path is faster than the same boolean
+    mask (about 0.7x its time, forward and backward, on one CPU thread at Adult's training
+    shapes). torch's SDPA against explicit batched matmuls, on CPU for
     15 and 60 columns (`python benchmarks/attention.py`, benchmarks/results/attention.md):
     SDPA is 1.2-2.7x faster for training, forward and backward, and within 11% either way
     for a masked KV-cached decoding step at that benchmark's batch. SDPA serves every full
     pass; the causal model's KV-cached decoding steps use `attend_cached`, which is faster at
     the sampling batch (GPU: not measured).
     """
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=causal)
 
 
-def attend_cached(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
-    """softmax(q k^T / sqrt(d) + bias) v for a KV-cached decoding step: [N, H, T, dh] queries,
-    [N, H, S, dh] cache slots, `bias` 0 where a query may attend and -inf elsewhere,
-    broadcastable to [N, H, T, S] (built once per step and shared by the blocks).
+def attend_cached(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, own_k: Tensor, own_v: Tensor) -> Tensor:
+    """Attention of a KV-cached decoding step: [N, H, T, dh] queries over [N, H, S, dh] cache
+    slots, where `bias` (broadcastable to [N, H, T, S], built once per step and shared by the
+    blocks) is 0 where a query may attend and -inf elsewhere, and over each query's own key
+    and value own_k, own_v [N, H, T, dh], which it always sees: a token attends to itself
+    whether or not it is written to the cache.
 
     A step asks a few queries per row against L + 2 slots, and there SDPA pays an overhead
     per (row, head): two batched matmuls are 2.7x faster on one CPU thread for Adult's
     shapes (4,096 rows, 4 heads, 2 tokens, 17 slots, d_h = 12; benchmarks/decode_speed.py).
     """
-    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5).add_(bias)
-    return torch.matmul(scores.softmax(-1), v)
+    scale = q.shape[-1] ** -0.5
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale).add_(bias)
+    own = (q * own_k).sum(-1, keepdim=True).mul_(scale)
+    weights = torch.cat([scores, own], -1).softmax(-1)
+    return torch.matmul(weights[..., :-1], v).addcmul_(weights[..., -1:], own_v)
 
 
 class Block(nn.Module):
@@ -61,11 +69,6 @@ class Block(nn.Module):
         """Queries, keys and values of h [N, T, d], each [N, H, T, d / H]."""
         q, k, v = self.qkv(self.norm_attn(h)).chunk(3, dim=-1)
         return self._heads(q), self._heads(k), self._heads(v)
-
-    def query(self, h: Tensor) -> Tensor:
-        """Queries only (the query stream needs no keys or values): [N, H, T, d / H]."""
-        width = h.shape[-1]
-        return self._heads(F.linear(self.norm_attn(h), self.qkv.weight[:width], self.qkv.bias[:width]))
 
     def mix(self, h: Tensor, attended: Tensor) -> Tensor:
         """Residual update of h [N, T, d] with attention output [N, H, T, d / H], then the MLP."""

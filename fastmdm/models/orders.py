@@ -2,10 +2,10 @@
 
 A contextual causal model carries two extra pieces:
 - `OrderPolicy` p_psi(next column | values revealed so far): logits log w_l + a linear map
-  of the causal model's content state at the last revealed position (read one block
-  before the last, see CausalTransformer.policy_depth), over the columns not yet revealed.
+  of the causal model's state of the token after the last revealed position (read one
+  block before the last, see CausalTransformer.policy_depth), over the columns not yet revealed.
   With the linear map at zero (its initialization) this is static PL(w); in the causal
-  model the content state at position i - 1 has seen exactly x_{pi_<i}, so one pass
+  model token i's state there has seen exactly x_{pi_<i}, so one pass
   scores every step of an order.
 - `OrderPosterior` q_phi(pi | x) = PL(w * r_phi(x)) from the whole clean row, used only in
   training: a two-layer MLP on the sum of the row's value embeddings. The factor is
@@ -38,7 +38,7 @@ CENTRING_MOMENTUM = 0.05
 
 
 class OrderPolicy(nn.Module):
-    """p_psi(next column | prefix): log-probabilities over columns from a content state."""
+    """p_psi(next column | prefix): log-probabilities over columns from a prefix's state."""
 
     def __init__(self, d_model: int, num_columns: int):
         super().__init__()
