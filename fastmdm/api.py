@@ -23,7 +23,7 @@ from .token_store import prepare_token_store
 from .train import Budget, EpochRecord, TrainConfig, Trainer, atomic_save, estimate_nelbo
 
 #: The version of the files save() and checkpoints write; load() and resume read this one only.
-_FORMAT = "fastmdm-tabular-3"
+_FORMAT = "fastmdm-tabular-4"
 #: The architecture of a static-order model when none is named.
 DEFAULT_ARCHITECTURE = model_kind(None, "static").architecture
 

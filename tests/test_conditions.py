@@ -1,7 +1,8 @@
 """Set and range conditions (fastmdm.conditions) through TabularMDM.sample.
 
-Exactness is checked as in test_api_promises: a model fitted through the API on a table small
-enough to enumerate (columns a: 0..2, b: 0..2 as integer categories, c: c0/c1), given large
+Exactness is checked as in test_api_promises, for both architectures: a model fitted through
+the API on a table small enough to enumerate (columns a: 0..2, b: 0..2 as integer categories,
+c: c0/c1), given large
 random weights so that its conditionals disagree between orders, and the sampled rows are
 compared by chi-square with the distribution the conditions promise, computed by enumeration:
 the restricted columns first in the order (PL(w) among themselves, then among the rest), each
@@ -21,6 +22,7 @@ from test_api_promises import ACCEPT, REJECT, TINY_MODEL, order_log_prob, p_valu
 from test_causal import all_rows, row_counts
 
 import fastmdm.decoding.bidirectional as bidirectional_decoding
+import fastmdm.decoding.causal as causal_decoding
 from fastmdm import TabularMDM
 from fastmdm.conditions import parse_condition_text
 from fastmdm.decoding.common import resample
@@ -36,10 +38,10 @@ def enumerable_table(rows: int = 300, seed: int = 0) -> pd.DataFrame:
                          "c": rng.choice(["c0", "c1"], rows)})
 
 
-@pytest.fixture(scope="module")
-def peaky():
-    model = TabularMDM(model=TINY_MODEL, epochs=1, batch_size=64, progress=False).fit(enumerable_table(),
-                                                                                      validation=None)
+@pytest.fixture(scope="module", params=["bidirectional", "causal"])
+def peaky(request):
+    model = TabularMDM(architecture=request.param, model=TINY_MODEL, epochs=1, batch_size=64,
+                       progress=False).fit(enumerable_table(), validation=None)
     assert model.codec.cardinalities == [k + 1 for k in SIZES]   # integer categories, then "other"
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -108,7 +110,8 @@ def test_two_conditions_are_exact_with_importance_resampling(peaky, monkeypatch)
     # resampling) the same test rejects.
     def keep_every_row(log_weights, generator):
         return torch.arange(log_weights.numel()), float(log_weights.numel())
-    monkeypatch.setattr(bidirectional_decoding, "resample", keep_every_row)
+    for decoder in (bidirectional_decoding, causal_decoding):
+        monkeypatch.setattr(decoder, "resample", keep_every_row)
     unweighted = peaky.sample(NUM_ROWS, conditions=conditions, seed=4)
     assert p_value(counts_of(peaky, unweighted), expected) < REJECT
 
@@ -120,8 +123,8 @@ def test_a_rule_between_two_columns_is_exact(peaky, monkeypatch):
     synth = peaky.sample(NUM_ROWS, rules=["a <= b"], seed=5)
     assert (synth["a"] <= synth["b"]).all()
     assert p_value(counts_of(peaky, synth), expected) > ACCEPT
-    monkeypatch.setattr(bidirectional_decoding, "resample",
-                        lambda log_weights, generator: (torch.arange(log_weights.numel()), 1.0))
+    for decoder in (bidirectional_decoding, causal_decoding):
+        monkeypatch.setattr(decoder, "resample", lambda log_weights, generator: (torch.arange(log_weights.numel()), 1.0))
     assert p_value(counts_of(peaky, peaky.sample(NUM_ROWS, rules=["a <= b"], seed=5)), expected) < REJECT
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..models.base import TableDenoiser
-from .common import ColumnLayout, conditions_first_steps, gumbel_max, resample, reveal_steps
+from .common import ColumnLayout, conditions_first_order, gumbel_max, resample, reveal_steps
 
 
 def sample_bidirectional(denoiser, w, layout: ColumnLayout, steps, temperature, num_rows, known,
@@ -21,8 +21,9 @@ def sample_bidirectional(denoiser, w, layout: ColumnLayout, steps, temperature, 
     else:
         if not isinstance(denoiser, TableDenoiser):
             raise ValueError("set and range conditions need a fastmdm denoiser (they restrict its fused heads)")
-        step, num_restricted = conditions_first_steps(w, num_rows, steps, known_mask, restrictions.restricted,
-                                                      generator)
+        order, step_of_position, num_restricted = conditions_first_order(w, num_rows, steps, known_mask,
+                                                                         restrictions.restricted, generator)
+        step = torch.empty_like(order).scatter_(1, order, step_of_position)
         log_weights = torch.zeros(num_rows, dtype=torch.float64, device=w.device)
     x = layout.mask_id.expand(num_rows, w.numel()).clone()
     if known is not None:

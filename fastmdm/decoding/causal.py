@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from ..models.causal import NO_TARGET
-from .common import ColumnLayout, DecodeStats, chunk_of_position, gumbel_noise, known_first_order
+from .common import (ColumnLayout, DecodeStats, chunk_of_position, conditions_first_order, gumbel_noise,
+                     known_first_order, resample)
 
 
 def pack(selected: Tensor) -> Tensor:
@@ -61,21 +62,40 @@ def order_tokens(order: Tensor, x_ord: Tensor, targets: Tensor, positions: Tenso
 
 
 def sample_chunks(model, w: Tensor, layout: ColumnLayout, steps: int, temperature: float, num_rows: int,
-                  known: Tensor | None, known_mask: Tensor | None, generator, stats: DecodeStats) -> Tensor:
+                  known: Tensor | None, known_mask: Tensor | None, generator, stats: DecodeStats,
+                  restrictions=None) -> Tensor:
     """Rows of tokens [num_rows, L]: each step queries one chunk of the order, from one prefix.
 
     A chunk [a, b) asks the token at position a (written: it is the next token of the order)
     and queries for positions a+1..b-1 at position a (not written); the same call writes the
     tokens between the previous chunk's start and a, whose values have been sampled since.
     At steps = L a step is one token.
+    With `restrictions` (fastmdm.conditions.TokenRestrictions) the restricted columns follow
+    the known ones, one per step, drawn from their restricted conditionals; then the rows
+    are resampled by their importance weights (stats.effective_sizes gets the effective
+    sample size).
     """
     num_columns = w.numel()
-    order, n_known, x_ord = start_orders(model, w, known, known_mask, num_rows, generator, stats)
-    step_of_position = chunk_of_position(n_known, num_columns, steps)
+    num_restricted = 0
+    if restrictions is None:
+        order, n_known, x_ord = start_orders(model, w, known, known_mask, num_rows, generator, stats)
+        step_of_position = chunk_of_position(n_known, num_columns, steps)
+    else:
+        order, step_of_position, num_restricted = conditions_first_order(w, num_rows, steps, known_mask,
+                                                                         restrictions.restricted, generator)
+        x_ord = torch.zeros_like(order) if known is None else torch.where(
+            known_mask.gather(1, order), known.gather(1, order), 0)
+        log_weights = torch.zeros(num_rows, dtype=torch.float64, device=w.device)
     cache = model.empty_cache(num_rows)
     position = torch.arange(num_columns, device=w.device)
-    unwritten = torch.zeros_like(n_known)          # positions >= this have no token in the cache
-    for step in range(int(step_of_position.max()) + 1):
+    unwritten = torch.zeros(num_rows, dtype=torch.long, device=w.device)   # positions >= this: not in the cache
+    num_steps = int(step_of_position.max()) + 1
+    for step in range(num_steps):
+        if step == num_restricted and restrictions is not None:
+            rows, ess = resample(log_weights, generator)
+            order, x_ord, step_of_position, unwritten = order[rows], x_ord[rows], step_of_position[rows], unwritten[rows]
+            cache = cache.select(rows)
+            stats.effective_sizes.append((ess, num_rows))
         in_chunk = step_of_position == step
         has_chunk = in_chunk.any(1)
         first = torch.where(in_chunk, position, num_columns).amin(1)
@@ -86,14 +106,27 @@ def sample_chunks(model, w: Tensor, layout: ColumnLayout, steps: int, temperatur
         cache, h, _ = model.extend(cache, *order_tokens(order, x_ord, targets, positions), written)
         rows, slots = ((targets >= first[:, None]) & (targets < num_columns)).nonzero(as_tuple=True)
         columns = order.gather(1, targets.clamp(max=num_columns - 1))
-        x_ord[rows, targets[rows, slots]] = model.heads.sample(h[rows, slots], columns[rows, slots],
-                                                               temperature, generator)
+        if step < num_restricted:
+            drawn = unorder(order, step_of_position < step)   # known columns (-1) and earlier steps
+            x = torch.where(drawn, unorder(order, x_ord), layout.mask_id)
+            table, index = restrictions.cells(x, rows, columns[rows, slots], layout.mask_id)
+            x_ord[rows, targets[rows, slots]], log_mass = model.heads.sample(
+                h[rows, slots], columns[rows, slots], temperature, generator, log_weights=table, restriction=index)
+            log_weights.index_add_(0, rows, log_mass.double())
+        else:
+            x_ord[rows, targets[rows, slots]] = model.heads.sample(h[rows, slots], columns[rows, slots],
+                                                                   temperature, generator)
         unwritten = torch.where(has_chunk, first + 1, unwritten)
+    if restrictions is not None and num_restricted == num_steps:   # nothing but restricted columns to draw
+        rows, ess = resample(log_weights, generator)
+        order, x_ord = order[rows], x_ord[rows]
+        stats.effective_sizes.append((ess, num_rows))
     return unorder(order, x_ord)
 
 
 def sample_contextual(model, w: Tensor, layout: ColumnLayout, steps: int, temperature: float, num_rows: int,
-                      known: Tensor | None, known_mask: Tensor | None, generator, stats: DecodeStats) -> Tensor:
+                      known: Tensor | None, known_mask: Tensor | None, generator, stats: DecodeStats,
+                      restrictions=None) -> Tensor:
     """Rows of tokens [num_rows, L] from a contextual model: the next column from the policy
     p_psi(. | values so far), then its value.
 
@@ -105,8 +138,12 @@ def sample_contextual(model, w: Tensor, layout: ColumnLayout, steps: int, temper
     the next position gives the next policy state. steps = L is exact: each step is one
     policy draw and one value draw. A step costs two calls (the query needs the column,
     which needs the previous values' policy state). Orders are drawn at temperature 1
-    whatever `temperature` (which applies to values).
+    whatever `temperature` (which applies to values). Set and range conditions and rules
+    (`restrictions`) are not available: the policy, not PL(w), orders the columns.
     """
+    if restrictions is not None:
+        raise ValueError("set and range conditions and rules need a static order; this model's orders are "
+                         "contextual (condition on exact values instead)")
     num_columns = w.numel()
     device = w.device
     log_prior = torch.log(w)

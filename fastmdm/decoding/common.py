@@ -75,27 +75,31 @@ def reveal_steps(w: Tensor, num_rows: int, steps: int, known_mask: Tensor | None
     return torch.empty_like(order).scatter_(1, order, step_by_position)
 
 
-def conditions_first_steps(w: Tensor, num_rows: int, steps: int, known_mask: Tensor | None, restricted: Tensor,
-                           generator: torch.Generator | None = None) -> tuple[Tensor, int]:
-    """(step [num_rows, L] at which each column is revealed, -1 for known columns; R).
+def conditions_first_order(w: Tensor, num_rows: int, steps: int, known_mask: Tensor | None, restricted: Tensor,
+                           generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, int]:
+    """(order [num_rows, L], step [num_rows, L] at which each order position is revealed, -1
+    for known columns, R): orders from PL(w) with the known columns first, then the restricted
+    columns (bool [L]) that are not known, then the rest, PL among each group (PL restricted
+    to a subset is PL over it).
 
-    The restricted columns (bool [L]) that are not known come right after the known ones, one
-    per step in PL(w) order among themselves (steps 0..R-1, each drawn from its conditional
-    given the known columns and the restricted ones before it); the remaining columns follow
-    in `steps` chunks of ranks, as in `reveal_steps`. So every importance weight is complete
+    The restricted columns take steps 0..R-1, one per step, each drawn from its conditional
+    given the known columns and the restricted ones before it; the remaining columns follow in
+    `steps` chunks of ranks, as in `reveal_steps`. So every importance weight is complete
     after step R - 1, where the rows are resampled.
     """
     known_mask = (torch.zeros(num_rows, w.numel(), dtype=torch.bool, device=w.device) if known_mask is None
                   else known_mask)
-    first = known_mask | restricted[None, :]
-    order, n_first = known_first_order(w, num_rows, first, generator)
-    drawn_first = (restricted[order] & ~known_mask.gather(1, order)
-                   & (torch.arange(w.numel(), device=w.device)[None, :] < n_first[:, None]))
-    num_restricted = int(drawn_first.sum(1).max()) if num_rows else 0
-    step_by_position = chunk_of_position(n_first, w.numel(), steps) + num_restricted
-    step_by_position = torch.where(drawn_first, drawn_first.cumsum(1) - 1, step_by_position)
-    step_by_position = step_by_position.masked_fill(~drawn_first & (step_by_position < num_restricted), -1)
-    return torch.empty_like(order).scatter_(1, order, step_by_position), num_restricted
+    order, _ = known_first_order(w, num_rows, None, generator)
+    group = torch.where(known_mask, 0, torch.where(restricted[None, :], 1, 2))
+    order = order.gather(1, torch.argsort(group.gather(1, order), dim=1, stable=True))
+    n_known = known_mask.sum(1)
+    n_restricted = (restricted[None, :] & ~known_mask).sum(1)
+    num_restricted = int(n_restricted.max()) if num_rows else 0
+    position = torch.arange(w.numel(), device=w.device)[None, :]
+    step = chunk_of_position(n_known + n_restricted, w.numel(), steps) + num_restricted
+    step = torch.where(position < n_known[:, None], -1, step)
+    drawn_first = (position >= n_known[:, None]) & (position < (n_known + n_restricted)[:, None])
+    return order, torch.where(drawn_first, position - n_known[:, None], step), num_restricted
 
 
 def resample(log_weights: Tensor, generator: torch.Generator | None) -> tuple[Tensor, float]:
