@@ -1,6 +1,6 @@
 """Measure this checkout against another one: each version runs in a process of its own.
 
-Shared by the benchmarks that take `--baseline CHECKOUT` (decode_speed.py, default_path.py).
+Shared by the benchmarks that take `--baseline CHECKOUT` (causal_step.py, default_path.py, numeric_columns.py).
 """
 from __future__ import annotations
 

@@ -41,10 +41,11 @@ class TabularMDM:
     >>> synth = model.sample(10_000)
     >>> filled = model.impute(df_with_nans)
 
-    Arguments: `architecture` "bidirectional" or "causal" (see fastmdm.models); `order`
-    "static" (one learned order distribution PL(w) for the table) or "contextual" (the next
-    column depends on the values generated so far; causal architecture, which it selects
-    when `architecture` is not given; see fastmdm.models.orders);
+    Arguments: `architecture` "causal" (the default: one pass scores a whole order, sampling
+    runs through a key/value cache) or "bidirectional" (the paper's denoiser; the default
+    with estimator="tspace"); see fastmdm.models. `order` "static" (one learned order
+    distribution PL(w) for the table) or "contextual" (the next column depends on the values
+    generated so far; causal only; see fastmdm.models.orders);
     `num_bins` quantile bins per numeric column; `category_cap` most tokens per
     categorical column (rarer values share an "other" token; see TableCodec.fit); `learn_schedule` learns w
     (False keeps w = 1, the linear MDM); `estimator` "order" (order-space, low variance) or
@@ -61,13 +62,13 @@ class TabularMDM:
                  num_bins: int = DEFAULT_NUM_BINS,
                  category_cap: int | None = DEFAULT_CATEGORY_CAP, learn_schedule: bool = True,
                  device: str | torch.device = "auto", model: Mapping | None = None, **train_options):
-        self.kind: ModelKind = model_kind(architecture, order)
+        self.config = TrainConfig(**train_options)
+        self.kind: ModelKind = model_kind(architecture, order, self.config.estimator)
         self.num_bins = num_bins
         self.category_cap = category_cap
         self.learn_schedule = learn_schedule
         self.device = _resolve_device(device)
         self.model_options = dict(model or {})
-        self.config = TrainConfig(**train_options)
         self.kind.check_estimator(self.config.estimator)
         if self.config.order_search_epochs and self.kind.order_search is None:
             raise ValueError("order_search_epochs searches a contextual model's orders; this model's order is "

@@ -85,20 +85,20 @@ class ModelKind:
 
 
 KINDS = (
-    ModelKind("bidirectional", "static", ColumnTransformer, bound=diffusion_loss, estimators=ESTIMATORS,
-              decode=sample_bidirectional),
     ModelKind("causal", "static", partial(CausalTransformer, order="static"), bound=_whole_orders(causal_loss),
               estimators=("order",), decode=sample_chunks, speculative_decode=sample_speculative),
+    ModelKind("bidirectional", "static", ColumnTransformer, bound=diffusion_loss, estimators=ESTIMATORS,
+              decode=sample_bidirectional),
     ModelKind("causal", "contextual", partial(CausalTransformer, order="contextual"),
               bound=_whole_orders(contextual_loss), estimators=("order",), decode=sample_contextual,
               order_search=_whole_orders(order_search_loss)),
 )
 
 
-def model_kind(architecture: str | None, order: str) -> ModelKind:
+def model_kind(architecture: str | None, order: str, estimator: str | None = None) -> ModelKind:
     """The kind of the given architecture and order; architecture None takes the first kind
-    of that order (bidirectional for static orders, causal for contextual ones). An error
-    names the valid choices."""
+    of that order that trains with `estimator` (causal, unless the estimator is the t-space
+    one, which only the bidirectional model has). An error names the valid choices."""
     architectures = list(dict.fromkeys(kind.architecture for kind in KINDS))
     orders = list(dict.fromkeys(kind.order for kind in KINDS))
     if order not in orders:
@@ -106,7 +106,8 @@ def model_kind(architecture: str | None, order: str) -> ModelKind:
     if architecture is not None and architecture not in architectures:
         raise ValueError(f"architecture must be one of {architectures}, got {architecture!r}")
     for kind in KINDS:
-        if kind.order == order and architecture in (None, kind.architecture):
+        if (kind.order == order and architecture in (None, kind.architecture)
+                and (architecture is not None or estimator is None or estimator in kind.estimators)):
             return kind
     fitting = " or ".join(kind.architecture for kind in KINDS if kind.order == order)
     valid = "; ".join(kind.name for kind in KINDS)

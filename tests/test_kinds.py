@@ -33,7 +33,8 @@ def test_an_invalid_combination_names_the_valid_ones():
     assert all(kind.name in str(error.value) for kind in KINDS)
     with pytest.raises(ValueError, match="architecture must be one of"):
         model_kind("recurrent", "static")
-    assert model_kind(None, "static").architecture == "bidirectional"
+    assert model_kind(None, "static").architecture == "causal"
+    assert model_kind(None, "static", "tspace").architecture == "bidirectional"   # the paper's estimator
     assert model_kind(None, "contextual").architecture == "causal"
     with pytest.raises(ValueError, match="order-space"):
         TabularMDM(architecture="causal", estimator="tspace")   # refused before any training

@@ -37,7 +37,7 @@ def attend_cached(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, own_k: Tensor, 
 
     A step asks a few queries per row against L + 2 slots, and there SDPA pays an overhead
     per (row, head): two batched matmuls are 2.7x faster on one CPU thread for Adult's
-    shapes (4,096 rows, 4 heads, 2 tokens, 17 slots, d_h = 12; benchmarks/decode_speed.py).
+    shapes (4,096 rows, 4 heads, 2 tokens, 17 slots, d_h = 12).
     """
     scale = q.shape[-1] ** -0.5
     scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale).add_(bias)
