@@ -23,8 +23,9 @@ TABLE = "a .csv or .parquet file, or a directory of them"
 
 def _add_training_options(parser: argparse.ArgumentParser, epochs: int | None) -> None:
     parser.add_argument("--architecture", choices=["bidirectional", "causal"], default=None,
-                        help="denoiser: bidirectional (re-encodes the row every step; the default) or causal "
-                             "(one pass per order, KV-cached sampling, exact speculative decoding)")
+                        help="denoiser: causal (the default: one pass per order, KV-cached sampling, exact "
+                             "speculative decoding) or bidirectional (the paper's; re-encodes the row every step; "
+                             "the default with --estimator tspace)")
     parser.add_argument("--order", choices=["static", "contextual"], default="static",
                         help="generation order: one learned PL(w) for the table (default), or contextual: "
                              "the next column depends on the values so far (implies --architecture causal)")
