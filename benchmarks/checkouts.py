@@ -30,13 +30,16 @@ def run_in(source: Path, code: str, args: list, threads: int) -> dict:
     env = dict(os.environ, PYTHONPATH=str(source), OMP_NUM_THREADS=str(threads))
     # cwd=source: `python -c` puts the working directory first on sys.path.
     done = subprocess.run([sys.executable, "-c", code, *map(str, args)],
-                          env=env, cwd=source, capture_output=True, text=True, check=True)
+                          env=env, cwd=source, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"the child process for {source} failed:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def write_report(text: str, report: Path, runs: Path, records: list[dict]) -> None:
-    """The report replaces the last one; the raw records are appended to the runs file."""
+def write_report(text: str, report: Path, runs: Path, records: list[dict], *, append: bool = True) -> None:
+    """The report replaces the last one; the raw records are appended to the runs file, or
+    replace it with `append=False` (a script that rewrites its runs file as it goes)."""
     report.write_text(text)
-    with runs.open("a") as f:
+    with runs.open("a" if append else "w") as f:
         for record in records:
             f.write(json.dumps(record) + "\n")

