@@ -8,8 +8,7 @@ satisfy the condition ("sample then reject"), whose cost grows as one over the a
 Per table (Adult, MAGIC), one default model, `TabularMDM(seed=0).fit(train)`, is sampled
 under: no condition; a common condition (30-60% of the training rows satisfy it); a rare one
 (under 1%); two conditions (a range and a set, or two ranges: resampling); and two rare ones.
-Adult also has a common set and a range of 8% (age >= 60), whose effective sample size shows
-what a numeric column's two token columns cost when its fine level is drawn before its bin.
+Adult also has a common set and a range of 8% (age >= 60).
 
 Speed: `model.sample(rows, conditions=..., seed=r)` timed for each condition in turn, repeat
 after repeat (interleaved, so a slow spell of the shared machine hits all alike; each repeat
