@@ -37,12 +37,13 @@ def small_table(rows: int = 200, seed: int = 0) -> pd.DataFrame:
                          for name, k in zip(COLUMNS, SIZES)})
 
 
-def peaky_model(architecture: str) -> TabularMDM:
-    """A model fitted through the API (one epoch), then given large random weights and w = W."""
+def peaky_model(architecture: str, table: pd.DataFrame | None = None, sizes=SIZES, w=W, seed: int = 0) -> TabularMDM:
+    """A model fitted through the API (one epoch) on `table` (default `small_table()`, whose
+    columns have `sizes` values), then given large random weights (from `seed`) and w."""
     model = TabularMDM(architecture=architecture, model=TINY_MODEL, epochs=1, batch_size=64,
-                       progress=False).fit(small_table(), validation=None)
-    assert model.codec.cardinalities == [k + 1 for k in SIZES]   # the values, then "other"
-    generator = torch.Generator().manual_seed(0)
+                       progress=False).fit(small_table() if table is None else table, validation=None)
+    assert model.codec.cardinalities == [k + 1 for k in sizes]   # the values, then "other"
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in model.denoiser.named_parameters():
             if "norm" not in name:
@@ -52,7 +53,7 @@ def peaky_model(architecture: str) -> TabularMDM:
         # and the enumeration covers the table's values.
         other = model.denoiser.offsets[1:] - 1
         model.denoiser.heads.bias[other] = -1e4
-        model.schedule.log_w.copy_(torch.log(torch.tensor(W)))
+        model.schedule.log_w.copy_(torch.log(torch.tensor(w)))
     return model
 
 

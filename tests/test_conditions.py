@@ -18,11 +18,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from test_api_promises import ACCEPT, REJECT, TINY_MODEL, order_log_prob, p_value
+from test_api_promises import ACCEPT, REJECT, TINY_MODEL, order_log_prob, p_value, peaky_model
 from test_causal import all_rows, row_counts
 
-import fastmdm.decoding.bidirectional as bidirectional_decoding
-import fastmdm.decoding.causal as causal_decoding
+import fastmdm.decoding.common as decoding_common
 from fastmdm import TabularMDM
 from fastmdm.conditions import parse_condition_text
 from fastmdm.decoding.common import resample
@@ -40,17 +39,7 @@ def enumerable_table(rows: int = 300, seed: int = 0) -> pd.DataFrame:
 
 @pytest.fixture(scope="module", params=["bidirectional", "causal"])
 def peaky(request):
-    model = TabularMDM(architecture=request.param, model=TINY_MODEL, epochs=1, batch_size=64,
-                       progress=False).fit(enumerable_table(), validation=None)
-    assert model.codec.cardinalities == [k + 1 for k in SIZES]   # integer categories, then "other"
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, parameter in model.denoiser.named_parameters():
-            if "norm" not in name:
-                parameter.copy_(0.8 * torch.randn(parameter.shape, generator=generator))
-        model.denoiser.heads.bias[model.denoiser.offsets[1:] - 1] = -1e4   # no "other" (see test_api_promises)
-        model.schedule.log_w.copy_(torch.log(torch.tensor(W)))
-    return model
+    return peaky_model(request.param, enumerable_table(), SIZES, W, seed=1)   # integer categories, then "other"
 
 
 def conditional_distribution(model: TabularMDM, allowed: dict[int, list[int]], keep=None) -> torch.Tensor:
@@ -110,8 +99,7 @@ def test_two_conditions_are_exact_with_importance_resampling(peaky, monkeypatch)
     # resampling) the same test rejects.
     def keep_every_row(log_weights, generator):
         return torch.arange(log_weights.numel()), float(log_weights.numel())
-    for decoder in (bidirectional_decoding, causal_decoding):
-        monkeypatch.setattr(decoder, "resample", keep_every_row)
+    monkeypatch.setattr(decoding_common, "resample", keep_every_row)
     unweighted = peaky.sample(NUM_ROWS, conditions=conditions, seed=4)
     assert p_value(counts_of(peaky, unweighted), expected) < REJECT
 
@@ -123,8 +111,8 @@ def test_a_rule_between_two_columns_is_exact(peaky, monkeypatch):
     synth = peaky.sample(NUM_ROWS, rules=["a <= b"], seed=5)
     assert (synth["a"] <= synth["b"]).all()
     assert p_value(counts_of(peaky, synth), expected) > ACCEPT
-    for decoder in (bidirectional_decoding, causal_decoding):
-        monkeypatch.setattr(decoder, "resample", lambda log_weights, generator: (torch.arange(log_weights.numel()), 1.0))
+    monkeypatch.setattr(decoding_common, "resample",
+                        lambda log_weights, generator: (torch.arange(log_weights.numel()), 1.0))
     assert p_value(counts_of(peaky, peaky.sample(NUM_ROWS, rules=["a <= b"], seed=5)), expected) < REJECT
 
 

@@ -26,16 +26,8 @@ from fastmdm import ops
 from fastmdm.models.base import RaggedHeads
 from fastmdm.ops import reference
 
-try:
-    from fastmdm.ops import cpu_backend as cpp
-except ImportError:  # the extension is not built: its cases skip
-    cpp = None
-try:
-    import fastmdm.triton as triton_backend
-except ImportError:
-    triton_backend = None
+from test_ragged_head import TRITON_DEVICE, cpp, offsets_of, one_torch_thread, triton_backend  # noqa: F401 (fixture)
 
-TRITON_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 NEG_INF = float("-inf")
 
 
@@ -46,20 +38,6 @@ def backends():
     if triton_backend is not None and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
         available.append("triton")
     return available
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def offsets_of(sizes: list[int]) -> torch.Tensor:
-    offsets = torch.zeros(len(sizes) + 1, dtype=torch.int64)
-    offsets[1:] = torch.cumsum(torch.tensor(sizes, dtype=torch.int64), 0)
-    return offsets
 
 
 def restricted_problem(cells: int, sizes: list[int], d: int, patterns: int, *, seed: int):

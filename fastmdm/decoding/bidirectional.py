@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..models.base import TableDenoiser
-from .common import ColumnLayout, conditions_first_order, gumbel_max, resample, reveal_steps
+from .common import ColumnLayout, ImportanceWeights, conditions_first_order, gumbel_max, reveal_steps
 
 
 def sample_bidirectional(denoiser, w, layout: ColumnLayout, steps, temperature, num_rows, known,
@@ -24,16 +24,15 @@ def sample_bidirectional(denoiser, w, layout: ColumnLayout, steps, temperature, 
         order, step_of_position, num_restricted = conditions_first_order(w, num_rows, steps, known_mask,
                                                                          restrictions.restricted, generator)
         step = torch.empty_like(order).scatter_(1, order, step_of_position)
-        log_weights = torch.zeros(num_rows, dtype=torch.float64, device=w.device)
+        weights = ImportanceWeights(restrictions, num_rows, w.device)
     x = layout.mask_id.expand(num_rows, w.numel()).clone()
     if known is not None:
         x = torch.where(known_mask, known, x)
     num_steps = int(step.max()) + 1
     for s in range(num_steps):
         if restrictions is not None and s == num_restricted:
-            rows, ess = resample(log_weights, generator)
+            rows = weights.resample(generator, stats)
             x, step = x[rows], step[rows]
-            stats.effective_sizes.append((ess, num_rows))
         reveal = step == s
         active = reveal.any(1)
         rows, cols = reveal.nonzero(as_tuple=True)
@@ -44,10 +43,7 @@ def sample_bidirectional(denoiser, w, layout: ColumnLayout, steps, temperature, 
         if isinstance(denoiser, TableDenoiser):   # our models: chunked heads, never full logits
             h = denoiser.states(x_in)[logit_rows, cols]
             if s < num_restricted:
-                table, index = restrictions.cells(x, rows, cols, layout.mask_id)
-                x[rows, cols], log_mass = denoiser.heads.sample(h, cols, temperature, generator, log_weights=table,
-                                                                restriction=index)
-                log_weights.index_add_(0, rows, log_mass.double())
+                x[rows, cols] = weights.draw(denoiser.heads, h, rows, cols, x, layout.mask_id, temperature, generator)
             else:
                 x[rows, cols] = denoiser.heads.sample(h, cols, temperature, generator)
             continue
@@ -58,7 +54,5 @@ def sample_bidirectional(denoiser, w, layout: ColumnLayout, steps, temperature, 
         # Gumbel-max over the segments revealed now only.
         x[rows, cols] = gumbel_max(layout.segments(logits, logit_rows, cols), temperature, generator)
     if restrictions is not None and num_restricted == num_steps:   # nothing but restricted columns to draw
-        rows, ess = resample(log_weights, generator)
-        x = x[rows]
-        stats.effective_sizes.append((ess, num_rows))
+        x = x[weights.resample(generator, stats)]
     return x

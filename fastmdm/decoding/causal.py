@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 
 from ..models.causal import NO_TARGET
-from .common import (ColumnLayout, DecodeStats, chunk_of_position, conditions_first_order, gumbel_noise,
-                     known_first_order, resample)
+from .common import (ColumnLayout, DecodeStats, ImportanceWeights, chunk_of_position, conditions_first_order,
+                     gumbel_noise, known_first_order)
 
 
 def pack(selected: Tensor) -> Tensor:
@@ -39,12 +39,18 @@ def start_orders(model, w: Tensor, known: Tensor | None, known_mask: Tensor | No
     it is a list), and the known values placed at their order positions (other positions
     hold 0 until sampled)."""
     order, n_known = known_first_order(w, num_rows, known_mask, generator)
+    return order, n_known, ordered_values(order, known, known_mask, stats)
+
+
+def ordered_values(order: Tensor, known: Tensor | None, known_mask: Tensor | None, stats: DecodeStats) -> Tensor:
+    """x_ord: the known values placed at their order positions (other positions hold 0 until
+    sampled); the order is recorded in stats.orders when it is a list."""
     if stats.orders is not None:
         stats.orders.append(order.cpu())
     x_ord = torch.zeros_like(order)
     if known is not None:
         x_ord = torch.where(known_mask.gather(1, order), known.gather(1, order), x_ord)
-    return order, n_known, x_ord
+    return x_ord
 
 
 def unorder(order: Tensor, x_ord: Tensor) -> Tensor:
@@ -83,19 +89,17 @@ def sample_chunks(model, w: Tensor, layout: ColumnLayout, steps: int, temperatur
     else:
         order, step_of_position, num_restricted = conditions_first_order(w, num_rows, steps, known_mask,
                                                                          restrictions.restricted, generator)
-        x_ord = torch.zeros_like(order) if known is None else torch.where(
-            known_mask.gather(1, order), known.gather(1, order), 0)
-        log_weights = torch.zeros(num_rows, dtype=torch.float64, device=w.device)
+        x_ord = ordered_values(order, known, known_mask, stats)
+        weights = ImportanceWeights(restrictions, num_rows, w.device)
     cache = model.empty_cache(num_rows)
     position = torch.arange(num_columns, device=w.device)
     unwritten = torch.zeros(num_rows, dtype=torch.long, device=w.device)   # positions >= this: not in the cache
     num_steps = int(step_of_position.max()) + 1
     for step in range(num_steps):
         if step == num_restricted and restrictions is not None:
-            rows, ess = resample(log_weights, generator)
+            rows = weights.resample(generator, stats)
             order, x_ord, step_of_position, unwritten = order[rows], x_ord[rows], step_of_position[rows], unwritten[rows]
             cache = cache.select(rows)
-            stats.effective_sizes.append((ess, num_rows))
         in_chunk = step_of_position == step
         has_chunk = in_chunk.any(1)
         first = torch.where(in_chunk, position, num_columns).amin(1)
@@ -109,18 +113,15 @@ def sample_chunks(model, w: Tensor, layout: ColumnLayout, steps: int, temperatur
         if step < num_restricted:
             drawn = unorder(order, step_of_position < step)   # known columns (-1) and earlier steps
             x = torch.where(drawn, unorder(order, x_ord), layout.mask_id)
-            table, index = restrictions.cells(x, rows, columns[rows, slots], layout.mask_id)
-            x_ord[rows, targets[rows, slots]], log_mass = model.heads.sample(
-                h[rows, slots], columns[rows, slots], temperature, generator, log_weights=table, restriction=index)
-            log_weights.index_add_(0, rows, log_mass.double())
+            x_ord[rows, targets[rows, slots]] = weights.draw(model.heads, h[rows, slots], rows, columns[rows, slots],
+                                                             x, layout.mask_id, temperature, generator)
         else:
             x_ord[rows, targets[rows, slots]] = model.heads.sample(h[rows, slots], columns[rows, slots],
                                                                    temperature, generator)
         unwritten = torch.where(has_chunk, first + 1, unwritten)
     if restrictions is not None and num_restricted == num_steps:   # nothing but restricted columns to draw
-        rows, ess = resample(log_weights, generator)
+        rows = weights.resample(generator, stats)
         order, x_ord = order[rows], x_ord[rows]
-        stats.effective_sizes.append((ess, num_rows))
     return unorder(order, x_ord)
 
 

@@ -118,6 +118,32 @@ def resample(log_weights: Tensor, generator: torch.Generator | None) -> tuple[Te
     return torch.searchsorted(cumulative, positions).clamp(max=n - 1), ess
 
 
+class ImportanceWeights:
+    """The importance weights of rows whose restricted columns (set and range conditions,
+    rules: fastmdm.conditions.TokenRestrictions) are drawn from restricted conditionals. Each
+    such draw multiplies its row's weight by the probability its restriction let through;
+    once every restricted column is drawn, `resample` draws the rows by weight."""
+
+    def __init__(self, restrictions, num_rows: int, device: torch.device):
+        self.restrictions = restrictions
+        self.log_weights = torch.zeros(num_rows, dtype=torch.float64, device=device)
+
+    def draw(self, heads, h: Tensor, rows: Tensor, columns: Tensor, x: Tensor, mask_id: Tensor,
+             temperature: float, generator: torch.Generator | None) -> Tensor:
+        """Values of the cells (rows[i], columns[i]) with states h, given the rows' tokens so
+        far x [N, L] (mask ids where not drawn), each from its restricted conditional."""
+        table, index = self.restrictions.cells(x, rows, columns, mask_id)
+        values, log_mass = heads.sample(h, columns, temperature, generator, log_weights=table, restriction=index)
+        self.log_weights.index_add_(0, rows, log_mass.double())
+        return values
+
+    def resample(self, generator: torch.Generator | None, stats: "DecodeStats") -> Tensor:
+        """The rows to keep (indices, with repeats); the effective sample size goes to stats."""
+        rows, ess = resample(self.log_weights, generator)
+        stats.effective_sizes.append((ess, self.log_weights.numel()))
+        return rows
+
+
 def gumbel_noise(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
     """Standard Gumbel noise (float32): argmax(logits + noise) draws from softmax(logits)."""
     u = uniforms(shape, generator, device)
