@@ -71,7 +71,7 @@ class Rule:
             raise ValueError(f"rule {text!r} names columns the model does not have: {unknown}")
         if left == right:
             raise ValueError(f"rule {text!r} compares a column with itself")
-        dtypes = {n: codec._columns[codec.columns.index(names[n])].pandas_dtype for n in (left, right)}
+        dtypes = {n: codec.column(names[n]).pandas_dtype for n in (left, right)}
         if (is_time_dtype(dtypes[left]) or is_time_dtype(dtypes[right])) and dtypes[left] != dtypes[right]:
             raise ValueError(f"rule {text!r} compares {dtypes[left]} with {dtypes[right]}; times compare only "
                              "with times of the same type")
@@ -81,7 +81,7 @@ class Rule:
 def _plain_bound(codec: TableCodec, name, bound):
     if bound is None:
         return None
-    column = codec._columns[codec.columns.index(name)]
+    column = codec.column(name)
     plain = to_plain(name, pd.Series([bound], dtype=object), column.pandas_dtype)
     value = pd.to_numeric(plain, errors="coerce").iloc[0]
     if pd.isna(value):
@@ -100,7 +100,7 @@ def split_conditions(codec: TableCodec, conditions: Mapping) -> tuple[dict, list
         raise ValueError(f"conditions name columns the model does not have: {unknown}")
     exact, restricted = {}, []
     for name, spec in conditions.items():
-        column = codec._columns[codec.columns.index(name)]
+        column = codec.column(name)
         if isinstance(spec, (list, set, frozenset, np.ndarray, pd.Index, pd.Series)):
             values = list(spec)
             if not values:
@@ -160,7 +160,7 @@ class TokenRestrictions:
         self.choices: dict = {}                        # categorical columns: set values decoding "other" picks from
         for condition in conditions:
             l = codec.columns.index(condition.column)
-            column = codec._columns[l]
+            column = codec.column(condition.column)
             if condition.values is not None:
                 weights, others = column.set_weights(condition.values)
                 if others:
@@ -252,7 +252,7 @@ class _ColumnBounds:
     codec's value bounds), and what the column can still take in a row."""
 
     def __init__(self, codec: TableCodec, name, device: torch.device):
-        column = codec._columns[codec.columns.index(name)]
+        column = codec.column(name)
         self.low, self.high = (torch.tensor(b, dtype=torch.float64, device=device) for b in column.value_bounds())
         self.lowest = self.low[torch.isfinite(self.low)].min()
         self.highest = self.high[torch.isfinite(self.high)].max()

@@ -704,12 +704,15 @@ class TableCodec:
                 out[column.name] = column.decode(codes, missing, generator)
         return pd.DataFrame(out, columns=self.columns)
 
+    def column(self, name) -> _Categorical | _Numeric:
+        """How the column `name` is coded: its categories, or its bins and quantile sketch."""
+        return self._columns[self.columns.index(name)]
+
     def redraw(self, column, tokens: torch.Tensor, low, high, generator: torch.Generator | None = None) -> pd.Series:
         """A numeric column's values decoded again from its tokens [N] inside [low, high]
         (numbers, None or per-row arrays), in the fitted dtype."""
-        l = self.columns.index(column)
         codes = tokens.detach().to("cpu", torch.int64).numpy()
-        numeric = self._columns[l]
+        numeric = self.column(column)
         missing = (codes == numeric.num_values) if numeric.has_missing else np.zeros(len(codes), dtype=bool)
         return numeric.decode(codes, missing, generator, (low, high))
 
