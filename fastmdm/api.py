@@ -23,7 +23,7 @@ from .token_store import prepare_token_store
 from .train import Budget, EpochRecord, TrainConfig, Trainer, atomic_save, estimate_nelbo
 
 #: The version of the files save() and checkpoints write; load() and resume read this one only.
-_FORMAT = "fastmdm-tabular-4"
+_FORMAT = "fastmdm-tabular-5"
 #: The architecture of a static-order model when none is named.
 DEFAULT_ARCHITECTURE = model_kind(None, "static").architecture
 
@@ -145,7 +145,8 @@ class TabularMDM:
 
     def _build_model(self) -> None:
         """A fresh denoiser and schedule for the codec's columns, from this model's settings."""
-        self.denoiser = self.kind.denoiser(self.codec.cardinalities, **self.model_options)
+        self.denoiser = self.kind.denoiser(self.codec.cardinalities, token_positions=self.codec.token_positions(),
+                                           **self.model_options)
         self.schedule = PowerSchedule(self.codec.num_columns, learnable=self.learn_schedule)
 
     def _encode_frame(self, df: pd.DataFrame, validation, categorical, fit_codec: bool):

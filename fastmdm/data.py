@@ -380,6 +380,11 @@ class _Numeric:
         k = np.clip(np.floor(t).astype(np.int64), 0, levels - 1)
         return sketch[k] + (t - k) * (sketch[k + 1] - sketch[k])
 
+    def token_positions(self) -> list[float]:
+        """Each bin's middle in the column's distribution function, [0, 1]; NaN for the
+        missing token, which has no place in the order."""
+        return [float(u) for u in self._cdf_range.mean(axis=1)] + [float("nan")] * int(self.has_missing)
+
     def range_weights(self, low: float | None, high: float | None) -> np.ndarray:
         """[tokens]: the share of each bin's mass that decodes into [low, high] (None: open),
         0 for the missing token. Decoding with the same range draws inside it (`decode`), so
@@ -536,6 +541,12 @@ class TableCodec:
         self.mask_ids = torch.tensor(self.cardinalities, dtype=torch.int64)
         self.offsets = torch.zeros(self.num_columns + 1, dtype=torch.int64)
         self.offsets[1:] = torch.cumsum(self.mask_ids, 0)
+
+    def token_positions(self) -> list[list[float] | None]:
+        """Per column, where each token sits in the column's order (numbers: the bin's middle
+        quantile; NaN for a missing token), or None for a column of categories: the
+        denoiser shares what it learns between neighbouring bins through these."""
+        return [column.token_positions() if column.is_numeric else None for column in self._columns]
 
     @classmethod
     def fit(cls, df: pd.DataFrame, *, num_bins: int = DEFAULT_NUM_BINS,

@@ -196,7 +196,8 @@ def test_permuting_columns_with_the_order_changes_nothing():
 
 
 def test_gradient_reaches_every_parameter():
-    model = CausalTransformer([3, 2, 4], d_model=8, num_layers=2, num_heads=2, dim_feedforward=8)
+    model = CausalTransformer([3, 2, 4], d_model=8, num_layers=2, num_heads=2, dim_feedforward=8,
+                              token_positions=[None, None, [0.1, 0.3, 0.6, float("nan")]])
     x = torch.stack([torch.randint(0, k, (32,)) for k in model.cardinalities], 1)
     out = causal_loss(model, x, PowerSchedule(3), num_samples=2, generator=torch.Generator().manual_seed(0))
     out.loss.backward()

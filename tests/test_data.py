@@ -163,6 +163,17 @@ def test_point_mass_gets_own_bin_and_edges_are_consistent():
     assert (decoded == 0).all()
 
 
+def test_token_positions_place_bins_at_their_middle_quantile():
+    """A numeric column's bins sit at the middle of their share of the distribution (a point
+    mass of 90% at .45), its missing token nowhere; categories are not ordered."""
+    x = np.concatenate([np.zeros(900), np.arange(1, 101, dtype=float), [np.nan] * 10])
+    codec = TableCodec.fit(pd.DataFrame({"x": x, "c": ["a", "b"] * 505}), num_bins=10)
+    positions, categories = codec.token_positions()
+    assert categories is None and len(positions) == codec.cardinalities[0] and np.isnan(positions[-1])
+    ordered = np.array(positions[:-1])
+    assert ordered[0] == pytest.approx(0.45, abs=0.01) and np.all(np.diff(ordered) > 0) and ordered[-1] < 1
+
+
 def test_out_of_range_values_clip():
     codec = TableCodec.fit(pd.DataFrame({"x": np.linspace(0, 1, 101)}), num_bins=4)
     tokens = codec.encode(pd.DataFrame({"x": [-5.0, 0.0, 1.0, 9.0]}))[:, 0].tolist()

@@ -5,6 +5,7 @@ from fastmdm import datasets
 from fastmdm.api import DEFAULT_ARCHITECTURE
 from fastmdm.data import TableCodec
 from fastmdm.models import ColumnTransformer, build_denoiser
+from fastmdm.models.base import ORDINAL_FEATURES
 
 
 
@@ -28,11 +29,11 @@ def test_output_shape_and_buffers():
 
 def test_default_size_on_adult():
     """The model TabularMDM builds by default for Adult, on the codec fit() learns from its train
-    split, has the size the README states (79K parameters, near the paper's ~86K)."""
+    split, has the size the README states (87K parameters, near the paper's ~86K)."""
     train, _ = datasets.load("adult")
     codec = TableCodec.fit(train)
-    model = build_denoiser(DEFAULT_ARCHITECTURE, codec.cardinalities)
-    assert 75_000 <= model.num_parameters() <= 83_000, (model.num_parameters(), codec.cardinalities)
+    model = build_denoiser(DEFAULT_ARCHITECTURE, codec.cardinalities, token_positions=codec.token_positions())
+    assert 83_000 <= model.num_parameters() <= 91_000, (model.num_parameters(), codec.cardinalities)
 
 
 def test_config_round_trip():
@@ -43,13 +44,71 @@ def test_config_round_trip():
     torch.testing.assert_close(clone(x), model(x))
 
 
+POSITIONS = [None, None, [0.1, 0.3, 0.6, float("nan")]]   # the last column ordered, its missing token not
+
+
 def test_gradient_reaches_every_parameter():
     sizes = [3, 2, 4]
-    model = ColumnTransformer(sizes, d_model=8, num_layers=2, num_heads=2, dim_feedforward=8)
+    model = ColumnTransformer(sizes, d_model=8, num_layers=2, num_heads=2, dim_feedforward=8,
+                              token_positions=POSITIONS)
     x = torch.cat([random_tokens(sizes, 64), torch.tensor([sizes])])  # every id incl. masks
     (model(x) * torch.randn(x.shape[0], sum(sizes))).sum().backward()
     for name, parameter in model.named_parameters():
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+def randomize_ordinal_parts(model):
+    with torch.no_grad():
+        for module in (model.ordinal_embedding, model.heads.ordinal_weight, model.heads.ordinal_bias):
+            module.table.normal_()
+
+
+def test_ordered_tokens_add_a_smooth_function_of_their_position():
+    """An ordered token's embedding and head rows are its own row plus phi(u) A_l, phi the
+    cosine features of its position; other tokens (categories, the missing token, masks) keep
+    their own rows. A fresh model's smooth parts are zero: it equals the model without them."""
+    sizes = [3, 2, 4]
+    options = dict(d_model=8, num_layers=1, num_heads=2, dim_feedforward=8)
+    torch.manual_seed(0)
+    plain = ColumnTransformer(sizes, **options)
+    torch.manual_seed(0)
+    model = ColumnTransformer(sizes, **options, token_positions=POSITIONS)
+    x = random_tokens(sizes, 16)
+    torch.testing.assert_close(model(x), plain(x))
+    randomize_ordinal_parts(model)
+    phi = torch.cos(torch.pi * torch.tensor([0.1, 0.3, 0.6])[:, None] * torch.arange(1, ORDINAL_FEATURES + 1))
+    embedded = model.embed_values(torch.arange(5), torch.full((5,), 2))          # 3 ordered, missing, mask
+    own = model.token_embedding.weight[model._embed_offsets[2] + torch.arange(5)] + model.column_embedding[2]
+    smooth = phi @ model.ordinal_embedding.table.view(ORDINAL_FEATURES, -1)
+    torch.testing.assert_close(embedded, own + torch.cat([smooth, torch.zeros(2, 8)]))
+    torch.testing.assert_close(model.embed_values(torch.arange(3), torch.zeros(3, dtype=torch.int64)),
+                               model.token_embedding.weight[:3] + model.column_embedding[0])
+    weight, bias = model.heads.weight_and_bias()
+    rows = slice(5, 8)
+    torch.testing.assert_close(weight[rows], model.heads.weight[rows] + phi @ model.heads.ordinal_weight.table.view(
+        ORDINAL_FEATURES, -1))
+    torch.testing.assert_close(bias[rows], model.heads.bias[rows] + phi @ model.heads.ordinal_bias.table.view(-1))
+    torch.testing.assert_close(weight[:5], model.heads.weight[:5])
+    torch.testing.assert_close(weight[8], model.heads.weight[8])
+
+
+def test_every_head_path_scores_the_smooth_parts():
+    """The fused loss, the fused sampler and the logits all use the same ordered-token rows."""
+    sizes = [3, 2, 4]
+    model = ColumnTransformer(sizes, d_model=8, num_layers=1, num_heads=2, dim_feedforward=8,
+                              token_positions=POSITIONS)
+    randomize_ordinal_parts(model)
+    h = torch.randn(32, 3, 8)
+    targets = random_tokens(sizes, 32, masked=False)
+    logits = model.heads.logits(h)
+    expected = torch.zeros(32)
+    for l, (lo, hi) in enumerate(zip(model.offsets[:-1].tolist(), model.offsets[1:].tolist())):
+        expected -= torch.log_softmax(logits[:, lo:hi], 1).gather(1, targets[:, l:l + 1]).squeeze(1)
+    loss = model.heads.loss(h, targets, torch.ones(32, 3), torch.ones(32, 3, dtype=torch.bool))
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    columns = torch.full((32,), 2)
+    drawn = model.heads.sample(h[:, 2], columns, temperature=0.0)
+    assert torch.equal(drawn, logits[:, 5:9].argmax(1))
 
 
 def test_mask_token_has_its_own_embedding_and_attention_is_bidirectional():

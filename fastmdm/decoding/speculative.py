@@ -26,9 +26,8 @@ def cell_logits(model, layout: ColumnLayout, h: Tensor, columns: Tensor) -> Tens
     work is K_l * d per cell, and nothing as wide as the vocabulary V = sum_l K_l is built.
     """
     flat_h, flat_columns = h.reshape(-1, h.shape[-1]), columns.reshape(-1)
-    heads = model.heads
-    weight, bias = heads.weight.to(h.dtype), heads.bias.to(h.dtype)
-    offsets = heads.offsets.tolist()
+    weight, bias = (t.to(h.dtype) for t in model.heads.weight_and_bias())
+    offsets = model.heads.offsets.tolist()
     width = layout.pad_index.shape[1]
     logits = flat_h.new_full((flat_h.shape[0], width), float("-inf"))
     by_column = torch.argsort(flat_columns, stable=True)

@@ -11,6 +11,62 @@ from ..ops import ragged_head_ce, ragged_head_sample
 from ..ops.reference import segment_layout
 from .layers import Block
 
+#: Cosine features cos(pi j u), j = 1..ORDINAL_FEATURES, of an ordered token's position u in
+#: [0, 1]: enough for a column's density to change on a 1/32 scale of its quantiles.
+ORDINAL_FEATURES = 16
+
+
+class OrdinalTokens(nn.Module):
+    """Smooth functions of where a token sits in its ordered column, added to its rows of a
+    token table.
+
+    A numeric column's tokens are quantile bins; learned one row each, a bin knows nothing of
+    its neighbours, so the model must learn from scratch that bin 17 is like bin 18, and
+    relations inside a column's order (a price tracking a rate) are learned bin by bin. Here
+    an ordered column l gets a table A_l [ORDINAL_FEATURES, width], and its token at position
+    u (the bin's middle in the column's distribution function) gets phi(u) A_l added to its
+    own row, phi the cosine features: neighbouring bins share what they learn, and a row's
+    own part is free to depart from the smooth curve. A_l starts at zero.
+
+    `rows` are the table rows of the ordered tokens, `columns` their ordered-column index.
+    """
+
+    def __init__(self, rows: Tensor, columns: Tensor, positions: Tensor, width: int):
+        super().__init__()
+        self.register_buffer("rows", rows, persistent=False)
+        self.register_buffer("columns", columns, persistent=False)
+        frequencies = torch.arange(1, ORDINAL_FEATURES + 1, dtype=torch.float32)
+        self.register_buffer("features", torch.cos(torch.pi * positions[:, None].float() * frequencies),
+                             persistent=False)
+        # A table with no ordered column holds no parameter (so none goes without a gradient).
+        count = int(columns.max()) + 1 if len(columns) else 0
+        self.table = nn.Parameter(torch.zeros(count, ORDINAL_FEATURES * width)) if count else None
+
+    def add_to(self, rows_table: Tensor) -> Tensor:
+        """rows_table [R, width] with phi(u) A_l added to the ordered rows (a new tensor)."""
+        if self.table is None:
+            return rows_table
+        # A lookup, not table[columns]: its backward adds repeated ids in a fixed order.
+        per_row = F.embedding(self.columns, self.table).view(len(self.rows), ORDINAL_FEATURES, -1)
+        shift = torch.einsum("rf,rfw->rw", self.features.to(per_row.dtype), per_row)
+        return rows_table.index_add(0, self.rows, shift.to(rows_table.dtype))
+
+
+def ordinal_layout(token_positions: list[list[float] | None], row_starts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(rows, ordered-column index, position) of every token with a finite position, for a
+    table whose column l starts at row_starts[l]; a column of None (categories) has none, and
+    a NaN position (a numeric column's missing token) is not ordered."""
+    ordered = [(column, values) for column, values in enumerate(token_positions) if values is not None]
+    rows, columns, positions = [], [], []
+    for index, (column, values) in enumerate(ordered):
+        for k, u in enumerate(values):
+            if u == u:
+                rows.append(int(row_starts[column]) + k)
+                columns.append(index)
+                positions.append(float(u))
+    return (torch.tensor(rows, dtype=torch.int64), torch.tensor(columns, dtype=torch.int64),
+            torch.tensor(positions, dtype=torch.float64))
+
 
 class RaggedHeads(nn.Module):
     """One linear head per column, stored ragged: column l owns rows offsets[l]:offsets[l+1]
@@ -21,9 +77,12 @@ class RaggedHeads(nn.Module):
     work is sum_l K_l per cell instead of L * Kmax. `logits` evaluates every head on every
     column state as one batched product against a padded [L, Kmax, d] view and gathers the
     valid entries back to [N, V] (for callers that need the distributions themselves).
+
+    Tokens of ordered columns (see `OrdinalTokens`) add a smooth function of their position
+    to their weight and bias rows; `weight_and_bias` is what every path scores against.
     """
 
-    def __init__(self, offsets: Tensor, d_model: int):
+    def __init__(self, offsets: Tensor, d_model: int, token_positions: list[list[float] | None] | None = None):
         super().__init__()
         vocab = int(offsets[-1])
         pad_index, valid = segment_layout(offsets, vocab)          # [L, Kmax]
@@ -35,16 +94,26 @@ class RaggedHeads(nn.Module):
         self.weight = nn.Parameter(torch.empty(vocab, d_model))
         self.bias = nn.Parameter(torch.zeros(vocab))
         nn.init.normal_(self.weight, std=d_model ** -0.5)
+        layout = ordinal_layout(token_positions or [None] * (len(offsets) - 1), offsets)
+        self.ordinal_weight = OrdinalTokens(*layout, d_model)
+        self.ordinal_bias = OrdinalTokens(*layout, 1)
+
+    def weight_and_bias(self) -> tuple[Tensor, Tensor]:
+        """The heads' [V, d] weight and [V] bias, ordered tokens' smooth parts included."""
+        return (self.ordinal_weight.add_to(self.weight),
+                self.ordinal_bias.add_to(self.bias[:, None]).squeeze(1))
 
     def logits(self, h: Tensor) -> Tensor:
         """h [N, L, d] (column l's state at position l) -> ragged logits [N, V]."""
+        weight, bias = self.weight_and_bias()
         # Padding slots duplicate a real row and are dropped by the gather: no gradient.
-        padded = torch.einsum("nld,lkd->nlk", h, self.weight[self._pad_index])
-        return padded.reshape(h.shape[0], -1).index_select(1, self._flat_index) + self.bias
+        padded = torch.einsum("nld,lkd->nlk", h, weight[self._pad_index])
+        return padded.reshape(h.shape[0], -1).index_select(1, self._flat_index) + bias
 
     def loss(self, h: Tensor, targets: Tensor, weight: Tensor, mask: Tensor) -> Tensor:
         """Per-row sum_l mask * weight * -log p(targets_l | h_l), shape [N], for h [N, L, d]."""
-        return ragged_head_ce(h, self.weight, self.bias, self.offsets, targets, weight, mask)
+        head_weight, head_bias = self.weight_and_bias()
+        return ragged_head_ce(h, head_weight, head_bias, self.offsets, targets, weight, mask)
 
     def sample(self, h: Tensor, columns: Tensor, temperature: float = 1.0,
                generator: torch.Generator | None = None, *, log_weights: Tensor | None = None,
@@ -60,7 +129,8 @@ class RaggedHeads(nn.Module):
         """
         device = generator.device if generator is not None else torch.device("cpu")
         seed = int(torch.randint(0, 2**62, (), generator=generator, device=device))
-        return ragged_head_sample(h, columns, self.weight, self.bias, self.offsets, temperature, seed,
+        weight, bias = self.weight_and_bias()
+        return ragged_head_sample(h, columns, weight, bias, self.offsets, temperature, seed,
                                   log_weights=log_weights, restriction=restriction)
 
 
@@ -69,7 +139,10 @@ class TableDenoiser(nn.Module):
 
     Column l holds a value in 0..K_l-1 or its MASK id K_l. Each (column, value) pair, mask
     included, has its own embedding row, so "masked" means something different per column;
-    a learned column embedding plays the role of position.
+    a learned column embedding plays the role of position. `token_positions[l]`, for an
+    ordered (numeric) column, gives each token's place in [0, 1] (NaN for its missing token;
+    None for a column of categories): those tokens' embedding and head rows add a smooth
+    function of it (`OrdinalTokens`).
 
     Calling the model with `targets`, `weight` and `mask` returns the per-row weighted
     cross entropy sum_l mask * weight * -log p(targets_l) instead of the logits, so that
@@ -84,7 +157,8 @@ class TableDenoiser(nn.Module):
     order = "static"
 
     def __init__(self, cardinalities: list[int], d_model: int = 48, num_layers: int = 3,
-                 num_heads: int = 4, dim_feedforward: int = 96, dropout: float = 0.0):
+                 num_heads: int = 4, dim_feedforward: int = 96, dropout: float = 0.0,
+                 token_positions: list[list[float] | None] | None = None):
         super().__init__()
         cardinalities = [int(k) for k in cardinalities]
         if not cardinalities or min(cardinalities) < 1:
@@ -95,8 +169,14 @@ class TableDenoiser(nn.Module):
             raise ValueError(f"d_model={d_model} must be divisible by num_heads={num_heads}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+        if token_positions is not None:
+            token_positions = [None if p is None else [float(u) for u in p] for p in token_positions]
+            if [len(p) for p in token_positions if p is not None] != [k for p, k in zip(token_positions, cardinalities)
+                                                                       if p is not None]:
+                raise ValueError("token_positions must give one position per token of each ordered column")
         self._config = dict(cardinalities=cardinalities, d_model=d_model, num_layers=num_layers,
-                            num_heads=num_heads, dim_feedforward=dim_feedforward, dropout=dropout)
+                            num_heads=num_heads, dim_feedforward=dim_feedforward, dropout=dropout,
+                            token_positions=token_positions)
         sizes = torch.tensor(cardinalities, dtype=torch.int64)
         offsets = torch.zeros(len(cardinalities) + 1, dtype=torch.int64)
         offsets[1:] = torch.cumsum(sizes, 0)
@@ -109,7 +189,9 @@ class TableDenoiser(nn.Module):
         self.blocks = nn.ModuleList(Block(d_model, num_heads, dim_feedforward, dropout)
                                     for _ in range(num_layers))
         self.norm_out = nn.LayerNorm(d_model)
-        self.heads = RaggedHeads(offsets, d_model)
+        self.heads = RaggedHeads(offsets, d_model, token_positions)
+        self.ordinal_embedding = OrdinalTokens(
+            *ordinal_layout(token_positions or [None] * len(cardinalities), self._embed_offsets), d_model)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.column_embedding, std=0.02)
 
@@ -125,7 +207,9 @@ class TableDenoiser(nn.Module):
     @property
     def config(self) -> dict:
         """Constructor arguments: `type(model)(**model.config)` rebuilds the architecture."""
-        return dict(self._config, cardinalities=self.cardinalities)
+        positions = self._config["token_positions"]
+        return dict(self._config, cardinalities=self.cardinalities,
+                    token_positions=None if positions is None else [None if p is None else list(p) for p in positions])
 
     @property
     def num_columns(self) -> int:
@@ -147,7 +231,8 @@ class TableDenoiser(nn.Module):
 
     def embed_values(self, x: Tensor, columns: Tensor) -> Tensor:
         """Embedding of value x (or MASK) in column `columns`, same shapes, plus [..., d]."""
-        return self.token_embedding(x + self._embed_offsets[columns]) + self.embed_columns(columns)
+        table = self.ordinal_embedding.add_to(self.token_embedding.weight)
+        return F.embedding(x + self._embed_offsets[columns], table) + self.embed_columns(columns)
 
     def embed_columns(self, columns: Tensor) -> Tensor:
         """The column embedding of each id in `columns`, plus [..., d].
