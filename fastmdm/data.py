@@ -34,19 +34,18 @@ from ._checks import INT_DTYPES, check_tensor
 __all__ = ["TableCodec", "infer_categorical", "DEFAULT_NUM_BINS", "DEFAULT_MAX_CATEGORIES",
            "DEFAULT_CATEGORY_CAP", "OTHER_LABEL"]
 
-# Bin-count experiment: round trip decode(encode(train)) on Adult and MAGIC (fit on train),
-# decoding by resampling training values inside a bin:
+# Bin count. Decoding draws a number inside its bin independently of the other columns, so
+# what a bin loses is dependence inside it. Round trip decode(encode(train)) on MAGIC:
 #   num_bins                                16      32      64      128
-#   max KS over numeric columns, Adult    .0019   .0016   .0011   .0008
-#   max KS over numeric columns, MAGIC    .0030   .0025   .0018   .0012
-#   max |Spearman corr drift|, MAGIC      .0073   .0020   .0007   .0002
-#   max |Pearson corr drift|, MAGIC       .080    .038    .025    .018
-#   max median |x - decoded| / IQR, MAGIC .058    .029    .014    .007
-# Resampling inside a bin keeps every marginal (KS < 0.01 at any count), so KS
-# cannot pick the count; what bins lose is dependence between columns inside a bin. 32 is the
-# smallest count keeping correlation drift under ~0.04 (16 loses 0.08 of Pearson correlation
-# on MAGIC, a ceiling no model could beat) while the vocabulary stays small for the model.
-DEFAULT_NUM_BINS = 32
+#   max |Pearson corr drift|, MAGIC         .080    .038    .025    .018
+#   max median |x - decoded| / IQR, MAGIC   .058    .029    .014    .007
+# Finer bins need the denoiser to share what it learns between neighbouring bins (the ordered
+# tokens of models.base.OrdinalTokens); with them, the default model on 10,000 training rows
+# at the default budget, 32 / 64 / 128 bins, XGBoost C2ST (1 = indistinguishable):
+#   diamonds .75 / .91 / .91, txhousing .73 / .87 / .81, MAGIC -- / .90 / .79, Adult -- / .97 / .97
+# (benchmarks/numeric_columns.py); 128 bins spread each bin's data thinner and stopped early
+# on Adult and MAGIC. Without the ordered tokens, 128 bins lost to 32 on txhousing.
+DEFAULT_NUM_BINS = 64
 # Integer-valued numeric columns with at most this many distinct values are categorical
 # (Adult's education-num): a bin per value is exact and costs no more tokens.
 DEFAULT_MAX_CATEGORIES = 20
@@ -55,7 +54,7 @@ DEFAULT_MAX_CATEGORIES = 20
 # so a column with thousands of rare values (flights' 4,043 tail numbers) would dominate the
 # model's size and cost while each rare value is seen too seldom to learn.
 DEFAULT_CATEGORY_CAP = 1000
-# Equal-mass quantile levels each numeric column stores for decoding inside a bin: 32 per
+# Equal-mass quantile levels each numeric column stores for decoding inside a bin: 16 per
 # default bin, so marginals stay within 1/1024 of the data's (less than a KS test detects
 # below ~10^6 rows) at 8 KiB a column.
 SKETCH_LEVELS = 1024
