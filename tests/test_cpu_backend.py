@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import types
 
 import pytest
 import torch
@@ -453,6 +454,16 @@ def test_cached_attention_writes_in_place_and_dispatches_to_cpp():
     strided_keys = strided(keys)
     _, copy, _ = cpu.cached_attention(q, k, v, strided_keys, values.clone(), positions, slots)
     assert copy.data_ptr() != strided_keys.data_ptr() and torch.equal(copy, keys)
+
+
+def test_an_op_a_backend_lacks_runs_the_reference_even_when_forced(monkeypatch):
+    """Triton has no cached_attention: forcing it must not break decoding on the GPU."""
+    without_the_op = types.SimpleNamespace(supports=lambda op_name, *tensors: True, rloo_grad=ref.rloo_grad)
+    monkeypatch.setitem(_dispatch._modules, "triton", without_the_op)
+    q = torch.zeros(1, 1, 1, 1)
+    with ops.use_backend("triton"):
+        assert _dispatch.select("cached_attention", q) is ref
+        assert _dispatch.select("rloo_grad", q) is without_the_op
 
 
 def test_cached_attention_is_the_same_on_every_thread_count():
