@@ -79,17 +79,17 @@ def main(argv=None) -> int:
         "# The default path on a 10,000-category table",
         "",
         f"`python benchmarks/default_path.py{' --baseline CHECKOUT' if args.baseline else ''}`: "
-        f"{args.rows:,} rows, 19 columns of 4 categories and one of {args.rows // 2:,} (category_cap=None, "
-        f"V = {records[0]['vocab']:,}), one default epoch (validation 10%), {args.threads} threads, "
+        f"{args.rows:,} rows, 19 columns of 4 categories and one of {args.rows // 2:,} (category_cap=None; "
+        f"V, the model's vocabulary, in the table), one default epoch (validation 10%), {args.threads} threads, "
         f"each version in its own process, one at a time. {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores, shared with other jobs: times are indicative.",
         "",
-        "| version | model | peak RSS growth | epoch | fit |",
-        "|---|---|---:|---:|---:|",
+        "| version | model | V | peak RSS growth | epoch | fit |",
+        "|---|---|---:|---:|---:|---:|",
     ]
     for r in records:
         model = r["model"] + (" (default)" if r["architecture"] == "default" else "")
-        lines.append(f"| {r['version']} | {model} | {r['peak_growth_mib'] / 1024:.2f} GiB | "
+        lines.append(f"| {r['version']} | {model} | {r['vocab']:,} | {r['peak_growth_mib'] / 1024:.2f} GiB | "
                      f"{r['epoch_s']:.1f} s | {r['fit_s']:.1f} s |")
     text = "\n".join(lines) + "\n"
     print(text)
