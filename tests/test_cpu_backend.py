@@ -466,6 +466,11 @@ def test_an_op_a_backend_lacks_runs_the_reference_even_when_forced(monkeypatch):
         assert _dispatch.select("rloo_grad", q) is without_the_op
 
 
+def test_an_extension_built_without_an_op_leaves_it_to_the_reference(monkeypatch):
+    monkeypatch.delattr(_C, "cached_attention")
+    assert _dispatch.select("cached_attention", torch.zeros(1, 1, 1, 1)) is ref
+
+
 def test_cached_attention_is_the_same_on_every_thread_count():
     # Enough rows (N H T S dh >= 2^18) for the kernel to use its OpenMP team.
     step = _decode_step(torch.Generator().manual_seed(1), 2048, 4, 1, 17, 12, True)

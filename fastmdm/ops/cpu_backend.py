@@ -22,7 +22,11 @@ _SEED_MASK = (1 << 64) - 1
 
 
 def supports(op_name: str, *tensors: torch.Tensor | None) -> bool:
-    """True when every given tensor is a CPU float32, int64 or bool tensor."""
+    """True when every given tensor is a CPU float32, int64 or bool tensor and the built
+    extension has the op's kernel (one built from older sources may lack a newer op: it then
+    runs the reference until `python setup.py build_ext --inplace` rebuilds it)."""
+    if not hasattr(_C, op_name):
+        return False
     for tensor in tensors:
         if tensor is None:
             continue
