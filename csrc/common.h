@@ -34,6 +34,7 @@ void register_masking(py::module_& m);
 void register_elbo(py::module_& m);
 void register_rloo(py::module_& m);
 void register_ragged_head(py::module_& m);
+void register_attention(py::module_& m);
 
 // ---------------------------------------------------------------------------------------
 // Buffer access. The Python wrapper (fastmdm/ops/cpu_backend.py) hands over C-contiguous

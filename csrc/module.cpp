@@ -16,6 +16,7 @@ PYBIND11_MODULE(_C, m) {
     fastmdm::register_elbo(m);
     fastmdm::register_rloo(m);
     fastmdm::register_ragged_head(m);
+    fastmdm::register_attention(m);
     m.def("num_threads", []() { return fastmdm::num_threads_for(fastmdm::kParallelWork); },
           "OpenMP threads the kernels use (1 without OpenMP)");
     m.def("set_num_threads", [](int n) {

@@ -426,12 +426,17 @@ def marginal_nelbo(tokens: Tensor, cardinalities: Tensor, chunk_rows: int = 6553
 @torch.no_grad()
 def estimate_nelbo(denoiser: nn.Module, schedule: PowerSchedule, tokens: Tensor, mask_id: Tensor,
                    offsets: Tensor, *, num_samples: int = 4, seed: int = 12345,
-                   device: torch.device | str = "cpu", batch_size: int = 4096) -> float:
+                   device: torch.device | str = "cpu", batch_sequences: int = 2048) -> float:
     """Mean per-row NELBO (nats), order-space estimator with a fixed seed.
 
     The order-space estimator is unbiased for the same NELBO as the t-space one and has far
-    lower variance, so it is the better ruler for models trained either way.
+    lower variance, so it is the better ruler for models trained either way. A pass scores
+    at most `batch_sequences` row copies (rows x num_samples), as many as a training step of
+    the default batch (1,024 rows, 2 samples), so validation never holds more activations
+    than training: on a 10,000-category table 4,096 rows at 4 samples a pass raised the
+    fit's peak memory by 0.5 GB and took 3x longer (benchmarks/results/default_path.md).
     """
+    batch_size = max(1, batch_sequences // num_samples)
     generator = torch.Generator().manual_seed(seed)
     was_training = denoiser.training
     denoiser.eval()

@@ -17,8 +17,8 @@ from fastmdm import ops
 from fastmdm.decoding.speculative import cell_logits
 from fastmdm.models import CausalTransformer
 from fastmdm.kinds import kind_of, model_loss
-from fastmdm.models.causal import write_slots
-from fastmdm.models.layers import attend, attend_cached
+from fastmdm.models.layers import attend
+from fastmdm.ops import reference
 from fastmdm.objective import causal_loss
 from fastmdm.decoding.causal import order_tokens
 from fastmdm.decoding import ColumnLayout, DecodeStats, known_first_order, sample_tokens
@@ -363,35 +363,40 @@ def test_speculative_needs_the_causal_model_and_excludes_steps():
 
 @pytest.mark.parametrize("rows, heads, queries, slots, width", [(5, 4, 2, 17, 12), (3, 1, 1, 3, 1), (1, 2, 7, 9, 5)])
 def test_cached_attention_equals_sdpa(rows, heads, queries, slots, width):
-    """The decoding step's attention (batched matmuls, additive mask, each query's own key)
-    against SDPA over the slots followed by the queries' own keys, with the boolean mask:
-    random values and masks, a query that may see only slot 0 among them, float64, so both
-    compute the same sums and agree to rounding (1e-12)."""
+    """The decoding step's attention (reference: batched matmuls, additive mask, each query's
+    own key) against SDPA over the slots followed by the queries' own keys, with the boolean
+    mask: random values and positions, a query that may see only slot 0, float64, so both
+    compute the same sums and agree to rounding (1e-12). No token is written (slot S - 1 is
+    the trash slot, beyond every position)."""
     generator = torch.Generator().manual_seed(rows * 100 + slots)
     q, k, v, own_k, own_v = (torch.randn(rows, heads, length, width, generator=generator, dtype=torch.float64)
                              for length in (queries, slots, slots, queries, queries))
-    sees = torch.randint(0, slots, (rows, queries), generator=generator)
+    sees = torch.randint(0, slots - 1, (rows, queries), generator=generator)
     sees[0, 0] = 0
     allowed = (torch.arange(slots) <= sees[..., None]).unsqueeze(1)
-    bias = torch.zeros(allowed.shape, dtype=torch.float64).masked_fill_(~allowed, float("-inf"))
     itself = torch.eye(queries, dtype=torch.bool).expand(rows, 1, -1, -1)
     expected = attend(q, torch.cat([k, own_k], 2), torch.cat([v, own_v], 2), torch.cat([allowed, itself], -1))
-    torch.testing.assert_close(attend_cached(q, k, v, bias, own_k, own_v), expected, rtol=1e-12, atol=1e-12)
+    trash = torch.full((rows, queries), slots - 1)
+    attended, _, _ = reference.cached_attention(q, own_k, own_v, k, v.clone(), sees, trash)
+    torch.testing.assert_close(attended, expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("grad", [False, True])
-def test_write_slots_equals_scatter(grad):
+def test_cached_attention_writes_like_scatter(grad):
     """Cache writes against scatter along the slot axis, for random per-row slots (and no
     token at all): in place without autograd, into a copy (the given cache intact) with it."""
     generator = torch.Generator().manual_seed(int(grad))
     for tokens_per_row in (3, 1, 0):
-        cache = torch.randn(6, 4, 9, 5, generator=generator, dtype=torch.float64)
-        tokens = torch.randn(6, 4, tokens_per_row, 5, generator=generator, dtype=torch.float64)
+        keys, values = (torch.randn(6, 4, 9, 5, generator=generator, dtype=torch.float64) for _ in range(2))
+        q, k, v = (torch.randn(6, 4, tokens_per_row, 5, generator=generator, dtype=torch.float64) for _ in range(3))
         slots = torch.stack([torch.randperm(9, generator=generator)[:tokens_per_row] for _ in range(6)])
-        expected = cache.scatter(2, slots[:, None, :, None].expand_as(tokens), tokens)
-        before = cache.clone()
+        positions = torch.zeros(6, tokens_per_row, dtype=torch.long)
+        expected = [cache.scatter(2, slots[:, None, :, None].expand_as(k), tokens)
+                    for cache, tokens in ((keys, k), (values, v))]
+        before = [keys.clone(), values.clone()]
         with torch.set_grad_enabled(grad):
-            written = write_slots(cache, slots, tokens)
-        torch.testing.assert_close(written, expected, rtol=0, atol=0)
-        assert (written.data_ptr() == cache.data_ptr()) != grad
-        torch.testing.assert_close(cache, before if grad else expected, rtol=0, atol=0)
+            _, *written = ops.cached_attention(q.requires_grad_(grad), k, v, keys, values, positions, slots)
+        for new, given, old, want in zip(written, (keys, values), before, expected):
+            torch.testing.assert_close(new, want, rtol=0, atol=0)
+            assert (new.data_ptr() == given.data_ptr()) != grad
+            torch.testing.assert_close(given, old if grad else want, rtol=0, atol=0)

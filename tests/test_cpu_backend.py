@@ -20,11 +20,16 @@ Tolerances (all float32 compute on both sides):
   |advantage_k|: a row's advantages can cancel far below its losses (averaged over rows they
   do not), and the float32 advantage is only good to a few ulps of the losses. The per-row
   gradient's mean over rows is the reduced gradient to the reduced tolerance.
+* cached_attention: the caches are copies of the given floats, compared exactly; the
+  attended values are convex combinations of values of scale ~1 with weights from float32
+  dot products of at most 64 terms (the C++ exp is good to ~2e-7 relative): atol 1e-5,
+  rtol 1e-5.
 """
 from __future__ import annotations
 
 import itertools
 import math
+import types
 
 import pytest
 import torch
@@ -404,6 +409,82 @@ def test_opcheck_with_cpp_backend(case):
     with ops.use_backend("cpp"):
         assert _dispatch.select(op, *[a for a in args if isinstance(a, torch.Tensor)]) is cpu
         torch.library.opcheck(getattr(torch.ops.fastmdm, op).default, args)
+
+
+# ------------------------------------------------------------------------- cached attention
+def _decode_step(generator, rows, heads, tokens, slots, width, strided_inputs):
+    """A random KV-cached attention step: q, k, v (transposed views of [N, T, H, dh], as the
+    model's projection gives them, when `strided_inputs`), caches, per-query positions with
+    the edges 0 and S - 2, and per-row slots where the written tokens are distinct and the
+    others go to the trash slot S - 1."""
+    def states():
+        t = torch.randn(rows, tokens, heads, width, generator=generator)
+        return t.transpose(1, 2) if strided_inputs else t.transpose(1, 2).contiguous()
+    q, k, v = states(), states(), states()
+    keys, values = (torch.randn(rows, heads, slots, width, generator=generator) for _ in range(2))
+    positions = torch.randint(0, slots - 1, (rows, tokens), generator=generator)
+    positions[0, 0] = 0
+    positions[-1, -1] = slots - 2
+    written = torch.rand(rows, tokens, generator=generator) < 0.5
+    distinct = torch.stack([torch.randperm(slots - 1, generator=generator)[:tokens] for _ in range(rows)])
+    return q, k, v, keys, values, positions, torch.where(written, distinct, slots - 1)
+
+
+@settings(**SETTINGS)
+@given(rows=st.integers(1, 9), heads=st.integers(1, 4), tokens=st.integers(1, 4), extra_slots=st.integers(0, 14),
+       width=st.sampled_from([1, 5, 12, 64]), seed=st.integers(0, 2**31 - 1), strided_inputs=st.booleans())
+def test_cached_attention_matches_reference(rows, heads, tokens, extra_slots, width, seed, strided_inputs):
+    generator = torch.Generator().manual_seed(seed)
+    step = _decode_step(generator, rows, heads, tokens, tokens + 1 + extra_slots, width, strided_inputs)
+    expected = ref.cached_attention(*[t.clone() for t in step])
+    got = cpu.cached_attention(*[t.clone() for t in step])
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-5)
+    for cache_got, cache_expected in zip(got[1:], expected[1:]):
+        assert torch.equal(cache_got, cache_expected)
+
+
+def test_cached_attention_writes_in_place_and_dispatches_to_cpp():
+    generator = torch.Generator().manual_seed(0)
+    q, k, v, keys, values, positions, slots = _decode_step(generator, 3, 2, 2, 9, 4, True)
+    assert _dispatch.select("cached_attention", q, keys) is cpu
+    with torch.no_grad():
+        attended, new_keys, new_values = ops.cached_attention(q, k, v, keys, values, positions, slots)
+    assert new_keys.data_ptr() == keys.data_ptr() and new_values.data_ptr() == values.data_ptr()
+    # Non-contiguous caches are written as contiguous copies, which the op returns.
+    strided_keys = strided(keys)
+    _, copy, _ = cpu.cached_attention(q, k, v, strided_keys, values.clone(), positions, slots)
+    assert copy.data_ptr() != strided_keys.data_ptr() and torch.equal(copy, keys)
+
+
+def test_an_op_a_backend_lacks_runs_the_reference_even_when_forced(monkeypatch):
+    """Triton has no cached_attention: forcing it must not break decoding on the GPU."""
+    without_the_op = types.SimpleNamespace(supports=lambda op_name, *tensors: True, rloo_grad=ref.rloo_grad)
+    monkeypatch.setitem(_dispatch._modules, "triton", without_the_op)
+    q = torch.zeros(1, 1, 1, 1)
+    with ops.use_backend("triton"):
+        assert _dispatch.select("cached_attention", q) is ref
+        assert _dispatch.select("rloo_grad", q) is without_the_op
+
+
+def test_an_extension_built_without_an_op_leaves_it_to_the_reference(monkeypatch):
+    monkeypatch.delattr(_C, "cached_attention")
+    assert _dispatch.select("cached_attention", torch.zeros(1, 1, 1, 1)) is ref
+
+
+def test_cached_attention_is_the_same_on_every_thread_count():
+    # Enough rows (N H T S dh >= 2^18) for the kernel to use its OpenMP team.
+    step = _decode_step(torch.Generator().manual_seed(1), 2048, 4, 1, 17, 12, True)
+    one, two = outputs_per_thread_count(lambda: cpu.cached_attention(*[t.clone() for t in step]))
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+
+
+def test_cached_attention_refuses_positions_and_slots_outside_the_cache():
+    q, k, v, keys, values, positions, slots = _decode_step(torch.Generator().manual_seed(2), 2, 1, 1, 5, 3, False)
+    with pytest.raises(ValueError, match=r"positions\[1\] = 4 is outside 0..3"):
+        cpu.cached_attention(q, k, v, keys, values, torch.tensor([[0], [4]]), slots)
+    with pytest.raises(ValueError, match=r"slots\[0\] = 5 is outside 0..4"):
+        cpu.cached_attention(q, k, v, keys, values, positions, torch.tensor([[5], [0]]))
 
 
 # ---------------------------------------------------------------------------------- errors

@@ -37,8 +37,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import INT_DTYPES, check_tensor
+from ..ops import cached_attention
 from .base import TableDenoiser
-from .layers import attend, attend_cached
+from .layers import attend
 from .orders import OrderPolicy, OrderPosterior
 
 ORDERS = ("static", "contextual")
@@ -150,12 +151,18 @@ class CausalTransformer(TableDenoiser):
         return w * self.order_posterior(x)
 
     def empty_cache(self, rows: int) -> KVCache:
-        """A cache of L + 2 slots per row holding only the start token (slot 0)."""
-        def slots(start: Tensor) -> Tensor:
-            shape = (rows, start.shape[1], self.num_columns + 2, start.shape[3])
-            return torch.cat([start.expand(rows, -1, -1, -1),
-                              start.new_zeros(shape[0], shape[1], shape[2] - 1, shape[3])], 2)
+        """A cache of L + 2 slots per row holding only the start token (slot 0).
+
+        Slots are zero until written: the reference attention multiplies masked slots by a
+        zero weight, which a NaN from uninitialized memory would turn into NaN. Zeros with
+        slot 0 filled in: one pass over the memory, where a concatenation took three.
+        """
         keys, values, _ = self._start_states()
+
+        def slots(start: Tensor) -> Tensor:
+            cache = start.new_zeros(rows, start.shape[1], self.num_columns + 2, start.shape[3])
+            cache[:, :, :1] = start
+            return cache
         return KVCache([slots(k) for k in keys], [slots(v) for v in values])
 
     def _embed(self, values: Tensor, value_columns: Tensor, positions: Tensor) -> Tensor:
@@ -188,9 +195,6 @@ class CausalTransformer(TableDenoiser):
             h = torch.cat([self.start.to(h.dtype).expand(h.shape[0], 1, -1), h], 1)
             targets = torch.cat([torch.zeros_like(targets[:, :1]), targets], 1)
         else:
-            allowed = torch.arange(self.num_columns + 2, device=h.device) <= positions[..., None]  # [(N,) T, S]
-            mask = torch.zeros(allowed.shape, dtype=h.dtype, device=h.device)
-            mask = mask.masked_fill_(~allowed, float("-inf")).unsqueeze(-3)                      # heads axis
             slots = torch.where(written & (positions < self.num_columns), positions + 1, self.trash_slot)
             slots = slots.expand(h.shape[0], -1)
         keys, vals = [], []
@@ -204,9 +208,10 @@ class CausalTransformer(TableDenoiser):
                 vals.append(v)
                 attended = attend(q, k, v, causal=True)
             else:
-                keys.append(write_slots(cache.keys[index].to(k.dtype), slots, k))
-                vals.append(write_slots(cache.values[index].to(v.dtype), slots, v))
-                attended = attend_cached(q, keys[-1], vals[-1], mask, k, v)
+                attended, layer_keys, layer_values = cached_attention(
+                    q, k, v, cache.keys[index].to(k.dtype), cache.values[index].to(v.dtype), positions, slots)
+                keys.append(layer_keys)
+                vals.append(layer_values)
             h = block.mix(h, attended)
         if self.policy_depth == len(self.blocks):
             policy, h = h, h + targets
@@ -245,19 +250,6 @@ class CausalTransformer(TableDenoiser):
         revealed = rank[:, None, :] < steps[None, :, None]                   # [N, step, column]
         log_probs = self.order_policy.log_probs(torch.log(order_prior), policy_states, revealed)
         return log_probs.gather(2, order[..., None]).squeeze(2).sum(1)
-
-
-def write_slots(cache: Tensor, slots: Tensor, tokens: Tensor) -> Tensor:
-    """The cache [N, H, S, dh] with tokens [N, H, T, dh] written at slots [N, T]: in place
-    when decoding (no autograd; the cache is the caller's to reuse), into a copy otherwise.
-    One index_copy_ of dh-wide rows into the flat [N * H * S, dh] view (an indexed
-    assignment cache[rows, :, slots] = ... costs several times more)."""
-    rows, heads, num_slots, width = cache.shape
-    flat = (torch.arange(rows * heads, device=cache.device).view(rows, heads, 1) * num_slots + slots[:, None, :])
-    if torch.is_grad_enabled():
-        cache = cache.clone()
-    cache.view(-1, width).index_copy_(0, flat.reshape(-1), tokens.reshape(-1, width))
-    return cache
 
 
 def check_order(order: Tensor, rows: int, num_columns: int) -> None:

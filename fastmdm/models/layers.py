@@ -6,7 +6,6 @@ cache between the two, with start-token keys that no token of the pass computes.
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -22,28 +21,9 @@ def attend(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None = None, causa
     15 and 60 columns (`python benchmarks/attention.py`, benchmarks/results/attention.md):
     SDPA is 1.2-2.7x faster for training, forward and backward, and within 11% either way
     for a masked KV-cached decoding step at that benchmark's batch. SDPA serves every full
-    pass; the causal model's KV-cached decoding steps use `attend_cached`, which is faster at
-    the sampling batch (GPU: not measured).
+    pass; the causal model's KV-cached decoding steps use `fastmdm.ops.cached_attention`.
     """
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=causal)
-
-
-def attend_cached(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, own_k: Tensor, own_v: Tensor) -> Tensor:
-    """Attention of a KV-cached decoding step: [N, H, T, dh] queries over [N, H, S, dh] cache
-    slots, where `bias` (broadcastable to [N, H, T, S], built once per step and shared by the
-    blocks) is 0 where a query may attend and -inf elsewhere, and over each query's own key
-    and value own_k, own_v [N, H, T, dh], which it always sees: a token attends to itself
-    whether or not it is written to the cache.
-
-    A step asks a few queries per row against L + 2 slots, and there SDPA pays an overhead
-    per (row, head): two batched matmuls are 2.7x faster on one CPU thread for Adult's
-    shapes (4,096 rows, 4 heads, 2 tokens, 17 slots, d_h = 12).
-    """
-    scale = q.shape[-1] ** -0.5
-    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale).add_(bias)
-    own = (q * own_k).sum(-1, keepdim=True).mul_(scale)
-    weights = torch.cat([scores, own], -1).softmax(-1)
-    return torch.matmul(weights[..., :-1], v).addcmul_(weights[..., -1:], own_v)
 
 
 class Block(nn.Module):

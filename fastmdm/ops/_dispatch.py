@@ -3,7 +3,9 @@
 Every backend module exposes functions with the same name and signature as the reference
 kernels in `fastmdm.ops.reference` (plain functions, no autograd) plus
 `supports(op_name, *tensors) -> bool`, which declines inputs it cannot handle (dtype,
-device) so that dispatch falls back to the reference instead of failing.
+device) so that dispatch falls back to the reference instead of failing. A backend may
+leave an op out (Triton has no cached_attention): that op then runs the reference, even
+when the backend is forced.
 
 Force a backend with the environment variable FASTMDM_BACKEND=reference|cpp|triton, or
 in code with `with fastmdm.ops.use_backend("reference"): ...` (benchmarks compare this way).
@@ -62,6 +64,8 @@ def select(op_name: str, *tensors: torch.Tensor) -> ModuleType:
         module = _load(forced)
         if module is None:
             raise RuntimeError(f"backend {forced!r} is not available here")
+        if not hasattr(module, op_name):
+            return _load("reference")
         if not module.supports(op_name, *tensors):
             raise RuntimeError(f"backend {forced!r} does not support {op_name} for these inputs "
                                f"(dtypes {[t.dtype for t in tensors if t is not None]})")
@@ -70,6 +74,6 @@ def select(op_name: str, *tensors: torch.Tensor) -> ModuleType:
     preferred = {"cuda": ("triton",), "cpu": ("cpp",)}.get(device.type, ())
     for name in preferred:
         module = _load(name)
-        if module is not None and module.supports(op_name, *tensors):
+        if module is not None and hasattr(module, op_name) and module.supports(op_name, *tensors):
             return module
     return _load("reference")

@@ -22,7 +22,11 @@ _SEED_MASK = (1 << 64) - 1
 
 
 def supports(op_name: str, *tensors: torch.Tensor | None) -> bool:
-    """True when every given tensor is a CPU float32, int64 or bool tensor."""
+    """True when every given tensor is a CPU float32, int64 or bool tensor and the built
+    extension has the op's kernel (one built from older sources may lack a newer op: it then
+    runs the reference until `python setup.py build_ext --inplace` rebuilds it)."""
+    if not hasattr(_C, op_name):
+        return False
     for tensor in tensors:
         if tensor is None:
             continue
@@ -119,3 +123,14 @@ def ragged_head_sample(h, columns, head_weight, head_bias, offsets, temperature,
                           _np(restriction, torch.int64) if restricted else None,
                           values.numpy(), log_mass.numpy())
     return values, log_mass
+
+
+def cached_attention(q, k, v, cache_keys, cache_values, positions, slots):
+    # The caches are written in place through zero-copy views (copies first if they are not
+    # contiguous float32: the returned caches are then those copies).
+    cache_keys, cache_values = cache_keys.contiguous(), cache_values.contiguous()
+    rows, heads, tokens, width = q.shape
+    out = torch.empty(rows, tokens, heads, width, dtype=torch.float32)
+    _C.cached_attention(_np(q), _np(k), _np(v), cache_keys.numpy(), cache_values.numpy(),
+                        _np(positions, torch.int64), _np(slots, torch.int64), out.numpy())
+    return out.transpose(1, 2), cache_keys, cache_values
