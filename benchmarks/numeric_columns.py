@@ -263,7 +263,8 @@ def targets(frame: pd.DataFrame, speed: pd.DataFrame, before: str, after: str) -
 
 def report(records: list[dict], args, sources: list) -> str:
     everything = pd.DataFrame(records)
-    is_speed = everything["speed_repeat"].notna() if "speed_repeat" in everything else False
+    is_speed = (everything["speed_repeat"].notna() if "speed_repeat" in everything
+                else pd.Series(False, index=everything.index))
     frame, speed = everything[~is_speed], everything[is_speed]
     before, after = sources[0][0], sources[-1][0]
     cap = f" --train-rows {args.train_rows:,}".replace(",", "") if args.train_rows else ""
