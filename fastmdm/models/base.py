@@ -2,6 +2,8 @@
 and the ragged per-column output heads."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -12,7 +14,8 @@ from ..ops.reference import segment_layout
 from .layers import Block
 
 #: Cosine features cos(pi j u), j = 1..ORDINAL_FEATURES, of an ordered token's position u in
-#: [0, 1]: enough for a column's density to change on a 1/32 scale of its quantiles.
+#: [0, 1]: the finest swings over 1/16 of a column's quantiles; finer detail is left to each
+#: bin's own row.
 ORDINAL_FEATURES = 16
 
 
@@ -60,7 +63,7 @@ def ordinal_layout(token_positions: list[list[float] | None], row_starts: Tensor
     rows, columns, positions = [], [], []
     for index, (column, values) in enumerate(ordered):
         for k, u in enumerate(values):
-            if u == u:
+            if not math.isnan(u):
                 rows.append(int(row_starts[column]) + k)
                 columns.append(index)
                 positions.append(float(u))
