@@ -31,27 +31,33 @@ class OrdinalTokens(nn.Module):
     own row, phi the cosine features: neighbouring bins share what they learn, and a row's
     own part is free to depart from the smooth curve. A_l starts at zero.
 
-    `rows` are the table rows of the ordered tokens, `columns` their ordered-column index.
+    `rows` are the table rows of the ordered tokens, `columns` their ordered-column index
+    (ascending). The features sit in a [columns, most tokens, ORDINAL_FEATURES] block so that
+    one batched product gives every column's curve: no per-token copy of A_l is made, which on
+    a table of a thousand numeric columns would be 64,000 copies of a 16 x width table.
     """
 
     def __init__(self, rows: Tensor, columns: Tensor, positions: Tensor, width: int):
         super().__init__()
-        self.register_buffer("rows", rows, persistent=False)
-        self.register_buffer("columns", columns, persistent=False)
-        frequencies = torch.arange(1, ORDINAL_FEATURES + 1, dtype=torch.float32)
-        self.register_buffer("features", torch.cos(torch.pi * positions[:, None].float() * frequencies),
-                             persistent=False)
-        # A table with no ordered column holds no parameter (so none goes without a gradient).
         count = int(columns.max()) + 1 if len(columns) else 0
-        self.table = nn.Parameter(torch.zeros(count, ORDINAL_FEATURES * width)) if count else None
+        counts = torch.bincount(columns, minlength=count)
+        slot = torch.arange(len(columns)) - (torch.cumsum(counts, 0) - counts)[columns]   # index within its column
+        longest = int(counts.max()) if count else 0
+        frequencies = torch.arange(1, ORDINAL_FEATURES + 1, dtype=torch.float32)
+        features = torch.zeros(count, longest, ORDINAL_FEATURES)
+        features[columns, slot] = torch.cos(torch.pi * positions[:, None].float() * frequencies)
+        self.register_buffer("rows", rows, persistent=False)
+        self.register_buffer("features", features, persistent=False)
+        self.register_buffer("block_index", columns * longest + slot, persistent=False)   # [R] into the block
+        # A table with no ordered column holds no parameter (so none goes without a gradient).
+        self.table = nn.Parameter(torch.zeros(count, ORDINAL_FEATURES, width)) if count else None
 
     def add_to(self, rows_table: Tensor) -> Tensor:
         """rows_table [R, width] with phi(u) A_l added to the ordered rows (a new tensor)."""
         if self.table is None:
             return rows_table
-        # A lookup, not table[columns]: its backward adds repeated ids in a fixed order.
-        per_row = F.embedding(self.columns, self.table).view(len(self.rows), ORDINAL_FEATURES, -1)
-        shift = torch.einsum("rf,rfw->rw", self.features.to(per_row.dtype), per_row)
+        curves = torch.bmm(self.features.to(self.table.dtype), self.table)           # [columns, longest, width]
+        shift = curves.flatten(0, 1).index_select(0, self.block_index)
         return rows_table.index_add(0, self.rows, shift.to(rows_table.dtype))
 
 
