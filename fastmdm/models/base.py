@@ -61,11 +61,11 @@ class OrdinalTokens(nn.Module):
         return rows_table.index_add(0, self.rows, shift.to(rows_table.dtype))
 
 
-def ordinal_layout(token_positions: list[list[float] | None], row_starts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def ordinal_layout(token_positions: list[list[float] | None] | None, row_starts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(rows, ordered-column index, position) of every token with a finite position, for a
     table whose column l starts at row_starts[l]; a column of None (categories) has none, and
-    a NaN position (a numeric column's missing token) is not ordered."""
-    ordered = [(column, values) for column, values in enumerate(token_positions) if values is not None]
+    a NaN position (a numeric column's missing token) is not ordered. None: nothing ordered."""
+    ordered = [(column, values) for column, values in enumerate(token_positions or []) if values is not None]
     rows, columns, positions = [], [], []
     for index, (column, values) in enumerate(ordered):
         for k, u in enumerate(values):
@@ -103,7 +103,7 @@ class RaggedHeads(nn.Module):
         self.weight = nn.Parameter(torch.empty(vocab, d_model))
         self.bias = nn.Parameter(torch.zeros(vocab))
         nn.init.normal_(self.weight, std=d_model ** -0.5)
-        layout = ordinal_layout(token_positions or [None] * (len(offsets) - 1), offsets)
+        layout = ordinal_layout(token_positions, offsets)
         self.ordinal_weight = OrdinalTokens(*layout, d_model)
         self.ordinal_bias = OrdinalTokens(*layout, 1)
 
@@ -199,8 +199,7 @@ class TableDenoiser(nn.Module):
                                     for _ in range(num_layers))
         self.norm_out = nn.LayerNorm(d_model)
         self.heads = RaggedHeads(offsets, d_model, token_positions)
-        self.ordinal_embedding = OrdinalTokens(
-            *ordinal_layout(token_positions or [None] * len(cardinalities), self._embed_offsets), d_model)
+        self.ordinal_embedding = OrdinalTokens(*ordinal_layout(token_positions, self._embed_offsets), d_model)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.column_embedding, std=0.02)
 
