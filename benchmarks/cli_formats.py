@@ -49,7 +49,7 @@ sys.exit(code)
 READER = """
 import sys
 from pathlib import Path
-from fastmdm.table_files import read_table
+from fastmdm.data.files import read_table
 frame, rows = read_table(sys.argv[2], max_rows=eval(sys.argv[3]))
 peak = next(int(l.split()[1]) for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM:"))
 Path(sys.argv[1]).write_text(str(peak / 1024))

@@ -73,7 +73,7 @@ def train_sampling_model(path: Path) -> None:
 def write_resampled_adult(path: Path, rows: int, seed: int = 0) -> None:
     """Adult rows drawn with replacement, written a chunk at a time (the file may exceed memory)."""
     from fastmdm import datasets
-    from fastmdm.table_files import TableWriter
+    from fastmdm.data.files import TableWriter
     train, _ = datasets.load("adult")
     rng = np.random.default_rng(seed)
     start_time = time.perf_counter()
@@ -145,7 +145,7 @@ def _time_steps(trainer, tokens, rows: int, timed_steps: int) -> dict:
 
 
 def measure_train(kind: str, rows: int, workdir: Path, timed_steps: int) -> dict:
-    from fastmdm.table_files import table_files
+    from fastmdm.data.files import table_files
     from fastmdm.token_store import build_token_store
     path = workdir / f"adult-{rows}.parquet"
     baseline = reset_peak_mb()

@@ -18,7 +18,7 @@ from .kinds import ModelKind, model_kind
 from .models import TableDenoiser
 from .schedules import PowerSchedule
 from .sample_blocks import BlockPlan, fresh_seed, shard_path
-from .table_files import TableWriter
+from .data.files import TableWriter
 from .token_store import prepare_token_store
 from .train import Budget, EpochRecord, TrainConfig, Trainer, atomic_save, estimate_nelbo
 

@@ -1,7 +1,7 @@
 """Command line: fastmdm {demo, train, sample, impute, evaluate, plot}.
 
 Every table a command reads or writes is a .csv or .parquet file (by its extension) or, to
-read, a directory of them: read and written by fastmdm.table_files, as `fit(path)` and
+read, a directory of them: read and written by fastmdm.data.files, as `fit(path)` and
 `sample_to` do.
 """
 from __future__ import annotations
@@ -88,7 +88,7 @@ def _conditions(model, args):
     --conditions holds one row per sampled row, some of the model's columns, empty cells
     free, and -n, if given, must match its rows."""
     from .conditions import parse_condition_text
-    from .table_files import read_table
+    from .data.files import read_table
     if args.condition and args.conditions is not None:
         raise ValueError("give --condition (the same for every row) or a --conditions table, not both")
     if args.condition:
@@ -113,7 +113,7 @@ def cmd_sample(args) -> None:
     """Writes batch by batch (bounded memory); under torchrun each rank writes its own shard."""
     from .api import TabularMDM
     from .sample_blocks import BlockPlan, parse_shard, shard_from_environment
-    from .table_files import table_format
+    from .data.files import table_format
     shard = parse_shard(args.shard) if args.shard else shard_from_environment()
     device = args.device
     if device == "auto" and shard[1] > 1 and "LOCAL_RANK" in os.environ:
@@ -137,7 +137,7 @@ def cmd_impute(args) -> None:
     import numpy as np
     import torch
     from .api import TabularMDM
-    from .table_files import TableWriter, read_chunks, table_files, table_format
+    from .data.files import TableWriter, read_chunks, table_files, table_format
     table_format(args.output)
     model = TabularMDM.load(args.model, device=args.device)
     chunks = read_chunks(table_files(args.data))
@@ -157,7 +157,7 @@ def cmd_impute(args) -> None:
 
 def _read_for_evaluation(role: str, path: str, max_rows: int, seed: int):
     """A table for evaluate, sampled down to max_rows rows; prints how many rows it used."""
-    from .table_files import read_table
+    from .data.files import read_table
     frame, rows = read_table(path, max_rows=max_rows, seed=seed)
     used = f"all {rows:,} rows" if len(frame) == rows else f"{len(frame):,} of {rows:,} rows (uniform, seed {seed})"
     print(f"{role}: {used} of {path}")
@@ -188,7 +188,7 @@ def cmd_demo(args) -> None:
     from . import datasets
     from .metrics import evaluate, format_report
     from .plots import plot_schedule
-    from .table_files import table_format, write_table
+    from .data.files import table_format, write_table
     if args.output:
         table_format(args.output)
     train, test = datasets.load("adult")

@@ -28,7 +28,7 @@ import torch
 from numpy.lib.recfunctions import structured_to_unstructured, unstructured_to_structured
 
 from .data import TableCodec
-from .table_files import DEFAULT_CHUNK_ROWS, fit_codec, read_chunks, table_files
+from .data.files import DEFAULT_CHUNK_ROWS, fit_codec, read_chunks, table_files
 
 __all__ = ["TokenStore", "TokenStoreWriter", "build_token_store", "open_token_store", "prepare_token_store"]
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from fastmdm.table_files import table_files
+from fastmdm.data.files import table_files
 from fastmdm.token_store import build_token_store
 from test_api import tiny
 

@@ -10,7 +10,7 @@ from scipy.stats import chisquare
 from fastmdm.api import TabularMDM
 from fastmdm.cli import main as cli_main
 from fastmdm.data import TableCodec
-from fastmdm.table_files import read_table
+from fastmdm.data.files import read_table
 from test_api import correlated_table
 
 FORMATS = ["csv", "parquet", "directory"]
@@ -126,9 +126,9 @@ def test_impute(table, model_path, tmp_path, fmt, capsys):
 def test_impute_fills_a_chunk_at_a_time_into_a_complete_file(table, model_path, tmp_path, monkeypatch):
     """In chunks of 7 rows: no chunk larger reaches the model, the output is the same for a
     seed and keeps every known cell; a failure in the third chunk leaves no output file."""
-    import fastmdm.table_files
-    read_chunks, impute = fastmdm.table_files.read_chunks, TabularMDM.impute
-    monkeypatch.setattr(fastmdm.table_files, "read_chunks", lambda files: read_chunks(files, chunk_rows=7))
+    import fastmdm.data.files
+    read_chunks, impute = fastmdm.data.files.read_chunks, TabularMDM.impute
+    monkeypatch.setattr(fastmdm.data.files, "read_chunks", lambda files: read_chunks(files, chunk_rows=7))
     sizes = []
     monkeypatch.setattr(TabularMDM, "impute", lambda self, df, **kw: sizes.append(len(df)) or impute(self, df, **kw))
     holes = with_holes(table)

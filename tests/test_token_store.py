@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fastmdm.data import TableCodec
-from fastmdm.table_files import fit_codec, read_chunks, table_files
+from fastmdm.data.files import fit_codec, read_chunks, table_files
 from fastmdm.token_store import TokenStore, TokenStoreWriter, build_token_store
 from test_api import correlated_table, tiny
 

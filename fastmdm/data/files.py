@@ -17,9 +17,12 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import pandas as pd
 
-from .datasets import _iso_dates
-from .data import (DEFAULT_CATEGORY_CAP, DEFAULT_MAX_CATEGORIES, DEFAULT_NUM_BINS, TableCodec,
-                   _exact_values, _is_numeric_plain, _python_scalar, is_time_dtype, to_plain)
+from ..datasets import _iso_dates
+from .categorical import DEFAULT_CATEGORY_CAP
+from .codec import TableCodec
+from .numeric import DEFAULT_NUM_BINS
+from .types import (DEFAULT_MAX_CATEGORIES, exact_values, is_numeric_plain, is_time_dtype, python_scalar,
+                    to_plain)
 
 __all__ = ["table_files", "table_format", "read_chunks", "read_table", "fit_codec", "TableWriter", "write_table",
            "DEFAULT_CHUNK_ROWS", "DEFAULT_RESERVOIR_ROWS"]
@@ -174,14 +177,14 @@ class _ColumnPass:
         if self.counts is None:
             return
         if isinstance(series.dtype, pd.CategoricalDtype):
-            self.declared.update(dict.fromkeys(_python_scalar(v) for v in series.cat.categories))
-        may_be_binned = self.limit is not None and _is_numeric_plain(plain.dtype)
+            self.declared.update(dict.fromkeys(python_scalar(v) for v in series.cat.categories))
+        may_be_binned = self.limit is not None and is_numeric_plain(plain.dtype)
         if may_be_binned:
-            x = _exact_values(plain)
+            x = exact_values(plain)
             if not np.all(x == np.round(x)):
                 self.counts = None
                 return
-        self.counts.update({_python_scalar(v): int(c) for v, c in plain[~missing].value_counts(sort=False).items()})
+        self.counts.update({python_scalar(v): int(c) for v, c in plain[~missing].value_counts(sort=False).items()})
         if may_be_binned and len(self.counts) > self.limit:
             self.counts = None
 
@@ -195,7 +198,7 @@ class _ColumnPass:
             values = sorted(values)
         except TypeError:
             pass
-        if (_is_numeric_plain(self.dtype) or self.dtype == bool) and not is_time_dtype(self.dtype):
+        if (is_numeric_plain(self.dtype) or self.dtype == bool) and not is_time_dtype(self.dtype):
             values = np.asarray(values, dtype=self.dtype).tolist()
         return values
 
@@ -269,7 +272,7 @@ def fit_codec(chunks: Iterable[pd.DataFrame], *, num_bins: int = DEFAULT_NUM_BIN
         if column.present and reservoir[name].isna().all():
             raise ValueError(f"column {name!r} has {column.present} values in {rows} rows but none in the "
                              f"reservoir sample of {len(reservoir)}: raise reservoir_rows")
-        if column.counts is None and not (_is_numeric_plain(column.dtype) or is_time_dtype(column.dtype)):
+        if column.counts is None and not (is_numeric_plain(column.dtype) or is_time_dtype(column.dtype)):
             raise ValueError(f"column {name!r} holds numbers in some chunks and text in others (in a CSV, "
                              "a non-numeric value in a numeric column); clean it or store the table as Parquet")
     if categorical is None:
