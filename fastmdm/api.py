@@ -23,9 +23,12 @@ from .token_store import prepare_token_store
 from .train import Budget, EpochRecord, TrainConfig, Trainer, atomic_save, estimate_nelbo
 
 #: The version of the files save() and checkpoints write; load() and resume read this one only.
-_FORMAT = "fastmdm-tabular-5"
+_FORMAT = "fastmdm-tabular-6"
 #: The architecture of a static-order model when none is named.
 DEFAULT_ARCHITECTURE = model_kind(None, "static").architecture
+#: TrainConfig fields that say how this process runs (a progress bar, bfloat16 on CUDA), not
+#: what the model is: model files and checkpoints do not carry them.
+RUN_TIME_FIELDS = ("progress", "bf16")
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:
@@ -131,6 +134,10 @@ class TabularMDM:
                     category_cap=self.category_cap)
             else:
                 train_tokens, val_tokens = self._encode_frame(data, validation, categorical, fit_codec=state is None)
+            # Training seeds the global stream (initial weights, dropout) from its own seed, in a
+            # fork of the caller's streams, which are as they were when fit returns.
+            cleanup.enter_context(torch.random.fork_rng(
+                devices=[self.device.index or 0] if self.device.type == "cuda" else []))
             torch.manual_seed(self.config.seed)
             if state is None:
                 self._build_model()
@@ -179,9 +186,12 @@ class TabularMDM:
         self.schedule = trainer.ema_schedule
 
     def _metadata(self) -> dict:
+        """The model's settings as a file holds them; `RUN_TIME_FIELDS` are this process's
+        choices and stay out."""
+        config = {k: v for k, v in dataclasses.asdict(self.config).items() if k not in RUN_TIME_FIELDS}
         return {"format": _FORMAT, "codec": self.codec.state_dict(), "architecture": self.architecture,
                 "order": self.order, "model_options": self.model_options, "learn_schedule": self.learn_schedule,
-                "train_config": dataclasses.asdict(self.config)}
+                "num_bins": self.num_bins, "category_cap": self.category_cap, "train_config": config}
 
     # ------------------------------------------------------------------------- using it
     def _require_fitted(self) -> None:
@@ -402,7 +412,9 @@ class TabularMDM:
         self.kind = model_kind(state["architecture"], state["order"])
         self.learn_schedule = state["learn_schedule"]
         self.model_options = dict(state["model_options"])
-        self.config = TrainConfig(**state["train_config"])
+        self.num_bins, self.category_cap = state["num_bins"], state["category_cap"]
+        run_time = {name: getattr(self.config, name) for name in RUN_TIME_FIELDS}
+        self.config = TrainConfig(**state["train_config"], **run_time)
         self.codec = TableCodec.from_state_dict(state["codec"])
         self._build_model()
         self.history = [EpochRecord(**r) for r in state.get("history", [])]

@@ -72,3 +72,19 @@ def test_a_resumed_run_on_two_threads_equals_an_uninterrupted_one(kind, tmp_path
         model(kind, epochs=1).fit(table, validation=None, checkpoint=tmp_path / "run.pt")
         resumed = model(kind, epochs=2).fit(table, validation=None, checkpoint=tmp_path / "run.pt", resume=True)
     assert_same_weights(straight, resumed)
+
+
+def test_fit_leaves_the_callers_random_streams_as_they_were():
+    """Training seeds its own streams: a caller's torch and numpy draws after fit() are the
+    ones they would have been without it."""
+    from test_api import correlated_table
+    table = correlated_table(120, seed=1)
+    torch.manual_seed(123)
+    np.random.seed(123)
+    expected = torch.rand(3), np.random.rand(3)
+    torch.manual_seed(123)
+    np.random.seed(123)
+    TabularMDM(epochs=1, batch_size=64, progress=False,
+               model=dict(d_model=16, num_layers=1, num_heads=2, dim_feedforward=16)).fit(table)
+    assert torch.equal(torch.rand(3), expected[0])
+    assert np.array_equal(np.random.rand(3), expected[1])
