@@ -3,8 +3,8 @@
 A table is a .parquet or .csv file, or a directory of them (read in sorted file name order,
 so the shards `out-00000-of-00004.parquet`, ... that `fastmdm sample` writes read back in
 row order). The format follows the file name's extension. CSV text columns whose values are
-all ISO 8601 dates or times are read as datetimes, so a table with datetime columns reads
-back the same from either format. Nothing here holds more than one chunk of rows, except
+all ISO 8601 dates or times are read as datetimes, and missing text reads as NaN from both
+formats, so a table reads back the same from either. Nothing here holds more than one chunk of rows, except
 the bounded samples of `fit_codec` and `read_table`.
 """
 from __future__ import annotations
@@ -21,8 +21,8 @@ from ..datasets import _iso_dates
 from .categorical import DEFAULT_CATEGORY_CAP
 from .codec import TableCodec
 from .numeric import DEFAULT_NUM_BINS
-from .types import (DEFAULT_MAX_CATEGORIES, exact_values, is_numeric_plain, is_time_dtype, python_scalar,
-                    to_plain)
+from .types import (DEFAULT_MAX_CATEGORIES, check_finite, exact_values, is_numeric_plain, is_time_dtype,
+                    python_scalar, to_plain)
 
 __all__ = ["table_files", "table_format", "read_chunks", "read_table", "fit_codec", "TableWriter", "write_table",
            "DEFAULT_CHUNK_ROWS", "DEFAULT_RESERVOIR_ROWS"]
@@ -118,7 +118,12 @@ def _parquet_chunks(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
     except pa.ArrowInvalid as err:
         raise ValueError(f"{os.fspath(path)!r} is not a Parquet file ({err}); {ACCEPTED}") from err
     for batch in file.iter_batches(batch_size=chunk_rows):
-        yield batch.to_pandas()
+        chunk = batch.to_pandas()
+        # pyarrow gives a missing text cell as None, read_csv as NaN: NaN here too, so a table
+        # reads the same from either format (and compares equal cell by cell).
+        for name in chunk.columns[chunk.dtypes == object]:
+            chunk[name] = chunk[name].mask(chunk[name].isna())
+        yield chunk
 
 
 def read_chunks(files: Sequence[Path], chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Iterator[pd.DataFrame]:
@@ -171,6 +176,7 @@ class _ColumnPass:
     def update(self, series: pd.Series) -> None:
         self.dtype = series.dtype if self.dtype is None else _common_dtype(self.dtype, series.dtype)
         plain = to_plain(self.name, series, series.dtype)
+        check_finite(self.name, plain)
         missing = plain.isna().to_numpy()
         self.has_missing |= bool(missing.any())
         self.present += int((~missing).sum())
@@ -199,7 +205,7 @@ class _ColumnPass:
         except TypeError:
             pass
         if (is_numeric_plain(self.dtype) or self.dtype == bool) and not is_time_dtype(self.dtype):
-            values = np.asarray(values, dtype=self.dtype).tolist()
+            values = pd.Series(values, dtype=self.dtype).tolist()
         return values
 
     def fix_vocabulary(self, entry: dict, category_cap: int | None) -> None:
