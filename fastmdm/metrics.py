@@ -304,8 +304,13 @@ def c2st_xgb(real: pd.DataFrame, synth: pd.DataFrame, *, seed: int = 0, n_jobs: 
 def _features(
     frame: pd.DataFrame, encoder: OneHotEncoder, numerical: list[str], categorical: list[str]
 ) -> np.ndarray:
-    """Numbers as they are (XGBoost routes NaN itself) next to one-hot categoricals."""
-    blocks = [_as_float(frame[numerical])]
+    """Numbers as they are (XGBoost routes NaN itself) next to one-hot categoricals. XGBoost
+    holds features as float32, where a number beyond ~3.4e38 is infinite and refused: a column
+    holding one goes in as sign(x) * log1p(|x|), which keeps the order, so trees split it alike."""
+    numbers = _as_float(frame[numerical])
+    beyond = np.nanmax(np.abs(numbers), axis=0, initial=0) > np.finfo(np.float32).max
+    numbers[:, beyond] = np.sign(numbers[:, beyond]) * np.log1p(np.abs(numbers[:, beyond]))
+    blocks = [numbers]
     if categorical:
         blocks.append(encoder.transform(frame[categorical].astype(str)))
     return np.hstack(blocks)
@@ -383,6 +388,9 @@ def mle(
 
     if task == "regression":
         y, y_test = synth[target].to_numpy(float), test[target].to_numpy(float)
+        if max(np.abs(y).max(), np.abs(y_test).max()) > np.finfo(np.float32).max:
+            raise ValueError(f"target column {target!r} holds numbers beyond XGBoost's float32 range (~3.4e38); "
+                             "rescale it (say, to its logarithm) to score MLE on it")
         x_fit, x_val, y_fit, y_val = train_test_split(x, y, test_size=0.2, random_state=seed)
         models = [XGBRegressor(**params) for params in _mle_grid(seed, n_jobs)]
         for model in models:
@@ -530,8 +538,11 @@ def score(
     _validate(real, synth)
     run_mle = "mle" in metrics and test is not None and target is not None
     if run_mle:
-        if target not in real.columns:
+        if str(target) not in [str(c) for c in real.columns]:
             raise ValueError(f"target column {target!r} is not in real; columns: {list(real.columns)}")
+        if real.shape[1] == 1:
+            raise ValueError(f"MLE predicts target column {target!r} from the other columns, and the table has "
+                             "no other; leave out target (or the 'mle' metric)")
     if test is not None:
         _validate(real, test, label="test")
     real, synth, test, mle_train = _comparable(real, synth, test, mle_train)

@@ -4,7 +4,7 @@ end or is refused at `fit` with a ValueError/TypeError that names its column.
 The fuzz draws tables from hypothesis strategies over what the codec takes (numbers, nullable
 integers, bools, text, ordered and unordered categories, datetimes with and without a time
 zone, timedeltas, object columns mixing numbers and text), edge values (infinities, constant
-columns, huge integers, empty strings, unicode), missing shares (none, 5%, 50%, 95%, whole
+columns, huge integers and floats, empty strings, unicode), missing shares (none, 5%, 50%, 95%, whole
 rows) and shapes (1 to 2,000 rows, 1 to 6 columns, spaced and unicode names). Each table goes
 through fit, sample, save/load, impute, conditions, nelbo and evaluate, and, written as CSV or
 Parquet, through the command line's train, sample, evaluate and impute.
@@ -37,7 +37,7 @@ TINY = dict(steps=2, batch_size=32, progress=False, patience=None,
             model=dict(d_model=16, num_layers=1, num_heads=2, dim_feedforward=16))
 CLI_TRAIN = ["--steps", "2", "--batch-size", "32"]
 SAMPLE_ROWS = 12
-KINDS = ("float", "money", "int", "small_int", "huge_int", "Int64", "bool", "boolean", "text", "string",
+KINDS = ("float", "money", "int", "small_int", "huge_int", "huge_float", "Int64", "bool", "boolean", "text", "string",
          "mixed", "category", "ordered", "datetime", "datetime_tz", "timedelta", "constant_number",
          "constant_text", "infinities")
 NAMES = ("a", "price", "naïve column", " spaced name ", "名前", "x-y z", "Ünïcödé", "n", 7)
@@ -56,6 +56,8 @@ def column_values(kind: str, rows: int, rng: np.random.Generator) -> pd.Series:
         return pd.Series(rng.integers(0, 4, rows))
     if kind == "huge_int":
         return pd.Series(2 ** 62 + rng.integers(0, 50, rows) * 2 ** 40)
+    if kind == "huge_float":
+        return pd.Series(rng.choice([-1.0, 1.0], rows) * 10.0 ** rng.uniform(250, 308, rows))
     if kind == "Int64":
         return pd.Series(rng.integers(0, 500, rows), dtype="Int64")
     if kind == "bool":
@@ -155,7 +157,13 @@ def check_api(df: pd.DataFrame, tmp_path) -> TabularMDM | None:
 
     assert math.isfinite(model.nelbo(df))
     scores = evaluate(df, synth, seed=0, n_jobs=1)
-    assert len(scores) >= 1
+    assert list(scores.index) == ["synthetic", "real vs real (split of real)"]
+    if len(df) >= 4:   # every metric, MLE on the first column included, or a refusal naming it
+        target = df.columns[0]
+        try:
+            evaluate(df, synth, test=df.sample(frac=0.5, random_state=0), target=target, seed=0, n_jobs=1)
+        except ValueError as err:
+            assert repr(target) in str(err), f"MLE refused without naming its target: {err!r}"
     return model
 
 
@@ -210,3 +218,124 @@ def test_every_table_works_or_is_refused_by_name(df, suffix, tmp_path_factory, c
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     for line in errors:
         assert re.search(r"column '|column \d", line), f"the command line refused without naming a column: {line}"
+
+
+# ----------------------------------------------------------------------------- each decided class
+def tiny_model() -> TabularMDM:
+    return TabularMDM(**TINY)
+
+
+def test_infinities_are_refused_at_fit_naming_the_column(tmp_path, capsys):
+    df = pd.DataFrame({"price": [1.0, np.inf, 3.0, -np.inf] * 10, "kind": ["a", "b"] * 20})
+    with pytest.raises(ValueError, match=r"column 'price' holds 20 infinite value\(s\) \(inf, -inf\); replace them "
+                                         r"with NaN \(missing\) or a finite cap"):
+        tiny_model().fit(df)
+    df.to_parquet(tmp_path / "t.parquet")
+    assert cli_main(["train", str(tmp_path / "t.parquet"), "-o", str(tmp_path / "m.pt"), *CLI_TRAIN]) == 2
+    assert "column 'price' holds 20 infinite value(s)" in capsys.readouterr().err
+    finite = df.assign(price=df["price"].replace([np.inf, -np.inf], np.nan))
+    model = tiny_model().fit(finite)
+    with pytest.raises(ValueError, match="column 'price' holds 1 infinite"):
+        model.impute(finite.head(3).assign(price=[np.nan, np.inf, 2.0]))
+    with pytest.raises(ValueError, match="synth: column 'price' holds 1 infinite"):
+        evaluate(finite, finite.head(5).assign(price=[np.inf, 1, 2, 3, 4]))
+
+
+def test_a_column_mixing_numbers_and_text_is_text(tmp_path):
+    """1 and "1" are one category, True is not 1, and the rows write to Parquet."""
+    mixed = pd.Series([1, "1", True, 2.5, "n/a", None] * 10, dtype=object)
+    df = pd.DataFrame({"m": mixed, "v": np.arange(60.0)})
+    model = tiny_model().fit(df)
+    assert model.codec.column("m").categories == ["1", "2.5", "True", "n/a"]
+    synth = model.sample(200, seed=0)
+    assert synth["m"].dtype == object and set(synth["m"].dropna()) <= {"1", "2.5", "True", "n/a"}
+    model.sample_to(tmp_path / "synth.parquet", 50, seed=0)
+    holes = pd.DataFrame({"m": pd.Series([1, None, True], dtype=object), "v": [0.0, 1.0, np.nan]})
+    assert model.impute(holes, seed=0)["m"].tolist()[::2] == ["1", "True"]   # known cells, as text
+    assert evaluate(df, synth, n_jobs=1).notna().all().all()
+
+
+def test_constant_columns_are_kept_exactly():
+    df = pd.DataFrame({"c": [3.25] * 30, "t": ["same"] * 30, "v": np.arange(30)})
+    synth = tiny_model().fit(df).sample(50, seed=0)
+    assert (synth["c"] == 3.25).all() and (synth["t"] == "same").all()
+
+
+def test_one_row_and_one_column_tables():
+    """A one-row table trains (with no validation rows) and samples its row's values; its
+    reference row has no rows to split off and every metric needing more rows is NaN. A
+    one-column table works through evaluate (trend, over pairs of columns, is NaN); MLE has no
+    feature to learn from and says so."""
+    one_row = pd.DataFrame({"a": [1.5], "b": ["x"]})
+    model = tiny_model().fit(one_row)
+    synth = model.sample(5, seed=0)
+    assert (synth["a"] == 1.5).all() and (synth["b"] == "x").all()
+    scores = evaluate(one_row, synth, n_jobs=1)
+    assert scores.loc["synthetic", ["alpha", "c2st", "c2st_xgb"]].isna().all()
+    assert scores.iloc[1].isna().all()
+
+    one_column = pd.DataFrame({"a": np.random.default_rng(0).normal(size=80)})
+    synth = tiny_model().fit(one_column).sample(40, seed=0)
+    scores = evaluate(one_column, synth, n_jobs=1).loc["synthetic"]
+    assert np.isnan(scores["trend"]) and scores.drop("trend").notna().all()   # trend needs a pair of columns
+    with pytest.raises(ValueError, match="MLE predicts target column 'a' from the other columns"):
+        evaluate(one_column, synth, test=one_column.head(20), target="a")
+
+
+def test_missing_text_reads_alike_from_csv_and_parquet(tmp_path):
+    df = pd.DataFrame({"t": ["a", None, "b", np.nan], "n": [1.0, 2.0, np.nan, 4.0]})
+    df.to_csv(tmp_path / "t.csv", index=False)
+    df.to_parquet(tmp_path / "t.parquet", index=False)
+    from_csv, from_parquet = read_table(tmp_path / "t.csv")[0], read_table(tmp_path / "t.parquet")[0]
+    pd.testing.assert_frame_equal(from_csv, from_parquet)
+    assert from_parquet["t"][2] == "b" and all(isinstance(v, float) and np.isnan(v) for v in from_parquet["t"][[1, 3]])
+
+
+def test_evaluate_takes_nullable_dtypes_none_and_int_names():
+    """Int64 and boolean columns, None beside NaN, and a column named by an int."""
+    rng = np.random.default_rng(0)
+    real = pd.DataFrame({"i": pd.array(rng.integers(0, 500, 60), dtype="Int64"),
+                         "b": pd.array(rng.random(60) < 0.5, dtype="boolean"),
+                         7: pd.Series(rng.choice(["x", "y", None], 60), dtype=object)})
+    real.loc[::7, "i"] = pd.NA
+    synth = real.sample(frac=1, random_state=1).reset_index(drop=True)
+    synth[7] = synth[7].where(synth[7].notna(), np.nan)
+    synth["i"] = synth["i"].astype("float64") + 0.5
+    scores = evaluate(real, synth, test=real.head(30), target=7, n_jobs=1)
+    assert scores.notna().all().all()
+
+
+def every_column_type_with_missing_values(rows: int = 300) -> pd.DataFrame:
+    """One column of each kind the codec takes, each with about 10% missing cells."""
+    rng = np.random.default_rng(3)
+    kinds = ("float", "money", "int", "small_int", "huge_int", "Int64", "bool", "boolean", "text", "string",
+             "mixed", "category", "ordered", "datetime", "datetime_tz", "timedelta")
+    return pd.DataFrame({kind: column_values(kind, rows, rng).mask(rng.random(rows) < 0.1) for kind in kinds})
+
+
+@pytest.mark.parametrize("source", ["every column type", "adult"])
+@pytest.mark.parametrize("suffix", ["csv", "parquet"])
+def test_readme_loop_on_tables_with_missing_values(tmp_path, monkeypatch, source, suffix, capsys):
+    """The README's command-line loop, as written there (train on table.csv, sample to
+    synth.parquet, evaluate the two), on a table with missing values in every column type and
+    on 2,000 rows of Adult (missing categories), the table as CSV or Parquet and the synthetic
+    rows in the other format, so missing text is read both ways."""
+    from fastmdm import datasets
+    monkeypatch.chdir(tmp_path)
+    df = (datasets.load("adult")[0].sample(2000, random_state=0).reset_index(drop=True) if source == "adult"
+          else every_column_type_with_missing_values())
+    other = "parquet" if suffix == "csv" else "csv"
+    holes = df.head(40).copy()
+    holes.iloc[::3, [0, 1]] = None
+    for frame, name in ((df, "table"), (holes, "holes")):
+        frame = parquet_ready(frame)
+        frame.to_csv(f"{name}.csv", index=False) if suffix == "csv" else frame.to_parquet(f"{name}.parquet")
+    for command in [f"train table.{suffix} -o model.pt {' '.join(CLI_TRAIN)}",
+                    f"sample model.pt -n 300 -o synth.{other} --seed 0",
+                    f"evaluate table.{suffix} synth.{other} --jobs 1",
+                    f"impute model.pt holes.{suffix} -o filled.{other}"]:
+        assert cli_main(command.split()) == 0, (command, capsys.readouterr().err)
+    synth, filled = read_table(f"synth.{other}")[0], read_table(f"filled.{other}")[0]
+    assert list(synth.columns) == list(df.columns) and len(synth) == 300
+    holes = read_table(f"holes.{suffix}")[0]   # (a CSV reads an empty string as missing)
+    assert filled.shape == holes.shape and f"filled {int(holes.isna().sum().sum())} missing cells" in capsys.readouterr().out
