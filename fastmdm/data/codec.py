@@ -78,6 +78,14 @@ class TableCodec:
         column has for values it has no token for (None: no cap).
         A categorical column that looks like a unique key (most rows hold a value seen once) is
         refused with a message naming it; all-distinct integers (row ids) get a warning.
+
+        What else a user's table may hold, decided here before any training (every refusal
+        is a ValueError or TypeError naming the column and what to do):
+        - a column with only missing values is refused (drop it);
+        - infinities are refused (`check_finite`: replace them with NaN or a finite cap);
+        - an object column mixing text with numbers or bools is text (`to_plain`);
+        - a constant column is kept: one category, or one bin that decodes to its value;
+        - one row is enough to fit; one column too.
         """
         if not isinstance(df, pd.DataFrame):
             raise TypeError(f"df must be a pandas DataFrame, got {type(df).__name__}")
