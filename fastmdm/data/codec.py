@@ -138,17 +138,13 @@ class TableCodec:
     # ----------------------------------------------------------------------------- encode
     @staticmethod
     def _plain(column: CategoricalColumn | NumericColumn, series: pd.Series) -> pd.Series:
-        """`to_plain` of a frame's column for `column`; in a column of text (every category a
-        string: text, or numbers mixed with text when fitted) other values as their printed
-        form, so a frame holding only the numbers of a mixed column finds their categories."""
+        """`to_plain` of a frame's column for `column`, read as text when the column was
+        fitted as text (an object column whose every category is a string)."""
         if isinstance(series.dtype, pd.CategoricalDtype):
             series = series.astype(object)
-        plain = to_plain(column.name, series, column.pandas_dtype)
-        if (plain.dtype == object and not column.is_numeric and column.dtype == "object"
-                and all(isinstance(c, str) for c in column.categories)
-                and pd.api.types.infer_dtype(plain, skipna=True) not in ("string", "empty")):
-            plain = plain.astype(str).where(plain.notna(), plain)
-        return plain
+        text = (not column.is_numeric and column.dtype == "object"
+                and all(isinstance(c, str) for c in column.categories))
+        return to_plain(column.name, series, column.pandas_dtype, text=text)
 
     def _check_frame(self, df: pd.DataFrame) -> None:
         if not isinstance(df, pd.DataFrame):

@@ -45,17 +45,21 @@ def is_time_dtype(dtype) -> bool:
     return isinstance(dtype, pd.DatetimeTZDtype) or getattr(dtype, "kind", None) in ("M", "m")
 
 
-def to_plain(name, series: pd.Series, dtype) -> pd.Series:
+def to_plain(name, series: pd.Series, dtype, text: bool = False) -> pd.Series:
     """The column as the codec sees it: datetimes and timedeltas as nullable Int64 counts of
     their unit (tz-aware ones in UTC), object columns mixing text with numbers or bools as
     text (missing values stay missing), every other column unchanged.
 
     `dtype` is the column's fitted dtype (its own when fitting): time input in another unit
     or timezone is converted to it, and text (a CSV, a condition) is parsed first.
+    `text`: the column was fitted as text, so any object column is read as text (a frame
+    holding only the numbers of a column fitted mixed finds their categories).
     """
     if not is_time_dtype(dtype):
-        if series.dtype == object and pd.api.types.infer_dtype(series, skipna=True) in ("mixed", "mixed-integer"):
-            return series.astype(str).where(series.notna(), series)
+        if series.dtype == object:
+            kind = pd.api.types.infer_dtype(series, skipna=True)
+            if kind in ("mixed", "mixed-integer") or (text and kind not in ("string", "empty")):
+                return series.astype(str).where(series.notna(), series)
         return series
     missing = series.isna().to_numpy()
     counts = np.zeros(len(series), dtype=np.int64)
