@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 
@@ -406,9 +407,12 @@ def mle(
         )
     if len(np.unique(y_test)) < 2:
         raise ValueError(f"test target {target!r} has a single class {y_test[0]!r}; AUC is undefined")
+    # A stratified split needs two rows of each class and room for every class on both sides.
     counts = pd.Series(y).value_counts()
+    validation_rows = math.ceil(0.2 * len(y))
+    stratify = counts.min() >= 2 and min(validation_rows, len(y) - validation_rows) >= len(counts)
     x_fit, x_val, y_fit, y_val = train_test_split(
-        x, y, test_size=0.2, random_state=seed, stratify=y if counts.min() >= 2 else None
+        x, y, test_size=0.2, random_state=seed, stratify=y if stratify else None
     )
     classes, codes = np.unique(y_fit, return_inverse=True)  # XGBoost wants labels 0..k-1
     models = [XGBClassifier(**params) for params in _mle_grid(seed, n_jobs)]
