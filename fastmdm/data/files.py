@@ -4,9 +4,9 @@ A table is a .parquet or .csv file, or a directory of them (read in sorted file 
 so the shards `out-00000-of-00004.parquet`, ... that `fastmdm sample` writes read back in
 row order). The format follows the file name's extension. CSV text columns whose values are
 all ISO 8601 dates or times are read as datetimes, those holding only durations as
-timedeltas (`_DURATION`), and missing text reads as NaN from both
-formats, so a table reads back the same from either. Nothing here holds more than one chunk of rows, except
-the bounded samples of `fit_codec` and `read_table`.
+timedeltas (`_DURATION`), and missing text reads as NaN from both formats, so a table reads
+back the same from either. Nothing here holds more than one chunk of rows, except the
+bounded samples of `fit_codec` and `read_table`.
 """
 from __future__ import annotations
 
