@@ -52,15 +52,17 @@ def to_plain(name, series: pd.Series, dtype, text: bool = False) -> pd.Series:
 
     `dtype` is the column's fitted dtype (its own when fitting): time input in another unit
     or timezone is converted to it, and text (a CSV, a condition) is parsed first.
-    `text`: the column was fitted as text, so any object column is read as text (a frame
-    holding only the numbers of a column fitted mixed finds their categories).
+    `text`: the column was fitted as text, so numbers and bools are read as their printed
+    form too (a frame, or a Parquet file, holding only the numbers of a column fitted mixed
+    finds their categories, and gives back text).
     """
     if not is_time_dtype(dtype):
         if series.dtype == object:
             kind = pd.api.types.infer_dtype(series, skipna=True)
-            if kind in ("mixed", "mixed-integer") or (text and kind not in ("string", "empty")):
-                return series.astype(str).where(series.notna(), series)
-        return series
+            as_text = kind in ("mixed", "mixed-integer") or (text and kind not in ("string", "empty"))
+        else:
+            as_text = text and (is_numeric_plain(series.dtype) or pd.api.types.is_bool_dtype(series.dtype))
+        return series.astype(str).where(series.notna(), series).astype(object) if as_text else series
     missing = series.isna().to_numpy()
     counts = np.zeros(len(series), dtype=np.int64)
     if not missing.all():  # (an all-NaN column of a condition frame has nothing to convert)
