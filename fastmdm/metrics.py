@@ -15,12 +15,17 @@
 
 ``evaluate`` scores a synthetic table and, in a second row, real rows the generator never saw by the
 same code ("real vs real"): each number can then be read against the ceiling it has on this data.
-Datetime and timedelta columns are scored as numbers (counts of their unit).
+``score`` and ``evaluate`` take any table ``TabularMDM.fit`` takes and compare its columns as
+``_comparable`` says: datetimes and timedeltas as numbers (counts of their unit), nullable
+integers as numbers, every other non-numeric column (bool, category, text, a column mixing
+numbers and text) as text, with None and NaN one missing value. A metric that is undefined on
+so few rows (``_MIN_ROWS``) is NaN.
 """
 from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 
@@ -34,6 +39,7 @@ from sklearn.neighbors import NearestNeighbors
 from sklearn.preprocessing import MinMaxScaler, OneHotEncoder
 
 from .data import infer_categorical, is_time_dtype, to_plain
+from .data.types import check_finite
 
 __all__ = [
     "ALL_METRICS",
@@ -72,6 +78,10 @@ _N_ALPHAS = 30
 # TabSyn-style grid for the MLE booster, kept small so Adult-size data trains in well under a minute
 # on two cores.
 _MLE_GRID = {"max_depth": (4, 8), "n_estimators": (50, 150), "min_child_weight": (1, 10)}
+# Fewest rows each table needs for a metric to be defined (below it the score is NaN): alpha
+# and beta compare a real row with its nearest other real row; the detectors' folds are
+# stratified, so each fold needs a row of each table.
+_MIN_ROWS = {"alpha": 2, "beta": 2, "c2st": _DETECTOR_FOLDS, "c2st_xgb": _DETECTOR_FOLDS}
 
 
 def _is_numerical(column: pd.Series) -> bool:
@@ -95,7 +105,39 @@ def _times_as_numbers(frame: pd.DataFrame) -> pd.DataFrame:
     times = [c for c in frame.columns if is_time_dtype(frame[c].dtype)]
     if not times:
         return frame
-    return frame.assign(**{c: to_plain(c, frame[c], frame[c].dtype).astype("float64") for c in times})
+    frame = frame.copy()
+    for c in times:
+        frame[c] = to_plain(c, frame[c], frame[c].dtype).astype("float64")
+    return frame
+
+
+def _comparable(real: pd.DataFrame, *others: pd.DataFrame | None) -> list[pd.DataFrame | None]:
+    """``real`` and ``others`` (in real's column order; None passes through) as the metrics
+    compare them, whatever dtypes a table came in with (``_validate`` has checked them): column
+    names as text (sklearn and sdmetrics take no other), numerical columns (by real's dtype:
+    numbers, datetimes and timedeltas as counts of their unit) as float64 with NaN for missing
+    (nullable ``Int64`` included), every other column as text with NaN for missing. So None and
+    NaN are one missing value (a Parquet and a CSV file of one table compare equal), a
+    ``boolean`` column's True is "True" in either, and a column mixing numbers and text is
+    text, as the codec codes it. Applying it twice changes nothing."""
+    names = [str(c) for c in real.columns]
+    if len(set(names)) < len(names):
+        raise ValueError(f"column names that print alike cannot be told apart: {list(real.columns)}; rename them")
+    real = _times_as_numbers(real)
+    numerical = [_is_numerical(real[c]) for c in real.columns]
+    out = []
+    for frame in (real, *others):
+        if frame is None:
+            out.append(None)
+            continue
+        frame = _times_as_numbers(frame[list(real.columns)])
+        columns = {}
+        for name, c, is_number in zip(names, real.columns, numerical):
+            column = frame[c].astype(object)
+            columns[name] = (_as_float(frame[[c]])[:, 0] if is_number
+                             else column.astype(str).where(column.notna(), np.nan))
+        out.append(pd.DataFrame(columns, index=frame.index))
+    return out
 
 
 def _one_hot() -> OneHotEncoder:
@@ -145,7 +187,8 @@ def _embed(real: pd.DataFrame, synth: pd.DataFrame) -> tuple[np.ndarray, np.ndar
     Categorical values are compared as strings (missing becomes its own "nan" category); missing
     numbers are mean-imputed (synthcity would fail on them). synthcity's ``GenericDataLoader``
     takes the last column as the target and the naive variant drops it, so TabDiff's numbers are
-    computed without the last one-hot column; it is dropped here too so results match theirs.
+    computed without the last one-hot column; it is dropped here too so results match theirs
+    (unless it is the only feature).
     """
     numerical = [c for c in real.columns if _is_numerical(real[c])]
     categorical = [c for c in real.columns if c not in numerical]
@@ -158,7 +201,9 @@ def _embed(real: pd.DataFrame, synth: pd.DataFrame) -> tuple[np.ndarray, np.ndar
         encoder = _one_hot()
         blocks_real.append(encoder.fit_transform(real[categorical].astype(str)))
         blocks_synth.append(encoder.transform(synth[categorical].astype(str)))
-    x_real, x_synth = np.hstack(blocks_real)[:, :-1], np.hstack(blocks_synth)[:, :-1]
+    x_real, x_synth = np.hstack(blocks_real), np.hstack(blocks_synth)
+    if x_real.shape[1] > 1:  # a one-column table keeps its only feature
+        x_real, x_synth = x_real[:, :-1], x_synth[:, :-1]
     scaler = MinMaxScaler().fit(x_real)
     return scaler.transform(x_real), scaler.transform(x_synth)
 
@@ -204,19 +249,20 @@ def alpha_precision_beta_recall(
 
 
 def _replace_unseen_categories(real: pd.DataFrame, synth: pd.DataFrame) -> pd.DataFrame:
-    """Synthetic categories absent from `real` become real's most frequent one.
+    """Synthetic categories absent from `real` (missing counts as a category) become real's
+    most frequent one.
 
     sdmetrics' detection encoders are fit on the real rows and fail on any other category;
-    a generator can legitimately emit a rare training category that a real subsample lacks.
+    a generator can legitimately emit a rare training category, or a missing value, that a
+    real subsample lacks.
     """
     synth = synth.copy()
     for name in real.columns:
         if _is_numerical(real[name]):
             continue
-        seen = set(real[name].dropna().unique())
-        unseen = synth[name].notna() & ~synth[name].isin(seen)
+        unseen = ~synth[name].isin(real[name].unique())
         if unseen.any():
-            synth.loc[unseen, name] = real[name].mode().iloc[0]
+            synth.loc[unseen, name] = real[name].mode(dropna=False).iloc[0]
     return synth
 
 
@@ -259,8 +305,13 @@ def c2st_xgb(real: pd.DataFrame, synth: pd.DataFrame, *, seed: int = 0, n_jobs: 
 def _features(
     frame: pd.DataFrame, encoder: OneHotEncoder, numerical: list[str], categorical: list[str]
 ) -> np.ndarray:
-    """Numbers as they are (XGBoost routes NaN itself) next to one-hot categoricals."""
-    blocks = [_as_float(frame[numerical])]
+    """Numbers as they are (XGBoost routes NaN itself) next to one-hot categoricals. XGBoost
+    holds features as float32, where a number beyond ~3.4e38 is infinite and refused: a column
+    holding one goes in as sign(x) * log1p(|x|), which keeps the order, so trees split it alike."""
+    numbers = _as_float(frame[numerical])
+    beyond = np.nanmax(np.abs(numbers), axis=0, initial=0) > np.finfo(np.float32).max
+    numbers[:, beyond] = np.sign(numbers[:, beyond]) * np.log1p(np.abs(numbers[:, beyond]))
+    blocks = [numbers]
     if categorical:
         blocks.append(encoder.transform(frame[categorical].astype(str)))
     return np.hstack(blocks)
@@ -338,6 +389,9 @@ def mle(
 
     if task == "regression":
         y, y_test = synth[target].to_numpy(float), test[target].to_numpy(float)
+        if max(np.abs(y).max(), np.abs(y_test).max()) > np.finfo(np.float32).max:
+            raise ValueError(f"target column {target!r} holds numbers beyond XGBoost's float32 range (~3.4e38); "
+                             "rescale it (say, to its logarithm) to score MLE on it")
         x_fit, x_val, y_fit, y_val = train_test_split(x, y, test_size=0.2, random_state=seed)
         models = [XGBRegressor(**params) for params in _mle_grid(seed, n_jobs)]
         for model in models:
@@ -353,9 +407,12 @@ def mle(
         )
     if len(np.unique(y_test)) < 2:
         raise ValueError(f"test target {target!r} has a single class {y_test[0]!r}; AUC is undefined")
+    # A stratified split needs two rows of each class and room for every class on both sides.
     counts = pd.Series(y).value_counts()
+    validation_rows = math.ceil(0.2 * len(y))
+    stratify = counts.min() >= 2 and min(validation_rows, len(y) - validation_rows) >= len(counts)
     x_fit, x_val, y_fit, y_val = train_test_split(
-        x, y, test_size=0.2, random_state=seed, stratify=y if counts.min() >= 2 else None
+        x, y, test_size=0.2, random_state=seed, stratify=y if stratify else None
     )
     classes, codes = np.unique(y_fit, return_inverse=True)  # XGBoost wants labels 0..k-1
     models = [XGBClassifier(**params) for params in _mle_grid(seed, n_jobs)]
@@ -439,13 +496,23 @@ def _validate(real: pd.DataFrame, other: pd.DataFrame, label: str = "synth") -> 
     if missing or extra:
         raise ValueError(f"{label} columns differ from real: missing {missing}, extra {extra}")
     real, other = _times_as_numbers(real), _times_as_numbers(other)
+    # A column of numbers in `other` where real has text is compared as text (a CSV reads a
+    # text column whose sampled values all look like numbers as numbers); the reverse cannot be.
     mismatched = [
-        f"{c} (real {real[c].dtype}, {label} {other[c].dtype})"
+        f"{c!r} (real {real[c].dtype}, {label} {other[c].dtype})"
         for c in real.columns
-        if _is_numerical(real[c]) != _is_numerical(other[c]) and other[c].notna().any()
+        if _is_numerical(real[c]) and not _is_numerical(other[c]) and other[c].notna().any()
     ]
     if mismatched:
-        raise ValueError(f"columns are numerical in one frame and categorical in the other: {mismatched}")
+        raise ValueError(f"columns hold numbers in real but not in {label}: {', '.join(mismatched)}; "
+                         "compare tables with the same columns")
+    for name, frame in (("real", real), (label, other)):
+        for c in real.columns:
+            if _is_numerical(real[c]):
+                try:
+                    check_finite(c, frame[c])
+                except ValueError as err:
+                    raise ValueError(f"{name}: {err}") from None
 
 
 def score(
@@ -475,24 +542,31 @@ def score(
     _validate(real, synth)
     run_mle = "mle" in metrics and test is not None and target is not None
     if run_mle:
-        _validate(real, test, label="test")
-        if target not in real.columns:
+        if str(target) not in [str(c) for c in real.columns]:
             raise ValueError(f"target column {target!r} is not in real; columns: {list(real.columns)}")
+        if real.shape[1] == 1:
+            raise ValueError(f"MLE predicts target column {target!r} from the other columns, and the table has "
+                             "no other; leave out target (or the 'mle' metric)")
+    if test is not None:
+        _validate(real, test, label="test")
+    real, synth, test, mle_train = _comparable(real, synth, test, mle_train)
+    target = None if target is None else str(target)
+    if run_mle:
         task = infer_task(real[target], task)  # fail fast, before the slow metrics run
-    real, synth = _times_as_numbers(real), _times_as_numbers(synth[list(real.columns)])
     results: dict[str, float] = {}
+    rows = min(len(real), len(synth))
+    results.update({name: np.nan for name, needed in _MIN_ROWS.items() if rows < needed})
     metadata = _sdmetrics_metadata(real)
     if {"shape", "trend"} & set(metrics):
         results.update(shape_and_trend(real, synth, metadata))
-    if {"alpha", "beta"} & set(metrics):
+    if {"alpha", "beta"} & set(metrics) and "alpha" not in results:
         results.update(alpha_precision_beta_recall(real, synth, seed=seed))
-    if "c2st" in metrics:
+    if "c2st" in metrics and "c2st" not in results:
         results["c2st"] = c2st(real, synth, metadata, seed=seed)
-    if "c2st_xgb" in metrics:
+    if "c2st_xgb" in metrics and "c2st_xgb" not in results:
         results["c2st_xgb"] = c2st_xgb(real, synth, seed=seed, n_jobs=n_jobs)
     if run_mle:
-        train = synth if mle_train is None else mle_train[list(real.columns)]
-        results["mle"] = mle(train, test[list(real.columns)], target, task, seed=seed, n_jobs=n_jobs)
+        results["mle"] = mle(synth if mle_train is None else mle_train, test, target, task, seed=seed, n_jobs=n_jobs)
     if set(_PRIVACY) & set(metrics) and test is not None:
         results.update(privacy(real, test, synth))
     return {name: results[name] for name in metrics if name in results}
@@ -512,12 +586,17 @@ def score_reference(
     MLE trains on up to ``num_rows`` rows of ``real`` (the usual "train on real" ceiling) and
     tests on ``test``. Privacy scores held-out rows that are not in the privacy holdout: the
     scored rows are those of ``test`` in the first half of its shuffled order, the holdout
-    the second half. ``options`` are ``score``'s.
+    the second half. ``options`` are ``score``'s. A one-row ``real`` without ``test`` has no
+    rows to split off: every score is NaN.
     """
+    real, test = _comparable(real, test)
     order = np.random.default_rng(seed).permutation(len(real if test is None else test))
     if test is None:
         rows = min(num_rows, len(real) // 2)
         compared, sample, kind = real.iloc[order[rows:]], real.iloc[order[:rows]], "split of real"
+        if rows == 0:
+            return f"{REFERENCE_ROW} ({kind})", {name: np.nan for name in options.get("metrics", ALL_METRICS)
+                                                    if name not in (*_PRIVACY, "mle")}
     else:
         rows = min(num_rows, len(test))
         compared, sample = real, test.iloc[order[:rows]]
@@ -525,7 +604,7 @@ def score_reference(
     mle_train = real.sample(n=min(num_rows, len(real)), random_state=seed)
     scores = score(compared, sample.reset_index(drop=True), test=test, seed=seed, mle_train=mle_train,
                    **{**options, "metrics": [m for m in options.get("metrics", ALL_METRICS) if m not in _PRIVACY]})
-    if test is not None and set(_PRIVACY) & set(options.get("metrics", ALL_METRICS)):
+    if test is not None and len(test) > 1 and set(_PRIVACY) & set(options.get("metrics", ALL_METRICS)):
         half = len(test) // 2
         scores.update(privacy(real, test.iloc[order[half:]], test.iloc[order[:min(half, num_rows)]]))
     return f"{REFERENCE_ROW} ({kind})", scores

@@ -90,7 +90,7 @@ class CategoricalColumn:
 
     def set_weights(self, values) -> tuple[np.ndarray, tuple]:
         """(1 for the tokens of `values`, else 0, over the column's tokens; the values that
-        have no token of their own). Text matches a category by its printed form, so a
+        have no token of their own). A value matches a category by its printed form, so a
         command line's "9" finds the category 9. Values without a token take the "other"
         token of a capped column (they may be its rare values); in an uncapped column the
         table never had them, which is an error."""
@@ -104,7 +104,7 @@ class CategoricalColumn:
                 weights[self.num_values] = 1.0
                 continue
             i = int(self._index.get_indexer([value])[0])
-            i = printed.get(value, -1) if i < 0 and isinstance(value, str) else i
+            i = printed.get(str(value), -1) if i < 0 else i
             if i >= 0:
                 weights[i] = 1.0
             else:

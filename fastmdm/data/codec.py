@@ -29,8 +29,8 @@ import torch
 from .._checks import INT_DTYPES, check_tensor
 from .categorical import DEFAULT_CATEGORY_CAP, CategoricalColumn
 from .numeric import DEFAULT_NUM_BINS, NumericColumn
-from .types import (DEFAULT_MAX_CATEGORIES, check_supported, examples, from_plain, infer_categorical,
-                    is_numeric_plain, is_time_dtype, to_plain)
+from .types import (DEFAULT_MAX_CATEGORIES, check_finite, check_supported, examples, from_plain,
+                    infer_categorical, is_numeric_plain, is_time_dtype, to_plain)
 
 __all__ = ["TableCodec"]
 
@@ -78,6 +78,14 @@ class TableCodec:
         column has for values it has no token for (None: no cap).
         A categorical column that looks like a unique key (most rows hold a value seen once) is
         refused with a message naming it; all-distinct integers (row ids) get a warning.
+
+        What else a user's table may hold, decided here before any training (every refusal
+        is a ValueError or TypeError naming the column and what to do):
+        - a column with only missing values is refused (drop it);
+        - infinities are refused (`check_finite`: replace them with NaN or a finite cap);
+        - an object column mixing text with numbers or bools is text (`to_plain`);
+        - a constant column is kept: one category, or one bin that decodes to its value;
+        - one row is enough to fit; one column too.
         """
         if not isinstance(df, pd.DataFrame):
             raise TypeError(f"df must be a pandas DataFrame, got {type(df).__name__}")
@@ -110,6 +118,7 @@ class TableCodec:
             missing = series.isna()
             if missing.all():
                 raise ValueError(f"column {name!r} has only missing values; drop it before fitting")
+            check_finite(name, series)
             is_categorical = cls._is_categorical(name, series, categorical, max_categories)
             if is_categorical:
                 columns.append(CategoricalColumn.fit(name, series, bool(missing.any()), category_cap))
@@ -127,6 +136,16 @@ class TableCodec:
         return name in categorical
 
     # ----------------------------------------------------------------------------- encode
+    @staticmethod
+    def _plain(column: CategoricalColumn | NumericColumn, series: pd.Series) -> pd.Series:
+        """`to_plain` of a frame's column for `column`, read as text when the column was
+        fitted as text (an object column whose every category is a string)."""
+        if isinstance(series.dtype, pd.CategoricalDtype):
+            series = series.astype(object)
+        text = (not column.is_numeric and column.dtype == "object"
+                and all(isinstance(c, str) for c in column.categories))
+        return to_plain(column.name, series, column.pandas_dtype, text=text)
+
     def _check_frame(self, df: pd.DataFrame) -> None:
         if not isinstance(df, pd.DataFrame):
             raise TypeError(f"df must be a pandas DataFrame, got {type(df).__name__}")
@@ -143,10 +162,8 @@ class TableCodec:
         tokens = np.zeros((len(df), self.num_columns), dtype=np.int64)
         known = np.ones((len(df), self.num_columns), dtype=bool)
         for l, column in enumerate(self._columns):
-            series = df[column.name].reset_index(drop=True)
-            if isinstance(series.dtype, pd.CategoricalDtype):
-                series = series.astype(object)
-            series = to_plain(column.name, series, column.pandas_dtype)
+            series = self._plain(column, df[column.name].reset_index(drop=True))
+            check_finite(column.name, series)
             missing = series.isna().to_numpy()
             tokens[:, l] = column.encode(series, missing)
             if nan_is_unknown:
@@ -181,10 +198,7 @@ class TableCodec:
             raise ValueError(f"given has {len(given)} rows but decoded has {len(decoded)}")
         out = decoded.copy()
         for column in self._columns:
-            series = given[column.name].reset_index(drop=True)
-            if isinstance(series.dtype, pd.CategoricalDtype):
-                series = series.astype(object)
-            plain = to_plain(column.name, series, column.pandas_dtype)
+            plain = self._plain(column, given[column.name].reset_index(drop=True))
             if column.is_numeric and plain.dtype == object:
                 plain = pd.to_numeric(plain, errors="coerce")
             known = plain.notna().to_numpy()

@@ -3,9 +3,10 @@
 A table is a .parquet or .csv file, or a directory of them (read in sorted file name order,
 so the shards `out-00000-of-00004.parquet`, ... that `fastmdm sample` writes read back in
 row order). The format follows the file name's extension. CSV text columns whose values are
-all ISO 8601 dates or times are read as datetimes, so a table with datetime columns reads
-back the same from either format. Nothing here holds more than one chunk of rows, except
-the bounded samples of `fit_codec` and `read_table`.
+all ISO 8601 dates or times are read as datetimes, those holding only durations as
+timedeltas (`_DURATION`), and missing text reads as NaN from both formats, so a table reads
+back the same from either. Nothing here holds more than one chunk of rows, except the
+bounded samples of `fit_codec` and `read_table`.
 """
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ from ..datasets import _iso_dates
 from .categorical import DEFAULT_CATEGORY_CAP
 from .codec import TableCodec
 from .numeric import DEFAULT_NUM_BINS
-from .types import (DEFAULT_MAX_CATEGORIES, exact_values, is_numeric_plain, is_time_dtype, python_scalar,
-                    to_plain)
+from .types import (DEFAULT_MAX_CATEGORIES, check_finite, exact_values, is_numeric_plain, is_time_dtype,
+                    python_scalar, to_plain)
 
 __all__ = ["table_files", "table_format", "read_chunks", "read_table", "fit_codec", "TableWriter", "write_table",
            "DEFAULT_CHUNK_ROWS", "DEFAULT_RESERVOIR_ROWS"]
@@ -74,32 +75,48 @@ def _as_dates(column: pd.Series) -> pd.Series:
     return dates.dt.tz_convert("UTC") if dates.dt.tz is not None else dates
 
 
+# A duration as to_csv writes a timedelta ("1 days 02:03:04.5"), or in ISO 8601 ("P1DT2H3M4.5S").
+_DURATION = (r"-?\d+ days? [+-]?\d{1,2}:\d{2}:\d{2}(?:\.\d+)?"
+             r"|-?P(?:\d+D)?(?:T(?:\d+H)?(?:\d+M)?(?:\d+(?:\.\d+)?S)?)?")
+
+
+def _as_durations(column: pd.Series) -> pd.Series:
+    """Duration text (`_DURATION`) as timedelta64; ValueError if it is not."""
+    present = column.dropna()
+    if (pd.api.types.infer_dtype(present) != "string" or len(present) == 0
+            or not present.str.fullmatch(_DURATION).all()):
+        raise ValueError("not durations")
+    return pd.to_timedelta(column)
+
+
 def _csv_chunks(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
     with open(path, "rb") as handle:
         if handle.read(len(_PARQUET_MAGIC)) == _PARQUET_MAGIC:
             raise ValueError(f"{os.fspath(path)!r} is a Parquet file, not CSV: name it .parquet; {ACCEPTED}")
     # Text columns are read as text in every chunk: left to inference, a chunk whose values
     # all look like numbers ("7") would come back numeric and no longer match the category.
-    # The first chunk decides which of them hold dates.
+    # The first chunk decides which of them hold dates or durations.
     try:
         try:
             head = pd.read_csv(path, nrows=chunk_rows, skipinitialspace=True)
         except pd.errors.EmptyDataError as err:
             raise ValueError(f"CSV file {os.fspath(path)!r} has no columns (no header row)") from err
         text = {c: str for c in head.columns if head[c].dtype == object}
-        dates = []
+        parsers = {}
         for name in text:
-            try:
-                _as_dates(head[name])
-                dates.append(name)
-            except (ValueError, TypeError):   # not dates: the column stays text
-                pass
-        for chunk in pd.read_csv(path, chunksize=chunk_rows, skipinitialspace=True, dtype=text):
-            for name in dates:
+            for kind, parse in (("ISO dates", _as_dates), ("durations", _as_durations)):
                 try:
-                    chunk[name] = _as_dates(chunk[name])
+                    parse(head[name])
+                    parsers[name] = kind, parse
+                    break
+                except (ValueError, TypeError):   # not this kind: the column stays text
+                    pass
+        for chunk in pd.read_csv(path, chunksize=chunk_rows, skipinitialspace=True, dtype=text):
+            for name, (kind, parse) in parsers.items():
+                try:
+                    chunk[name] = parse(chunk[name])
                 except (ValueError, TypeError) as err:
-                    raise ValueError(f"column {name!r} of {os.fspath(path)!r} holds ISO dates in its first "
+                    raise ValueError(f"column {name!r} of {os.fspath(path)!r} holds {kind} in its first "
                                      f"{len(head):,} rows but not in later ones; clean it or store the table "
                                      "as Parquet") from err
             yield chunk
@@ -118,7 +135,12 @@ def _parquet_chunks(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
     except pa.ArrowInvalid as err:
         raise ValueError(f"{os.fspath(path)!r} is not a Parquet file ({err}); {ACCEPTED}") from err
     for batch in file.iter_batches(batch_size=chunk_rows):
-        yield batch.to_pandas()
+        chunk = batch.to_pandas()
+        # pyarrow gives a missing text cell as None, read_csv as NaN: NaN here too, so a table
+        # reads the same from either format (and compares equal cell by cell).
+        for name in chunk.columns[chunk.dtypes == object]:
+            chunk[name] = chunk[name].mask(chunk[name].isna())
+        yield chunk
 
 
 def read_chunks(files: Sequence[Path], chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Iterator[pd.DataFrame]:
@@ -171,6 +193,7 @@ class _ColumnPass:
     def update(self, series: pd.Series) -> None:
         self.dtype = series.dtype if self.dtype is None else _common_dtype(self.dtype, series.dtype)
         plain = to_plain(self.name, series, series.dtype)
+        check_finite(self.name, plain)
         missing = plain.isna().to_numpy()
         self.has_missing |= bool(missing.any())
         self.present += int((~missing).sum())
@@ -199,7 +222,7 @@ class _ColumnPass:
         except TypeError:
             pass
         if (is_numeric_plain(self.dtype) or self.dtype == bool) and not is_time_dtype(self.dtype):
-            values = np.asarray(values, dtype=self.dtype).tolist()
+            values = pd.Series(values, dtype=self.dtype).tolist()
         return values
 
     def fix_vocabulary(self, entry: dict, category_cap: int | None) -> None:

@@ -3,7 +3,10 @@ and the one typing rule (categorical or numeric) that the codec and the metrics 
 
 Datetimes (naive or tz-aware) and timedeltas are numbers here: integer counts of their unit
 (tz-aware ones in UTC), binned like any number and decoded back to the fitted dtype, unit
-and timezone.
+and timezone. An object column mixing text with numbers or bools (a spreadsheet's "n/a"
+beside its numbers) is text: each value as its printed form, so 1 and "1" are one category,
+True is not the number 1, and the column writes to Parquet. Infinities are refused
+(`check_finite`): no bin or category can stand for them.
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 __all__ = ["DEFAULT_MAX_CATEGORIES", "KEY_MIN_VALUES", "is_time_dtype", "to_plain", "from_plain", "exact_values",
-           "is_numeric_plain", "check_supported", "infer_categorical", "python_scalar", "examples"]
+           "is_numeric_plain", "check_supported", "check_finite", "infer_categorical", "python_scalar", "examples"]
 
 # Integer-valued numeric columns with at most this many distinct values are categorical
 # (Adult's education-num): a bin per value is exact and costs no more tokens.
@@ -42,15 +45,24 @@ def is_time_dtype(dtype) -> bool:
     return isinstance(dtype, pd.DatetimeTZDtype) or getattr(dtype, "kind", None) in ("M", "m")
 
 
-def to_plain(name, series: pd.Series, dtype) -> pd.Series:
+def to_plain(name, series: pd.Series, dtype, text: bool = False) -> pd.Series:
     """The column as the codec sees it: datetimes and timedeltas as nullable Int64 counts of
-    their unit (tz-aware ones in UTC), every other column unchanged.
+    their unit (tz-aware ones in UTC), object columns mixing text with numbers or bools as
+    text (missing values stay missing), every other column unchanged.
 
     `dtype` is the column's fitted dtype (its own when fitting): time input in another unit
     or timezone is converted to it, and text (a CSV, a condition) is parsed first.
+    `text`: the column was fitted as text, so numbers and bools are read as their printed
+    form too (a frame, or a Parquet file, holding only the numbers of a column fitted mixed
+    finds their categories, and gives back text).
     """
     if not is_time_dtype(dtype):
-        return series
+        if series.dtype == object:
+            kind = pd.api.types.infer_dtype(series, skipna=True)
+            as_text = kind in ("mixed", "mixed-integer") or (text and kind not in ("string", "empty"))
+        else:
+            as_text = text and (is_numeric_plain(series.dtype) or pd.api.types.is_bool_dtype(series.dtype))
+        return series.astype(str).where(series.notna(), series).astype(object) if as_text else series
     missing = series.isna().to_numpy()
     counts = np.zeros(len(series), dtype=np.int64)
     if not missing.all():  # (an all-NaN column of a condition frame has nothing to convert)
@@ -100,6 +112,21 @@ def check_supported(name, dtype) -> None:
     if not (textual or is_numeric_plain(dtype) or is_time_dtype(dtype)):
         raise TypeError(f"column {name!r} has unsupported dtype {dtype} (supported: numbers, text, bool, "
                         "category, datetime64 with or without timezone, timedelta64)")
+
+
+def check_finite(name, plain: pd.Series) -> None:
+    """Refuse infinities in a column of numbers, naming the column. A quantile bin cannot hold
+    +-inf (its edges and the sketch it decodes from would be infinite) and a category of
+    inf would be the only one a model could never draw sensibly as a number, so the user
+    decides what they mean: missing, or a finite cap."""
+    if not pd.api.types.is_float_dtype(plain.dtype):
+        return
+    x = plain.to_numpy(dtype=np.float64, na_value=np.nan)
+    infinite = np.isinf(x)
+    if infinite.any():
+        raise ValueError(f"column {name!r} holds {int(infinite.sum()):,} infinite value(s) "
+                         f"({examples(pd.Series(x[infinite]))}); replace them with NaN (missing) or a finite cap, "
+                         "such as the column's largest finite value")
 
 
 def infer_categorical(series: pd.Series, max_categories: int = DEFAULT_MAX_CATEGORIES) -> bool:
