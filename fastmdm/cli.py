@@ -1,4 +1,4 @@
-"""Command line: fastmdm {demo, train, sample, impute, evaluate, plot}.
+"""Command line: fastmdm {demo, train, sample, impute, predict, evaluate, plot}.
 
 Every table a command reads or writes is a .csv or .parquet file (by its extension) or, to
 read, a directory of them: read and written by fastmdm.data.files, as `fit(path)` and
@@ -155,6 +155,39 @@ def cmd_impute(args) -> None:
     print(f"filled {holes:,} missing cells in {rows:,} rows; wrote {args.output}")
 
 
+def predictions(model, chunk, args):
+    """One chunk's output rows for `predict`: a column per class (probabilities), or for a
+    numeric target its median and a column per --quantile, named q<level>."""
+    options = {} if args.orders is None else {"orders": args.orders}
+    if args.target in model.codec.columns and model.codec.column(args.target).is_numeric:
+        frame = model.predict(chunk, target=args.target, quantiles=[0.5, *args.quantile], **options)
+        return frame.set_axis([args.target] + [f"q{level:g}" for level in args.quantile], axis=1)
+    if args.quantile:
+        raise ValueError(f"--quantile needs a numeric target; {args.target!r} is categorical")
+    probs = model.predict_proba(chunk, target=args.target, **options)
+    return probs.set_axis([str(name) for name in probs.columns], axis=1)
+
+
+def cmd_predict(args) -> None:
+    """Reads and writes a chunk of rows at a time (bounded memory), into a file that appears
+    only when complete."""
+    import contextlib
+    from .api import TabularMDM
+    from .data.files import TableWriter, read_chunks, table_files, table_format
+    table_format(args.output)
+    model = TabularMDM.load(args.model, device=args.device)
+    rows = 0
+    with contextlib.ExitStack() as stack:
+        writer = None
+        for chunk in read_chunks(table_files(args.data)):
+            out = predictions(model, chunk, args)
+            if writer is None:   # the first chunk's columns and dtypes fix the file's schema
+                writer = stack.enter_context(TableWriter(args.output, out))
+            writer.write(out)
+            rows += len(chunk)
+    print(f"predicted {args.target!r} for {rows:,} rows; wrote {args.output}")
+
+
 def _read_for_evaluation(role: str, path: str, max_rows: int, seed: int):
     """A table for evaluate, sampled down to max_rows rows; prints how many rows it used."""
     from .data.files import read_table
@@ -260,6 +293,21 @@ def build_parser() -> argparse.ArgumentParser:
     impute.add_argument("data", help=f"the table with empty cells: {TABLE}")
     _add_generation_options(impute)
     impute.set_defaults(func=cmd_impute)
+
+    predict = sub.add_parser("predict", help="predict a column from the others: class probabilities, or a "
+                                             "number's median and quantiles")
+    predict.add_argument("model")
+    predict.add_argument("data", help=f"the rows ({TABLE}); the target column may be absent, empty cells are unknown")
+    predict.add_argument("--target", required=True, help="the column to predict")
+    predict.add_argument("-o", "--output", required=True,
+                         help="table to write (.csv or .parquet): one row per input row, a column per class "
+                              "of a categorical target, or the median (and --quantile columns) of a numeric one")
+    predict.add_argument("--quantile", type=float, action="append", default=[], metavar="Q",
+                         help="numeric targets: also write this quantile, repeatable (e.g. 0.05 and 0.95)")
+    predict.add_argument("--orders", type=int, default=None,
+                         help="causal models: orders of the known cells averaged (default 8)")
+    predict.add_argument("--device", default="auto")
+    predict.set_defaults(func=cmd_predict)
 
     evaluate = sub.add_parser("evaluate", help="fidelity of a synthetic table against a real one")
     evaluate.add_argument("real", help=f"the training table: {TABLE}")

@@ -211,3 +211,29 @@ def test_numeric_targets_refuse_predict_proba_and_bad_quantiles():
         model.predict_proba(table, target="x")
     with pytest.raises(ValueError, match="strictly between 0 and 1"):
         model.predict(table, target="x", quantiles=[0.5, 1.0])
+
+
+def test_the_command_line_writes_the_probabilities_and_quantiles(tmp_path, capsys):
+    from fastmdm import cli
+    rng = np.random.default_rng(2)
+    table = pd.DataFrame({"g": rng.choice(["a", "b"], 200), "h": rng.choice(["u", "v", "w"], 200),
+                          "x": rng.normal(0, 1, 200)})
+    model = TabularMDM(model=dict(d_model=8, num_layers=1, num_heads=2, dim_feedforward=16), steps=3,
+                       progress=False).fit(table, validation=None)
+    model.save(tmp_path / "model.pt")
+    rows = table.drop(columns="g").iloc[:20]
+    rows.to_csv(tmp_path / "rows.csv", index=False)
+    assert cli.main(["predict", str(tmp_path / "model.pt"), str(tmp_path / "rows.csv"), "--target", "g",
+                     "-o", str(tmp_path / "out.parquet")]) == 0
+    written = pd.read_parquet(tmp_path / "out.parquet")
+    expected = model.predict_proba(pd.read_csv(tmp_path / "rows.csv"), target="g")
+    np.testing.assert_allclose(written[["a", "b"]].to_numpy(), expected.to_numpy())
+    assert cli.main(["predict", str(tmp_path / "model.pt"), str(tmp_path / "rows.csv"), "--target", "x",
+                     "--quantile", "0.1", "--quantile", "0.9", "-o", str(tmp_path / "x.csv")]) == 0
+    numbers = pd.read_csv(tmp_path / "x.csv")
+    assert list(numbers.columns) == ["x", "q0.1", "q0.9"] and len(numbers) == 20
+    assert ((numbers["q0.1"] <= numbers["x"]) & (numbers["x"] <= numbers["q0.9"])).all()
+    assert cli.main(["predict", str(tmp_path / "model.pt"), str(tmp_path / "rows.csv"), "--target", "income",
+                     "-o", str(tmp_path / "bad.csv")]) == 2
+    assert "'income' is not a column" in capsys.readouterr().err
+    assert not (tmp_path / "bad.csv").exists()
