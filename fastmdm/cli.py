@@ -199,11 +199,20 @@ def _read_for_evaluation(role: str, path: str, max_rows: int, seed: int):
 
 def cmd_evaluate(args) -> None:
     from .metrics import evaluate, format_report
+    model = None
+    if args.model:
+        if not args.report:
+            raise ValueError("--model is drawn in the report: give --report report.html too")
+        from .api import TabularMDM
+        model = TabularMDM.load(args.model, device="cpu")
     tables = {"real": args.real, "synthetic": args.synth, "test": args.test}
     real, synth, test = (_read_for_evaluation(role, path, args.max_rows, args.seed) if path else None
                          for role, path in tables.items())
     print(format_report(evaluate(real, synth, test=test, target=args.target, task=args.task,
-                                 reference=not args.no_reference, seed=args.seed, n_jobs=args.jobs)))
+                                 reference=not args.no_reference, seed=args.seed, n_jobs=args.jobs,
+                                 report=args.report, report_model=model)))
+    if args.report:
+        print(f"wrote {args.report}")
 
 
 def cmd_plot(args) -> None:
@@ -324,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0, help="seeds the row samples and the metrics")
     evaluate.add_argument("--jobs", type=int, default=2,
                           help="XGBoost threads; use 1 on a busy machine (spin-waiting threads can run 10x slower)")
+    evaluate.add_argument("--report", metavar="HTML",
+                          help="also write a report with figures to this HTML file (one file, figures inside)")
+    evaluate.add_argument("--model", help="with --report: the model file, whose schedule and orders are drawn")
     evaluate.set_defaults(func=cmd_evaluate)
 
     plot = sub.add_parser("plot", help="PNG of the learned schedule of a model (and, for a contextual "
