@@ -455,10 +455,10 @@ class TabularMDM:
         return torch.cat(parts).numpy()
 
     def log_prob(self, df: pd.DataFrame, *, num_samples: int | None = None, seed: int = 12345) -> pd.Series:
-        """A lower bound on log p(row) in nats for each row of df (higher = more typical): minus
-        the row's NELBO, estimated from `num_samples` orders (default: as `nelbo`) drawn from
-        `seed`, so that its mean over df is -nelbo(df). For outlier detection and row scoring;
-        more samples give less noisy scores."""
+        """log p(row) bounded from below, in nats, for each row of df (higher = more typical):
+        minus the row's NELBO, estimated from `num_samples` orders (default: as `nelbo`) drawn
+        from `seed`, so that its mean over df is -nelbo(df); its expectation is the bound. For
+        outlier detection and row scoring; more samples give less noisy scores."""
         self._require_fitted()
         samples = self.config.val_samples if num_samples is None else num_samples
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:

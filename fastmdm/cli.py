@@ -155,7 +155,7 @@ def cmd_impute(args) -> None:
     print(f"filled {holes:,} missing cells in {rows:,} rows; wrote {args.output}")
 
 
-def predictions(model, chunk, args):
+def _predictions(model, chunk, args):
     """One chunk's output rows for `predict`: a column per class (probabilities), or for a
     numeric target its median and a column per --quantile, named q<level>."""
     options = {} if args.orders is None else {"orders": args.orders}
@@ -180,7 +180,7 @@ def cmd_predict(args) -> None:
     with contextlib.ExitStack() as stack:
         writer = None
         for chunk in read_chunks(table_files(args.data)):
-            out = predictions(model, chunk, args)
+            out = _predictions(model, chunk, args)
             if writer is None:   # the first chunk's columns and dtypes fix the file's schema
                 writer = stack.enter_context(TableWriter(args.output, out))
             writer.write(out)

@@ -13,7 +13,7 @@ Wide tables stay bounded: the `MAX_COLUMN_FIGURES` worst columns get figures and
 table row each, associations are computed over at most `MAX_PAIR_COLUMNS` columns (the worst
 by shape when there are more) and drawn over at most `MAX_HEATMAP_COLUMNS`, and figures and
 distances use at most `MAX_ROWS` rows of each table (distances: `MAX_DISTANCE_QUERIES` synthetic and
-held-out rows).
+held-out rows, against fewer training rows on wide tables: `MAX_DISTANCE_WORK`).
 """
 from __future__ import annotations
 
@@ -33,9 +33,13 @@ MAX_COLUMN_FIGURES = 50
 MAX_PAIR_COLUMNS = 100
 MAX_HEATMAP_COLUMNS = 40
 MAX_ROWS = 10_000
-#: Synthetic rows, and held-out rows, whose distance to the closest of MAX_ROWS training rows
-#: is drawn (brute-force nearest neighbours cost rows x queries x columns).
-MAX_DISTANCE_QUERIES = 2_000
+#: Synthetic rows, and held-out rows, whose distance to the closest training row is drawn.
+MAX_DISTANCE_QUERIES = 1_000
+#: Brute-force nearest neighbours cost training rows x queries x embedded columns; the training
+#: rows searched (at most MAX_ROWS) are cut to keep that product under this, and never below
+#: MIN_DISTANCE_TRAINING_ROWS (a wide table's embedding holds a column per category).
+MAX_DISTANCE_WORK = 5 * 10**9
+MIN_DISTANCE_TRAINING_ROWS = 500
 #: Categories drawn per categorical column (the most frequent real ones); the rest share a bar.
 TOP_CATEGORIES = 10
 #: Quantile bins a number is cut into for its association with a category (as Trend's
@@ -340,9 +344,13 @@ def _privacy_section(real: pd.DataFrame, synth: pd.DataFrame, test: pd.DataFrame
         train, heldout, source = real.iloc[order[len(real) // 2:]], real.iloc[order[:len(real) // 2]], "half of real"
     else:
         train, heldout, source = real, test[list(real.columns)], "test"
-    train = _rows(train, rng)
     heldout_rows = _rows(heldout, rng).iloc[:MAX_DISTANCE_QUERIES]
     synth_rows = _rows(synth, rng).iloc[:len(heldout_rows)]
+    # The embedding's width: a number is one column (two with missing values), a category one per value.
+    width = sum(1 + int(train[c].isna().any()) if is_numeric_plain(train[c].dtype) else train[c].nunique() + 1
+                for c in train.columns)
+    affordable = MAX_DISTANCE_WORK // (2 * len(heldout_rows) * max(width, 1))
+    train = _rows(train, rng).iloc[:max(MIN_DISTANCE_TRAINING_ROWS, affordable)]
     x_train, x_synth, x_heldout = embed(train, synth_rows, heldout_rows)
     neighbours = NearestNeighbors(n_neighbors=1, metric="manhattan").fit(x_train)
     to_synth, to_heldout = (neighbours.kneighbors(x)[0][:, 0] for x in (x_synth, x_heldout))
