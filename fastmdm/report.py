@@ -62,8 +62,6 @@ def write_report(path: str | os.PathLike, real: pd.DataFrame, synth: pd.DataFram
     the other half the training rows). `model`: a fitted TabularMDM whose schedule and orders
     are drawn. Returns the path written.
     """
-    import matplotlib
-    matplotlib.use("Agg")
     if not isinstance(real, pd.DataFrame) or not isinstance(synth, pd.DataFrame):
         raise TypeError("real and synth must be pandas DataFrames")
     rng = np.random.default_rng(seed)
@@ -117,23 +115,30 @@ def column_scores(real: pd.DataFrame, synth: pd.DataFrame) -> pd.DataFrame:
 def _times_as_numbers(frame: pd.DataFrame) -> pd.DataFrame:
     """Datetime and timedelta columns as float counts of their unit, as the codec and the
     metrics see them."""
-    times = [c for c in frame.columns if is_time_dtype(frame[c].dtype)]
-    return frame.assign(**{c: to_plain(c, frame[c], frame[c].dtype).astype("float64") for c in times})
+    frame = frame.copy()
+    for column in [c for c in frame.columns if is_time_dtype(frame[c].dtype)]:
+        frame[column] = to_plain(column, frame[column], frame[column].dtype).astype("float64")
+    return frame
 
 
 # --------------------------------------------------------------------------- figures
+def _figure(width: float, height: float):
+    """A matplotlib Figure outside pyplot: no backend is chosen or changed for the caller, and
+    nothing is left open."""
+    from matplotlib.figure import Figure
+    return Figure(figsize=(width, height))
+
+
 def _png(fig) -> str:
-    """The figure as an <img> with its PNG inline (base64), and the figure closed."""
-    import matplotlib.pyplot as plt
+    """The figure as an <img> with its PNG inline (base64)."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=FIGURE_DPI, metadata={"Software": None})
-    plt.close(fig)
     return f'<img alt="" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode("ascii")}">'
 
 
 def _column_figure(name, kind: str, real: pd.Series, synth: pd.Series) -> str:
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5.0, 2.6))
+    fig = _figure(5.0, 2.6)
+    ax = fig.subplots()
     if kind == "category":
         _category_bars(ax, real, synth)
     else:
@@ -262,9 +267,9 @@ def association_matrices(real: pd.DataFrame, synth: pd.DataFrame) -> tuple[pd.Da
 
 
 def _heatmaps(real: pd.DataFrame, synth: pd.DataFrame) -> str:
-    import matplotlib.pyplot as plt
     size = max(4.0, 0.16 * len(real))
-    fig, axes = plt.subplots(1, 3, figsize=(3 * size + 1.5, size + 0.8))
+    fig = _figure(3 * size + 1.5, size + 0.8)
+    axes = fig.subplots(1, 3)
     for ax, matrix, title in zip(axes, (real, synth, synth - real),
                                  ("real", "synthetic", "difference (synthetic - real)")):
         image = ax.imshow(matrix.to_numpy(), cmap="RdBu_r", vmin=-1, vmax=1)
@@ -337,7 +342,6 @@ def _privacy_section(real: pd.DataFrame, synth: pd.DataFrame, test: pd.DataFrame
                      embed: Callable[..., list[np.ndarray]], rng: np.random.Generator) -> str:
     """Distances (L1 on the privacy metric's embedding) from synthetic rows and from held-out
     rows to their closest training row."""
-    import matplotlib.pyplot as plt
     from sklearn.neighbors import NearestNeighbors
     if test is None:
         order = rng.permutation(len(real))
@@ -354,7 +358,8 @@ def _privacy_section(real: pd.DataFrame, synth: pd.DataFrame, test: pd.DataFrame
     x_train, x_synth, x_heldout = embed(train, synth_rows, heldout_rows)
     neighbours = NearestNeighbors(n_neighbors=1, metric="manhattan").fit(x_train)
     to_synth, to_heldout = (neighbours.kneighbors(x)[0][:, 0] for x in (x_synth, x_heldout))
-    fig, ax = plt.subplots(figsize=(6.0, 3.0))
+    fig = _figure(6.0, 3.0)
+    ax = fig.subplots()
     high = float(np.quantile(np.concatenate([to_synth, to_heldout]), 0.99)) or 1.0
     edges = np.linspace(0, high, 41)
     for values, color, label in ((to_synth, SYNTH_COLOR, "synthetic rows"), (to_heldout, HELDOUT_COLOR,
