@@ -414,7 +414,8 @@ class TabularMDM:
         return prediction.class_probabilities(column, probs).set_axis(df.index)
 
     def predict(self, df: pd.DataFrame, *, target: str, quantiles: list[float] | None = None,
-                orders: int = prediction.DEFAULT_ORDERS, seed: int = 0, batch_size: int = 4096) -> pd.Series | pd.DataFrame:
+                orders: int = prediction.DEFAULT_ORDERS, seed: int = 0,
+                batch_size: int = 4096) -> pd.Series | pd.DataFrame:
         """The target predicted from each row's known cells (see `predict_proba`): the most
         likely class of a categorical target ("(missing)" predicted is NaN), the conditional
         median of a numeric one, or with `quantiles` (numeric only) a frame with a column per

@@ -209,11 +209,11 @@ def _association_codes(real: pd.Series, synth: pd.Series) -> tuple[np.ndarray, n
     ASSOCIATION_BINS real quantile bins, categories by their TOP_CATEGORIES * 2 most frequent
     real values and one code for the rest; missing is a code of its own."""
     if is_numeric_plain(real.dtype):
-        r, s = pd.to_numeric(real, errors="coerce").astype("float64"), pd.to_numeric(synth, errors="coerce").astype("float64")
+        r, s = (pd.to_numeric(column, errors="coerce").astype("float64") for column in (real, synth))
         edges = np.unique(np.nanquantile(r, np.linspace(0, 1, ASSOCIATION_BINS + 1)[1:-1])) if r.notna().any() else []
         codes = [np.where(v.isna(), len(edges) + 1, np.searchsorted(edges, v.fillna(0), side="right")) for v in (r, s)]
     else:
-        r, s = real.astype(object).where(real.notna()).astype(str), synth.astype(object).where(synth.notna()).astype(str)
+        r, s = (column.astype(object).where(column.notna()).astype(str) for column in (real, synth))
         top = pd.Index(r[real.notna().to_numpy()].value_counts().index[:2 * TOP_CATEGORIES])
         codes = []
         for values, original in ((r, real), (s, synth)):
