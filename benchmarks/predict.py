@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import xgboost
 from sklearn.metrics import mean_absolute_error, mean_squared_error, roc_auc_score
 
 import fastmdm
@@ -87,7 +88,7 @@ def classification(models: Path | None) -> dict:
     features = test.drop(columns="income")
     probs, seconds = timed(lambda: model.predict_proba(features, target="income"))
     one_order = model.predict_proba(features, target="income", orders=1)
-    xgb = __import__("xgboost").XGBClassifier(**XGB)
+    xgb = xgboost.XGBClassifier(**XGB)
     xgb.fit(as_xgb_frame(train.drop(columns="income")), train["income"] == ">50K")
     xgb_probs = xgb.predict_proba(as_xgb_frame(features))[:, 1]
     out = {"train_seconds": train_seconds, "steps": model.training_steps, "rows": len(test),
@@ -129,7 +130,7 @@ def regression(models: Path | None) -> dict:
     features = test.drop(columns=target)
     median, seconds = timed(lambda: model.predict(features, target=target))
     interval = model.predict(features, target=target, quantiles=[0.05, 0.95])
-    xgb = __import__("xgboost").XGBRegressor(**XGB)
+    xgb = xgboost.XGBRegressor(**XGB)
     xgb.fit(as_xgb_frame(train.drop(columns=target)), train[target])
     xgb_pred = xgb.predict(as_xgb_frame(features))
     rmse = lambda p: float(mean_squared_error(truth, p) ** 0.5)   # noqa: E731
