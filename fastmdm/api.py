@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from . import predict as prediction
 from .conditions import Rule, TokenRestrictions, split_conditions
 from .data import DEFAULT_CATEGORY_CAP, DEFAULT_NUM_BINS, TableCodec
 from .decoding import DecodeStats, known_first_order, sample_tokens
@@ -20,7 +21,7 @@ from .schedules import PowerSchedule
 from .sample_blocks import BlockPlan, fresh_seed, shard_path
 from .data.files import TableWriter
 from .token_store import prepare_token_store
-from .train import Budget, EpochRecord, TrainConfig, Trainer, atomic_save, estimate_nelbo
+from .train import Budget, EpochRecord, TrainConfig, Trainer, atomic_save, estimate_nelbo, row_nelbo
 
 #: The version of the files save() and checkpoints write; load() and resume read this one only.
 _FORMAT = "fastmdm-tabular-6"
@@ -391,6 +392,81 @@ class TabularMDM:
         self._require_fitted()
         return estimate_nelbo(self.denoiser, self.schedule, self.codec.encode(df), self.codec.mask_ids,
                               self.codec.offsets, num_samples=self.config.val_samples, device=self.device)
+
+    # ------------------------------------------------------------------------- prediction
+    def predict_proba(self, df: pd.DataFrame, *, target: str, orders: int = prediction.DEFAULT_ORDERS, seed: int = 0,
+                      batch_size: int = 4096) -> pd.DataFrame:
+        """p(target | each row's known cells) of a categorical target: a frame with df's index
+        and one column per class, named by the class (a capped column's rare values share the
+        column "(other)"; a column fitted with missing values adds "(missing)").
+
+        `df` holds the model's columns, the target among them or not (its values are
+        ignored); NaN cells and absent columns are unknown, marginalised as `impute` does.
+        This is the conditional impute draws the target from when it is the first unknown
+        cell revealed (fastmdm.predict). A causal model averages `orders` orders of the
+        known cells drawn from PL(w) with `seed`; a bidirectional model needs one pass.
+        """
+        probs = self._target_probabilities(df, target, orders, seed, batch_size)
+        column = self.codec.column(target)
+        if column.is_numeric:
+            raise ValueError(f"target {target!r} is numeric: use predict(df, target={target!r}) for its median, "
+                             "or quantiles=[...] for intervals")
+        return prediction.class_probabilities(column, probs).set_axis(df.index)
+
+    def predict(self, df: pd.DataFrame, *, target: str, quantiles: list[float] | None = None,
+                orders: int = prediction.DEFAULT_ORDERS, seed: int = 0,
+                batch_size: int = 4096) -> pd.Series | pd.DataFrame:
+        """The target predicted from each row's known cells (see `predict_proba`): the most
+        likely class of a categorical target ("(missing)" predicted is NaN), the conditional
+        median of a numeric one, or with `quantiles` (numeric only) a frame with a column per
+        quantile, such as [0.05, 0.95] for a 90% interval. Numbers are float64 (times keep
+        their dtype); a numeric target's chance of being missing is left out."""
+        column = self.codec.column(target) if target in self.codec.columns else None
+        if quantiles is not None and column is not None and not column.is_numeric:
+            raise ValueError(f"quantiles need a numeric target; {target!r} is categorical (use predict_proba)")
+        levels = prediction.check_quantiles(quantiles if quantiles is not None else 0.5)
+        probs = self._target_probabilities(df, target, orders, seed, batch_size)
+        if not column.is_numeric:
+            classes = prediction.class_probabilities(column, probs)
+            best = classes.to_numpy().argmax(1)
+            labels = pd.Series(classes.columns.to_numpy(dtype=object)[best], index=df.index, name=target)
+            return labels.mask(labels == prediction.MISSING_LABEL)
+        values = prediction.numeric_quantiles(column, probs, levels)
+        if quantiles is None:
+            return prediction.as_column_values(column, values[:, 0]).set_axis(df.index).rename(target)
+        return pd.DataFrame({level: prediction.as_column_values(column, values[:, j]).to_numpy()
+                             for j, level in enumerate(levels)}, index=df.index)
+
+    def _target_probabilities(self, df: pd.DataFrame, target: str, orders: int, seed: int,
+                              batch_size: int) -> np.ndarray:
+        """The target's token probabilities [N, tokens] given each row's known cells, batch by batch."""
+        self._require_fitted()
+        prediction.check_target(self.codec, df, target)
+        if isinstance(orders, bool) or not isinstance(orders, int) or orders < 1:
+            raise ValueError(f"orders must be an integer >= 1, got {orders!r}")
+        tokens, known = self.codec.encode_partial(prediction.feature_frame(self.codec, df, target))
+        generator = torch.Generator().manual_seed(seed)
+        rows = max(1, batch_size // (orders if self.denoiser.causal else 1))
+        parts = [prediction.target_probabilities(self.denoiser, self.schedule.w.detach(),
+                                              tokens[start:start + rows].to(self.device),
+                                              known[start:start + rows].to(self.device),
+                                              self.codec.columns.index(target), orders=orders,
+                                              generator=generator).cpu()
+                 for start in range(0, len(df), rows)]
+        return torch.cat(parts).numpy()
+
+    def log_prob(self, df: pd.DataFrame, *, num_samples: int | None = None, seed: int = 12345) -> pd.Series:
+        """log p(row) bounded from below, in nats, for each row of df (higher = more typical):
+        minus the row's NELBO, estimated from `num_samples` orders (default: as `nelbo`) drawn
+        from `seed`, so that its mean over df is -nelbo(df); its expectation is the bound. For
+        outlier detection and row scoring; more samples give less noisy scores."""
+        self._require_fitted()
+        samples = self.config.val_samples if num_samples is None else num_samples
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
+        nelbo = row_nelbo(self.denoiser, self.schedule, self.codec.encode(df), self.codec.mask_ids,
+                          self.codec.offsets, num_samples=samples, seed=seed, device=self.device)
+        return pd.Series(-nelbo.numpy(), index=df.index, name="log_prob")
 
     # ------------------------------------------------------------------------- persistence
     def save(self, path: str | os.PathLike) -> None:

@@ -1,4 +1,4 @@
-"""Command line: fastmdm {demo, train, sample, impute, evaluate, plot}.
+"""Command line: fastmdm {demo, train, sample, impute, predict, evaluate, plot}.
 
 Every table a command reads or writes is a .csv or .parquet file (by its extension) or, to
 read, a directory of them: read and written by fastmdm.data.files, as `fit(path)` and
@@ -155,6 +155,39 @@ def cmd_impute(args) -> None:
     print(f"filled {holes:,} missing cells in {rows:,} rows; wrote {args.output}")
 
 
+def _predictions(model, chunk, args):
+    """One chunk's output rows for `predict`: a column per class (probabilities), or for a
+    numeric target its median and a column per --quantile, named q<level>."""
+    options = {} if args.orders is None else {"orders": args.orders}
+    if args.target in model.codec.columns and model.codec.column(args.target).is_numeric:
+        frame = model.predict(chunk, target=args.target, quantiles=[0.5, *args.quantile], **options)
+        return frame.set_axis([args.target] + [f"q{level:g}" for level in args.quantile], axis=1)
+    if args.quantile:
+        raise ValueError(f"--quantile needs a numeric target; {args.target!r} is categorical")
+    probs = model.predict_proba(chunk, target=args.target, **options)
+    return probs.set_axis([str(name) for name in probs.columns], axis=1)
+
+
+def cmd_predict(args) -> None:
+    """Reads and writes a chunk of rows at a time (bounded memory), into a file that appears
+    only when complete."""
+    import contextlib
+    from .api import TabularMDM
+    from .data.files import TableWriter, read_chunks, table_files, table_format
+    table_format(args.output)
+    model = TabularMDM.load(args.model, device=args.device)
+    rows = 0
+    with contextlib.ExitStack() as stack:
+        writer = None
+        for chunk in read_chunks(table_files(args.data)):
+            out = _predictions(model, chunk, args)
+            if writer is None:   # the first chunk's columns and dtypes fix the file's schema
+                writer = stack.enter_context(TableWriter(args.output, out))
+            writer.write(out)
+            rows += len(chunk)
+    print(f"predicted {args.target!r} for {rows:,} rows; wrote {args.output}")
+
+
 def _read_for_evaluation(role: str, path: str, max_rows: int, seed: int):
     """A table for evaluate, sampled down to max_rows rows; prints how many rows it used."""
     from .data.files import read_table
@@ -166,11 +199,20 @@ def _read_for_evaluation(role: str, path: str, max_rows: int, seed: int):
 
 def cmd_evaluate(args) -> None:
     from .metrics import evaluate, format_report
+    model = None
+    if args.model:
+        if not args.report:
+            raise ValueError("--model is drawn in the report: give --report report.html too")
+        from .api import TabularMDM
+        model = TabularMDM.load(args.model, device="cpu")
     tables = {"real": args.real, "synthetic": args.synth, "test": args.test}
     real, synth, test = (_read_for_evaluation(role, path, args.max_rows, args.seed) if path else None
                          for role, path in tables.items())
     print(format_report(evaluate(real, synth, test=test, target=args.target, task=args.task,
-                                 reference=not args.no_reference, seed=args.seed, n_jobs=args.jobs)))
+                                 reference=not args.no_reference, seed=args.seed, n_jobs=args.jobs,
+                                 report=args.report, report_model=model)))
+    if args.report:
+        print(f"wrote {args.report}")
 
 
 def cmd_plot(args) -> None:
@@ -261,6 +303,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_options(impute)
     impute.set_defaults(func=cmd_impute)
 
+    predict = sub.add_parser("predict", help="predict a column from the others: class probabilities, or a "
+                                             "number's median and quantiles")
+    predict.add_argument("model")
+    predict.add_argument("data", help=f"the rows ({TABLE}); the target column may be absent, empty cells are unknown")
+    predict.add_argument("--target", required=True, help="the column to predict")
+    predict.add_argument("-o", "--output", required=True,
+                         help="table to write (.csv or .parquet): one row per input row, a column per class "
+                              "of a categorical target, or the median (and --quantile columns) of a numeric one")
+    predict.add_argument("--quantile", type=float, action="append", default=[], metavar="Q",
+                         help="numeric targets: also write this quantile, repeatable (e.g. 0.05 and 0.95)")
+    predict.add_argument("--orders", type=int, default=None,
+                         help="causal models: orders of the known cells averaged (default 8)")
+    predict.add_argument("--device", default="auto")
+    predict.set_defaults(func=cmd_predict)
+
     evaluate = sub.add_parser("evaluate", help="fidelity of a synthetic table against a real one")
     evaluate.add_argument("real", help=f"the training table: {TABLE}")
     evaluate.add_argument("synth", help=f"the synthetic table: {TABLE}")
@@ -276,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0, help="seeds the row samples and the metrics")
     evaluate.add_argument("--jobs", type=int, default=2,
                           help="XGBoost threads; use 1 on a busy machine (spin-waiting threads can run 10x slower)")
+    evaluate.add_argument("--report", metavar="HTML",
+                          help="also write a report with figures to this HTML file (one file, figures inside)")
+    evaluate.add_argument("--model", help="with --report: the model file, whose schedule and orders are drawn")
     evaluate.set_defaults(func=cmd_evaluate)
 
     plot = sub.add_parser("plot", help="PNG of the learned schedule of a model (and, for a contextual "

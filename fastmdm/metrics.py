@@ -621,18 +621,26 @@ def evaluate(
     reference: bool = True,
     seed: int = 0,
     n_jobs: int = 2,
+    report: str | None = None,
+    report_model=None,
 ) -> pd.DataFrame:
     """Scores of ``synth`` (row "synthetic") and, with ``reference``, of real rows the generator
     never saw, scored the same way (row "real vs real (...)", see ``score_reference``); one column
     per metric.
-    Arguments as in ``score``.
+    Arguments as in ``score``; ``report``: also write an HTML report with figures to this path
+    (``fastmdm.report.write_report``), with the schedule of ``report_model`` (a TabularMDM) if given.
     """
     options = dict(target=target, task=task, metrics=metrics, n_jobs=n_jobs)
     rows = {SYNTHETIC_ROW: score(real, synth, test=test, seed=seed, **options)}
     if reference:
         label, scores = score_reference(real, len(synth), test=test, seed=seed, **options)
         rows[label] = scores
-    return pd.DataFrame.from_dict(rows, orient="index")
+    results = pd.DataFrame.from_dict(rows, orient="index")
+    if report is not None:
+        from .report import write_report
+        write_report(report, real, synth, results, embed=_privacy_embedding, descriptions=_DESCRIPTIONS, test=test,
+                     model=report_model, seed=seed)
+    return results
 
 
 _DESCRIPTIONS = {
