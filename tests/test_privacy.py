@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 
 from fastmdm import TabularMDM
+from fastmdm.cli import _model_from_args, build_parser
 from fastmdm.data import OTHER_LABEL
 from fastmdm.data.privacy import MIN_ROWS_PER_VALUE
 from fastmdm.metrics import REFERENCE_ROW, evaluate, format_report, privacy, rare_pool_shares
@@ -136,6 +137,9 @@ def test_the_marker_setting_writes_other_where_the_model_drew_the_rare_token(tmp
     assert TabularMDM.load(tmp_path / "model.pt").rare_marker
     with pytest.raises(TypeError, match="rare_marker must be True or False"):
         TabularMDM(rare_marker="yes")
+    for flags, marker in (([], False), (["--rare-marker"], True)):
+        args = build_parser().parse_args(["train", "table.csv", "-o", "model.pt", *flags])
+        assert _model_from_args(args).rare_marker is marker
 
 
 def test_a_column_without_a_frequent_value_comes_back_missing():
