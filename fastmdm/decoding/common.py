@@ -172,8 +172,8 @@ class ColumnLayout(NamedTuple):
     Never-drawn tokens (a categorical column's rare token: `fastmdm.data.TableCodec.rare_tokens`)
     are the one rule every sampler applies through the layout: `draw` gives their probability
     to the column's other values in proportion (the model's conditional renormalised over
-    them), and `segments` (and so the speculative decoder's logits) puts them at -inf like
-    padding. Cells under a set, range or rule restriction
+    them), and `segments` and the speculative decoder's logits put them at -inf like padding
+    (`pad_invalid`). Cells under a set, range or rule restriction
     (`fastmdm.conditions.TokenRestrictions`) draw by their own pattern, which allows the rare
     token only for set values without a token of their own.
     """
