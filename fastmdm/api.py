@@ -13,7 +13,8 @@ import torch
 
 from . import predict as prediction
 from .conditions import Rule, TokenRestrictions, split_conditions
-from .data import DEFAULT_CATEGORY_CAP, DEFAULT_NUM_BINS, TableCodec
+from .data import DEFAULT_CATEGORY_CAP, DEFAULT_NUM_BINS, OTHER_LABEL, TableCodec
+from .data.privacy import MIN_ROWS_PER_VALUE
 from .decoding import DecodeStats, known_first_order, sample_tokens
 from .kinds import ModelKind, model_kind
 from .models import TableDenoiser
@@ -24,7 +25,7 @@ from .token_store import prepare_token_store
 from .train import Budget, EpochRecord, TrainConfig, Trainer, atomic_save, estimate_nelbo, row_nelbo
 
 #: The version of the files save() and checkpoints write; load() and resume read this one only.
-_FORMAT = "fastmdm-tabular-6"
+_FORMAT = "fastmdm-tabular-7"
 #: The architecture of a static-order model when none is named.
 DEFAULT_ARCHITECTURE = model_kind(None, "static").architecture
 #: TrainConfig fields that say how this process runs (a progress bar, bfloat16 on CUDA), not
@@ -51,7 +52,12 @@ class TabularMDM:
     distribution PL(w) for the table) or "contextual" (the next column depends on the values
     generated so far; causal only; see fastmdm.models.orders);
     `num_bins` quantile bins per numeric column; `category_cap` most tokens per
-    categorical column (rarer values share an "other" token; see TableCodec.fit); `learn_schedule` learns w
+    categorical column (a memory bound: a value gets a token only when at least
+    MIN_ROWS_PER_VALUE training rows hold it, and rarer values share a rare token; see
+    TableCodec.fit); `rare_marker` False (the default) draws a generated rare cell among the
+    column's frequent categories from the model's conditional for its row, True lets the
+    model generate the rare token and writes it as OTHER_LABEL in text columns (missing
+    elsewhere), which shows where the long tail was; `learn_schedule` learns w
     (False keeps w = 1, the linear MDM); `estimator` "order" (order-space, low variance) or
     "tspace" (the paper's; bidirectional only); `model` keyword arguments of the denoiser
     (d_model, num_layers, num_heads, dim_feedforward, dropout); the rest are TrainConfig
@@ -64,12 +70,16 @@ class TabularMDM:
 
     def __init__(self, *, architecture: str | None = None, order: str = "static",
                  num_bins: int = DEFAULT_NUM_BINS,
-                 category_cap: int | None = DEFAULT_CATEGORY_CAP, learn_schedule: bool = True,
-                 device: str | torch.device = "auto", model: Mapping | None = None, **train_options):
+                 category_cap: int | None = DEFAULT_CATEGORY_CAP, rare_marker: bool = False,
+                 learn_schedule: bool = True, device: str | torch.device = "auto", model: Mapping | None = None,
+                 **train_options):
         self.config = TrainConfig(**train_options)
         self.kind: ModelKind = model_kind(architecture, order, self.config.estimator)
         self.num_bins = num_bins
         self.category_cap = category_cap
+        if not isinstance(rare_marker, bool):
+            raise TypeError(f"rare_marker must be True or False, got {rare_marker!r}")
+        self.rare_marker = rare_marker
         self.learn_schedule = learn_schedule
         self.device = _resolve_device(device)
         self.model_options = dict(model or {})
@@ -135,6 +145,7 @@ class TabularMDM:
                     category_cap=self.category_cap)
             else:
                 train_tokens, val_tokens = self._encode_frame(data, validation, categorical, fit_codec=state is None)
+            self._report_rare_pools()
             # Training seeds the global stream (initial weights, dropout) from its own seed, in a
             # fork of the caller's streams, which are as they were when fit returns.
             cleanup.enter_context(torch.random.fork_rng(
@@ -150,6 +161,26 @@ class TabularMDM:
             self.history = trainer.fit(train_tokens, val_tokens, checkpoint, extra_state=self._metadata)
         self._use_ema(trainer)
         return self
+
+    def _report_rare_pools(self) -> None:
+        """The fit log's account of each categorical column's rare pool: the share of its rows
+        holding a value with no token (printed with `progress`), and a warning for a column
+        where no value has one, since no value of it can be generated."""
+        empty = [column for column in self.codec.columns
+                 if not self.codec.is_numeric[self.codec.columns.index(column)]
+                 and not self.codec.column(column).categories]
+        if empty:
+            shown = f"{OTHER_LABEL!r} in text columns, else missing" if self.rare_marker else "missing"
+            warnings.warn(f"no value of column(s) {empty} is held by {MIN_ROWS_PER_VALUE} or more training rows, so "
+                          f"none may be generated (fastmdm.data.privacy): they come back {shown}. Drop them before "
+                          "fitting, or group their values into coarser ones", stacklevel=3)
+        shares = {name: share for name, share in self.codec.rare_shares().items() if share > 0}
+        first_rank = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+        if shares and self.config.progress and first_rank:
+            generated = repr(OTHER_LABEL) if self.rare_marker else "frequent categories"
+            print(f"rare pool (share of rows holding a value fewer than {MIN_ROWS_PER_VALUE} rows hold or beyond "
+                  f"category_cap; not stored, generated as {generated}): "
+                  + ", ".join(f"{name!r} {share:.1%}" for name, share in shares.items()), flush=True)
 
     def _build_model(self) -> None:
         """A fresh denoiser and schedule for the codec's columns, from this model's settings."""
@@ -192,7 +223,8 @@ class TabularMDM:
         config = {k: v for k, v in dataclasses.asdict(self.config).items() if k not in RUN_TIME_FIELDS}
         return {"format": _FORMAT, "codec": self.codec.state_dict(), "architecture": self.architecture,
                 "order": self.order, "model_options": self.model_options, "learn_schedule": self.learn_schedule,
-                "num_bins": self.num_bins, "category_cap": self.category_cap, "train_config": config}
+                "num_bins": self.num_bins, "category_cap": self.category_cap, "rare_marker": self.rare_marker,
+                "train_config": config}
 
     # ------------------------------------------------------------------------- using it
     def _require_fitted(self) -> None:
@@ -314,10 +346,10 @@ class TabularMDM:
                 tokens = self._sample_tokens(len(rows), known, known_mask, batch_size=len(rows),
                                              generator=generator, restrictions=restrictions, stats=stats, **options)
                 if restrictions is None:
-                    frame = self.codec.decode(tokens, generator=generator)
+                    frame = self.codec.decode(tokens, generator=generator, rare_marker=self.rare_marker)
                 else:
                     frame = self.codec.decode(tokens, generator=generator, ranges=restrictions.ranges,
-                                              choices=restrictions.choices)
+                                              choices=restrictions.choices, rare_marker=self.rare_marker)
                     frame = restrictions.enforce_rules(self.codec, tokens, frame, generator)
                 if given is not None:
                     frame = self.codec.keep_given(given, frame)
@@ -355,10 +387,12 @@ class TabularMDM:
         return os.fspath(target)
 
     def _sample_tokens(self, num_rows: int, known, known_mask, **options) -> torch.Tensor:
-        """Token rows from the fitted denoiser and schedule, returned on the CPU."""
+        """Token rows from the fitted denoiser and schedule, returned on the CPU; the rare
+        tokens are never drawn unless the model keeps the marker."""
         return sample_tokens(self.denoiser, self.schedule.w.detach(), self.codec.mask_ids.to(self.device),
                              self.codec.offsets.to(self.device), num_rows, known=known, known_mask=known_mask,
-                             decode=self.kind.decoder(options.get("speculative")), **options).cpu()
+                             decode=self.kind.decoder(options.get("speculative")),
+                             never_drawn=None if self.rare_marker else self.codec.rare_tokens(), **options).cpu()
 
     def _condition_frame(self, conditions, num_rows: int) -> pd.DataFrame:
         """The conditions as num_rows rows of the model's columns; NaN marks a free cell."""
@@ -383,7 +417,7 @@ class TabularMDM:
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         filled = self._sample_tokens(len(df), tokens.to(self.device), known.to(self.device), steps=steps,
                                      speculative=speculative, temperature=temperature, batch_size=batch_size, generator=generator)
-        decoded = self.codec.decode(filled, generator=generator)
+        decoded = self.codec.decode(filled, generator=generator, rare_marker=self.rare_marker)
         decoded.index = df.index
         return self.codec.keep_given(df, decoded)   # known cells exactly, in the fitted dtypes
 
@@ -487,6 +521,7 @@ class TabularMDM:
                              f"fastmdm reads {_FORMAT!r} only: train the model again")
         self.kind = model_kind(state["architecture"], state["order"])
         self.learn_schedule = state["learn_schedule"]
+        self.rare_marker = state["rare_marker"]
         self.model_options = dict(state["model_options"])
         self.num_bins, self.category_cap = state["num_bins"], state["category_cap"]
         run_time = {name: getattr(self.config, name) for name in RUN_TIME_FIELDS}

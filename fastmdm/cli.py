@@ -41,6 +41,10 @@ def _add_training_options(parser: argparse.ArgumentParser, epochs: int | None) -
     parser.add_argument("--fixed-schedule", action="store_true",
                         help="keep w = 1 (linear MDM) instead of learning the schedule")
     parser.add_argument("--num-bins", type=int, default=None, help="quantile bins per numeric column")
+    parser.add_argument("--rare-marker", action="store_true",
+                        help="let the model generate a categorical column's rare pool (values too few training "
+                             "rows hold to be stored) and write it as '(other)' in text columns, missing elsewhere; "
+                             "by default those cells are drawn among the frequent categories")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
 
@@ -59,7 +63,7 @@ def _model_from_args(args):
     from .api import TabularMDM
     from .data import DEFAULT_NUM_BINS
     return TabularMDM(architecture=args.architecture, order=args.order, num_bins=args.num_bins or DEFAULT_NUM_BINS,
-                      learn_schedule=not args.fixed_schedule,
+                      learn_schedule=not args.fixed_schedule, rare_marker=args.rare_marker,
                       device=args.device, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
                       lr=args.lr,
                       estimator=args.estimator, seed=args.seed)

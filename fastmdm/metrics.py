@@ -40,6 +40,7 @@ from sklearn.preprocessing import MinMaxScaler, OneHotEncoder
 
 from .data import infer_categorical, is_time_dtype, to_plain
 from .data.types import check_finite
+from .data.privacy import MIN_ROWS_PER_VALUE
 
 __all__ = [
     "ALL_METRICS",
@@ -55,6 +56,7 @@ __all__ = [
     "score_reference",
     "evaluate",
     "format_report",
+    "rare_pool_shares",
 ]
 
 ALL_METRICS = ("shape", "trend", "alpha", "beta", "c2st", "c2st_xgb", "mle", "dcr_share", "exact_copies")
@@ -478,6 +480,20 @@ def privacy(train: pd.DataFrame, holdout: pd.DataFrame, synth: pd.DataFrame) -> 
     return {"dcr_share": closer / (closer + farther), "exact_copies": float(copies.mean())}
 
 
+def rare_pool_shares(real: pd.DataFrame) -> pd.Series:
+    """Per categorical column of ``real`` (the codec's typing rule), the share of its rows with
+    a value that hold one fewer than ``MIN_ROWS_PER_VALUE`` rows hold: the rows a model fitted
+    on ``real`` puts in the column's rare pool, whose values it neither stores nor generates
+    (``fastmdm.data.privacy``)."""
+    shares = {}
+    for name in real.columns:
+        if infer_categorical(real[name]):
+            present = real[name].dropna().astype(object)
+            counts = present.map(present.value_counts())
+            shares[name] = float((counts < MIN_ROWS_PER_VALUE).mean()) if len(present) else 0.0
+    return pd.Series(shares, dtype=float, name="rare_pool_share")
+
+
 def _mle_grid(seed: int, n_jobs: int) -> list[dict]:
     """Every combination of ``_MLE_GRID`` as XGBoost keyword arguments."""
     fixed = {"tree_method": "hist", "n_jobs": n_jobs, "random_state": seed}
@@ -636,6 +652,7 @@ def evaluate(
         label, scores = score_reference(real, len(synth), test=test, seed=seed, **options)
         rows[label] = scores
     results = pd.DataFrame.from_dict(rows, orient="index")
+    results.attrs["rare_pool_shares"] = rare_pool_shares(real)
     if report is not None:
         from .report import write_report
         write_report(report, real, synth, results, embed=_privacy_embedding, descriptions=_DESCRIPTIONS, test=test,
@@ -668,4 +685,8 @@ def format_report(results: pd.DataFrame | Mapping[str, float]) -> str:
     for metric in table.columns:
         values = "  ".join(f"{'':>{w}}" if pd.isna(v) else f"{v:>{w}.4f}" for v, w in zip(table[metric], widths))
         lines.append(f"{metric:<{metric_width}}  {values}  {_DESCRIPTIONS.get(metric, '')}".rstrip())
+    pooled = table.attrs.get("rare_pool_shares", pd.Series(dtype=float)).loc[lambda shares: shares > 0]
+    if len(pooled):
+        lines.append(f"rare pool (rows holding a value fewer than {MIN_ROWS_PER_VALUE} real rows hold; never generated): "
+                     + ", ".join(f"{name} {share:.1%}" for name, share in pooled.items()))
     return "\n".join(lines)

@@ -10,6 +10,7 @@ import torch
 import fastmdm.train
 from fastmdm import TabularMDM
 from fastmdm.data import TableCodec
+from fastmdm.data.privacy import MIN_ROWS_PER_VALUE
 from fastmdm.train import (LARGE_TABLE_EPOCHS, MAX_FLOOR_STEPS, MIN_ROWS_SEEN, TrainConfig,
                            marginal_nelbo)
 
@@ -62,8 +63,10 @@ def test_explicit_budgets_and_errors():
 
 
 def test_marginal_nelbo_is_the_sum_of_column_entropies():
-    """Against pandas' value counts on a table with a missing value and a rare category."""
-    df = pd.DataFrame({"a": ["x", "y", "y", "z", "y", "x", None, "y"], "b": [1, 1, 2, 2, 2, 2, 2, 2]})
+    """Against pandas' value counts on a table with a missing value and an infrequent category
+    (each value repeated MIN_ROWS_PER_VALUE times, so that it has a token of its own)."""
+    df = pd.concat([pd.DataFrame({"a": ["x", "y", "y", "z", "y", "x", None, "y"], "b": [1, 1, 2, 2, 2, 2, 2, 2]})]
+                   * MIN_ROWS_PER_VALUE, ignore_index=True)
     codec = TableCodec.fit(df, categorical=["a", "b"])
     expected = sum(-(p * np.log(p)).sum() for p in (df[c].value_counts(normalize=True, dropna=False)
                                                     for c in df.columns))

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from fastmdm.data import DEFAULT_NUM_BINS, KEY_MIN_VALUES, OTHER_LABEL, TableCodec, infer_categorical
 from fastmdm.datasets import TARGETS, TASKS, load, load_csv
+from fastmdm.data.privacy import MIN_ROWS_PER_VALUE
 
 
 def ks_statistic(a, b) -> float:
@@ -135,14 +136,15 @@ def test_categorical_threshold_and_override(small):
 
 
 def test_extension_dtypes_round_trip():
-    df = pd.DataFrame({
+    df = pd.concat([pd.DataFrame({
         "cat": pd.Categorical(["x", "y", None, "x"], categories=["y", "x", "unused"]),
         "s": pd.array(["u", None, "v", "u"], dtype="string"),
         "i": pd.array([1, None, 3, 4], dtype="Int64"),
         "f32": np.array([0.5, 1.5, 2.5, 3.5], dtype=np.float32),
-    })
+    })] * MIN_ROWS_PER_VALUE, ignore_index=True)
     codec = TableCodec.fit(df, max_categories=0)
-    assert codec.cardinalities[0] == 5  # declared categories + "other" + missing
+    assert codec.cardinalities[0] == 4  # the categories rows hold + "other" + missing
+    assert list(codec.column("cat").pandas_dtype.categories) == ["y", "x", "unused"]   # a declared, unheld one stays
     out = codec.decode(codec.encode(df), gen())
     assert out.dtypes.equals(df.dtypes)
     assert out["cat"].equals(df["cat"]) and out["s"].equals(df["s"])
@@ -247,7 +249,7 @@ def test_state_dict_weights_only_round_trip(adult, adult_codec, tmp_path):
 def test_state_dict_rejects_other_versions(small, version):
     state = TableCodec.fit(small).state_dict()
     state["version"] = version
-    with pytest.raises(ValueError, match=f"version {version} .*reads version 3.*refit"):
+    with pytest.raises(ValueError, match=f"version {version} .*reads version 4.*refit"):
         TableCodec.from_state_dict(state)
 
 
@@ -331,11 +333,25 @@ def test_encode_decode_invariants(df, num_bins, seed):
     tokens = codec.encode(df)
     assert bool((tokens >= 0).all()) and bool((tokens < codec.mask_ids).all())
     out = codec.decode(tokens, gen(seed))
-    assert out.dtypes.equals(df.dtypes) and out.isna().equals(df.isna())
-    assert torch.equal(codec.encode(out), tokens)
-    for col, numeric in zip(codec.columns, codec.is_numeric):
-        if not numeric:
-            assert out[col].equals(df[col])
+    # A category fewer than MIN_ROWS_PER_VALUE rows hold has no token and is never written out:
+    # its cells decode to a category of the column by frequency, or, in a column with none,
+    # to missing (which an integer dtype cannot hold).
+    rare = pd.DataFrame({col: df[col].notna() & (df[col].map(df[col].value_counts()) < MIN_ROWS_PER_VALUE)
+                         if not numeric else False for col, numeric in zip(codec.columns, codec.is_numeric)},
+                        index=df.index).astype(bool)
+    empty = [col for col, numeric in zip(codec.columns, codec.is_numeric)
+             if not numeric and not codec.column(col).categories]
+    assert out.drop(columns=empty).dtypes.equals(df.drop(columns=empty).dtypes)
+    assert out.isna().equals(df.isna() | rare[empty].reindex(columns=df.columns, fill_value=False).astype(bool))
+    again, known = codec.encode_partial(out)
+    kept = torch.from_numpy((~rare).to_numpy()) & known
+    assert torch.equal(again[kept], tokens[kept])
+    for l, (col, numeric) in enumerate(zip(codec.columns, codec.is_numeric)):
+        if col in empty:
+            assert out[col].isna().all()
+        elif not numeric:
+            assert out[col][~rare[col]].equals(df[col][~rare[col]])
+            assert (again[torch.from_numpy(rare[col].to_numpy()), l] < len(codec.column(col).categories)).all()
         else:
             assert codec.cardinalities[codec.columns.index(col)] <= num_bins + int(df[col].isna().any())
             if pd.api.types.is_integer_dtype(df[col].dtype):
@@ -446,32 +462,39 @@ def tail_numbers(rows: int = 4000, seed: int = 0) -> pd.DataFrame:
     return pd.DataFrame({"tail": [f"N{i:04d}" for i in ids], "x": rng.normal(size=rows)})
 
 
-def test_category_cap_shares_one_token_among_rare_values():
+def test_rare_and_capped_values_share_one_token():
     df = tail_numbers()
     counts = df["tail"].value_counts()
-    assert len(counts) > 200
+    frequent = counts[counts >= MIN_ROWS_PER_VALUE]
+    assert len(counts) > 200 and 49 < len(frequent) < len(counts)
     codec = TableCodec.fit(df, category_cap=50)
     assert codec.cardinalities[0] == 50  # 49 most frequent + "other"
     tokens = codec.encode(df)
     other = tokens[:, 0] == 49
     kept = set(counts.index[:49])
     assert set(df.loc[(~other).numpy(), "tail"]) == kept  # ties broken by category order
-    out = codec.decode(tokens, gen())
-    assert torch.equal(codec.encode(out), tokens)
-    assert (out.loc[other.numpy(), "tail"] == OTHER_LABEL).all()  # no rare value is kept to copy
-    assert codec.state_dict()["columns"][0]["capped"] and not codec.state_dict()["columns"][1].get("capped")
-    assert set(codec.state_dict()["columns"][0]["categories"]) == kept
+    state = codec.state_dict()["columns"][0]
+    assert set(state["categories"]) == kept and state["rare_rows"] == int(other.sum())
+    assert codec.rare_shares()["tail"] == pytest.approx(float(other.float().mean()))
+    marked = codec.decode(tokens, gen(), rare_marker=True)
+    assert torch.equal(codec.encode(marked), tokens)
+    assert (marked.loc[other.numpy(), "tail"] == OTHER_LABEL).all()  # no rare value is kept to copy
+    assert codec.decode(tokens, gen())["tail"].isin(kept).all()       # without the marker: a kept value
     assert codec.encode(pd.DataFrame({"tail": ["never-seen"], "x": [0.0]}))[0, 0] == 49  # unseen -> other
-    assert TableCodec.fit(df, category_cap=None).cardinalities[0] == len(counts) + 1
+    # Uncapped: a token for every value at least MIN_ROWS_PER_VALUE rows hold, and no other.
+    uncapped = TableCodec.fit(df, category_cap=None)
+    assert uncapped.column("tail").categories == sorted(frequent.index)
 
 
-def test_category_cap_keeps_a_category_dtype():
+def test_a_category_dtype_names_no_rare_category():
     df = tail_numbers(2000)
     df["tail"] = df["tail"].astype("category")
+    counts = df["tail"].value_counts()
     codec = TableCodec.fit(df, category_cap=10)
     tokens = codec.encode(df)
-    out = codec.decode(tokens, gen())
-    assert out["tail"].dtype == df["tail"].dtype  # every declared category, also the rare ones
+    out = codec.decode(tokens, gen(), rare_marker=True)
+    # The declared order, without the categories 1 to MIN_ROWS_PER_VALUE - 1 rows hold.
+    assert list(out["tail"].cat.categories) == [c for c in df["tail"].cat.categories if counts[c] >= MIN_ROWS_PER_VALUE]
     assert out["tail"].isna().equals(pd.Series((tokens[:, 0] == 9).numpy()))  # "other": not a category
 
 
@@ -526,7 +549,7 @@ def test_unseen_values_take_the_other_token():
     assert tokens[:, 0].tolist() == [2, 1] and tokens[:, 1].tolist() == [4, 1] and tokens[:, 2].tolist() == [2, 0]
     out = codec.decode(tokens, gen())
     assert out.dtypes.equals(df.dtypes) and out.iloc[1].tolist() == ["Oslo", 2, "a"]
-    # No training row held "other" in these uncapped columns: it decodes to a category by frequency.
+    # Without the marker, a rare token the sampler did not draw decodes to a category by frequency.
     many = codec.decode(tokens[[0] * 4000], gen())
     assert set(many["city"]) == {"Oslo", "Lima"} and abs((many["city"] == "Oslo").mean() - 0.5) < 0.03
     assert set(many["nights"]) == {1, 2, 3, 4} and set(many["cat"]) == {"a", "b"}

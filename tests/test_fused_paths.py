@@ -14,6 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from fastmdm import TabularMDM
+from fastmdm.data.privacy import MIN_ROWS_PER_VALUE
 
 TINY = dict(d_model=8, num_layers=1, num_heads=2, dim_feedforward=8)
 
@@ -32,9 +33,10 @@ class RefuseVocabularyWide(TorchDispatchMode):
 
 
 def wide_table(rows: int = 6000) -> pd.DataFrame:
-    """A 3,000-category column (every value twice, so not a unique key) next to small ones."""
+    """A 1,200-category column (every value held by MIN_ROWS_PER_VALUE = 5 rows: a token each,
+    and not a unique key) next to small ones."""
     rng = np.random.default_rng(0)
-    return pd.DataFrame({"wide": np.repeat(np.arange(rows // 2), 2).astype(str),
+    return pd.DataFrame({"wide": np.repeat(np.arange(rows // MIN_ROWS_PER_VALUE), MIN_ROWS_PER_VALUE).astype(str),
                          "small": rng.choice(["a", "b"], rows), "x": rng.normal(size=rows)})
 
 
@@ -55,7 +57,7 @@ def test_default_paths_never_build_vocabulary_wide_logits(architecture, sample_o
     df = wide_table()
     model = TabularMDM(architecture=architecture, epochs=1, batch_size=1024, category_cap=None,
                        progress=False, model=TINY)
-    vocab = 3001 + 3 + model.num_bins          # with each categorical column's "other" token; checked below
+    vocab = 1201 + 3 + model.num_bins          # with each categorical column's "other" token; checked below
     with RefuseVocabularyWide(vocab, TINY["d_model"]):
         model.fit(df)
         assert np.isfinite(model.nelbo(df.head(50)))

@@ -7,14 +7,15 @@ sketch, at the column's observed precision; point masses (capital-gain = 0) come
 exactly. The codec stores quantile levels, never training rows' values (see `NumericColumn`).
 A column that had missing values when fitted gets one extra token for "missing".
 
-Every categorical column has an "other" token, after its categories: values it has no token
-for, that is, categories first seen after fitting (a held-out split's) and, in a column with
-more than `category_cap` values, the rare ones beyond the cap. So any split of a table
-encodes, and the model scores an unseen category by the probability it gives "other" (learnt
-from the rare values' share in a capped column; in other columns the model never sees the
-token in training, so an unseen value costs what a never-seen token costs, typically several
-nats). See `CategoricalColumn` for what "other" decodes to: the codec keeps no list of rare
-values to copy.
+Every categorical column has a rare ("other") token, after its categories: values it has no
+token for, that is, values fewer than `MIN_ROWS_PER_VALUE` training rows hold
+(`fastmdm.data.privacy`), frequent values beyond `category_cap`, and categories first seen
+after fitting (a held-out split's). So any split of a table encodes, and the model scores an
+unseen category by the probability it gives the rare token (learnt from the rare values'
+share in a column that had some; in other columns the model never sees the token in
+training, so an unseen value costs what a never-seen token costs, typically several nats).
+See `CategoricalColumn` for what the rare token decodes to: the codec keeps no list of rare
+values to copy, and `rare_tokens` names the tokens samplers must not draw.
 
 How a column is typed and how time columns become numbers: `fastmdm.data.types`.
 """
@@ -34,7 +35,7 @@ from .types import (DEFAULT_MAX_CATEGORIES, check_finite, check_supported, examp
 
 __all__ = ["TableCodec"]
 
-_STATE_VERSION = 3
+_STATE_VERSION = 4
 
 
 class TableCodec:
@@ -73,9 +74,10 @@ class TableCodec:
         columns and integer-valued numeric columns with <= max_categories distinct values are
         categorical, other numeric columns (datetimes and timedeltas included) get up to
         num_bins quantile bins. A list names exactly the categorical columns.
-        A categorical column with more than `category_cap` values keeps a token for the
-        category_cap - 1 most frequent ones; the rest share the "other" token every categorical
-        column has for values it has no token for (None: no cap).
+        A categorical column keeps a token for each value at least MIN_ROWS_PER_VALUE rows
+        hold, and of those, beyond `category_cap`, for the category_cap - 1 most frequent
+        (None: no cap); the rest share the rare token every categorical column has for values
+        it has no token for.
         A categorical column that looks like a unique key (most rows hold a value seen once) is
         refused with a message naming it; all-distinct integers (row ids) get a warning.
 
@@ -191,8 +193,9 @@ class TableCodec:
     def keep_given(self, given: pd.DataFrame, decoded: pd.DataFrame) -> pd.DataFrame:
         """`decoded` with every known (non-NaN) cell of `given` put back as given, in the
         fitted dtype (text parsed as encoding does). A token is a numeric bin or the shared
-        "other" token, and decoding draws a number inside the bin or writes OTHER_LABEL, so
-        the tokens alone would not return a conditioned or imputed row's known values."""
+        rare token, and decoding draws a number inside the bin or does not write the rare
+        value, so the tokens alone would not return a conditioned or imputed row's known
+        values."""
         self._check_frame(given)
         if len(given) != len(decoded):
             raise ValueError(f"given has {len(given)} rows but decoded has {len(decoded)}")
@@ -212,15 +215,15 @@ class TableCodec:
         return out
 
     def decode(self, tokens: torch.Tensor, generator: torch.Generator | None = None, *,
-               ranges: dict | None = None, choices: dict | None = None) -> pd.DataFrame:
+               ranges: dict | None = None, choices: dict | None = None, rare_marker: bool = False) -> pd.DataFrame:
         """DataFrame with the fitted column names, order and dtypes.
 
         Numeric bins decode to a number drawn inside the bin (random via `generator`, a CPU
-        torch.Generator; see `NumericColumn`); missing tokens decode to NaN; "other" tokens as
-        `CategoricalColumn` says. Rows sampled under set or range conditions
-        (`fastmdm.conditions`) pass them: `ranges` {numeric column: (low, high)} draws the
-        numbers inside the range, `choices` {column: values} decodes "other" to one of a set's
-        values that have no token.
+        torch.Generator; see `NumericColumn`); missing tokens decode to NaN; rare tokens as
+        `CategoricalColumn` says (OTHER_LABEL in text columns with `rare_marker`). Rows
+        sampled under set or range conditions (`fastmdm.conditions`) pass them: `ranges`
+        {numeric column: (low, high)} draws the numbers inside the range, `choices` {column:
+        values} decodes the rare token to one of a set's values that have no token.
         """
         check_tensor("tokens", tokens, ndim=2, dtypes=INT_DTYPES)
         if tokens.shape[1] != self.num_columns:
@@ -239,9 +242,22 @@ class TableCodec:
                 out[column.name] = column.decode(codes, missing, generator, ranges[column.name])
             elif not column.is_numeric and choices and column.name in choices:
                 out[column.name] = column.decode(codes, missing, generator, choices[column.name])
-            else:
+            elif column.is_numeric:
                 out[column.name] = column.decode(codes, missing, generator)
+            else:
+                out[column.name] = column.decode(codes, missing, generator, marker=rare_marker)
         return pd.DataFrame(out, columns=self.columns)
+
+    def rare_tokens(self) -> list[int]:
+        """The rare token of every categorical column that has a frequent category, as ids of the
+        flat [sum K_l] vocabulary: the tokens a sampler draws no value from unless the model
+        keeps the marker (a column with no frequent category has nothing else to draw)."""
+        return [int(self.offsets[l]) + len(column.categories) for l, column in enumerate(self._columns)
+                if not column.is_numeric and column.categories]
+
+    def rare_shares(self) -> dict:
+        """{categorical column: the share of its training rows with a value that hold a rare one}."""
+        return {column.name: column.rare_share for column in self._columns if not column.is_numeric}
 
     def column(self, name) -> CategoricalColumn | NumericColumn:
         """How the column `name` is coded: its categories, or its bins and quantile sketch."""
@@ -272,7 +288,7 @@ class TableCodec:
         for c in state["columns"]:
             common = (c["name"], c["dtype"], c["has_missing"])
             if c["kind"] == "categorical":
-                columns.append(CategoricalColumn(*common, list(c["categories"]), list(c["counts"]), c["capped"],
+                columns.append(CategoricalColumn(*common, list(c["categories"]), list(c["counts"]), c["rare_rows"],
                                             c["domain"], c["ordered"]))
             else:
                 columns.append(NumericColumn(*common, c["lefts"], c["sketch"], c["step"], c["decimals"]))

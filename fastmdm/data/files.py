@@ -19,9 +19,10 @@ import numpy as np
 import pandas as pd
 
 from ..datasets import _iso_dates
-from .categorical import DEFAULT_CATEGORY_CAP
+from .categorical import DEFAULT_CATEGORY_CAP, frequent_categories
 from .codec import TableCodec
 from .numeric import DEFAULT_NUM_BINS
+from .privacy import MIN_ROWS_PER_VALUE
 from .types import (DEFAULT_MAX_CATEGORIES, check_finite, exact_values, is_numeric_plain, is_time_dtype,
                     python_scalar, to_plain)
 
@@ -226,16 +227,19 @@ class _ColumnPass:
         return values
 
     def fix_vocabulary(self, entry: dict, category_cap: int | None) -> None:
-        """Give a categorical column's state (fitted on the reservoir) every value of the
-        table, or, beyond category_cap, the cap - 1 most frequent ones by exact count (the
-        rest take the "other" token)."""
+        """Give a categorical column's state (fitted on the reservoir) the table's frequent
+        categories by exact count (`frequent_categories`: held by at least MIN_ROWS_PER_VALUE
+        rows, within category_cap) and the exact count of the rows in its rare pool; a
+        category dtype keeps the declared categories `CategoricalColumn` keeps."""
         values = self.categories()
-        counts = pd.Series([self.counts.get(v, 0) for v in values], index=pd.Index(values, dtype=object))
-        entry["capped"] = category_cap is not None and len(values) > category_cap
-        if entry["capped"]:
-            kept = set(counts.sort_values(ascending=False, kind="stable").index[:category_cap - 1])
-            values = [v for v in values if v in kept]
-        entry["categories"], entry["counts"] = values, [int(counts[v]) for v in values]
+        count = [self.counts.get(v, 0) for v in values]
+        kept = frequent_categories(pd.Series(count, index=pd.Index(values, dtype=object), dtype=np.int64),
+                                   category_cap)
+        if entry["domain"] is not None:
+            entry["domain"] = [v for v, n in zip(values, count) if n == 0 or n >= MIN_ROWS_PER_VALUE]
+        entry["categories"] = [v for v in values if v in kept]
+        entry["counts"] = [n for v, n in zip(values, count) if v in kept]
+        entry["rare_rows"] = sum(count) - sum(entry["counts"])
 
 
 def _keep_smallest(frame: pd.DataFrame | None, keys: np.ndarray | None, chunk: pd.DataFrame,
@@ -265,10 +269,11 @@ def fit_codec(chunks: Iterable[pd.DataFrame], *, num_bins: int = DEFAULT_NUM_BIN
     One pass keeps a uniform reservoir sample of `reservoir_rows` rows and, exactly over all
     rows, each column's dtype, whether it has missing values, and the counts of the values
     of categorical columns. `TableCodec.fit` then runs on the reservoir with the categorical
-    columns decided by the exact pass, and the exact categories (up to category_cap, chosen
-    by exact counts) and missing flags replace the reservoir's. So every category of the
-    table has its token, or the "other" token beyond the cap (as does a category only seen
-    later, at encode time, in any codec), while numeric bins, the quantile sketch they decode
+    columns decided by the exact pass, and the exact categories (those at least
+    MIN_ROWS_PER_VALUE rows hold, up to category_cap, chosen by exact counts), rare-pool
+    counts and missing flags replace the reservoir's. So every frequent category of the table
+    has its token and the others share the rare token (as does a category only seen later,
+    at encode time, in any codec), while numeric bins, the quantile sketch they decode
     from and the unique-key check come from the reservoir. With at most reservoir_rows rows the
     result equals TableCodec.fit on the whole table.
 

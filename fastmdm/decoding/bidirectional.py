@@ -24,7 +24,7 @@ def sample_bidirectional(denoiser, w, layout: ColumnLayout, steps, temperature, 
         order, step_of_position, num_restricted = conditions_first_order(w, num_rows, steps, known_mask,
                                                                          restrictions.restricted, generator)
         step = torch.empty_like(order).scatter_(1, order, step_of_position)
-        weights = ImportanceWeights(restrictions, num_rows, w.device)
+        weights = ImportanceWeights(restrictions, layout, num_rows, w.device)
     x = layout.mask_id.expand(num_rows, w.numel()).clone()
     if known is not None:
         x = torch.where(known_mask, known, x)
@@ -45,7 +45,7 @@ def sample_bidirectional(denoiser, w, layout: ColumnLayout, steps, temperature, 
             if s < num_restricted:
                 x[rows, cols] = weights.draw(denoiser.heads, h, rows, cols, x, layout.mask_id, temperature, generator)
             else:
-                x[rows, cols] = denoiser.heads.sample(h, cols, temperature, generator)
+                x[rows, cols] = layout.draw(denoiser.heads, h, cols, temperature, generator)
             continue
         logits = denoiser(x_in)
         if tuple(logits.shape) != (x_in.shape[0], layout.vocab):

@@ -90,7 +90,7 @@ def sample_chunks(model, w: Tensor, layout: ColumnLayout, steps: int, temperatur
         order, step_of_position, num_restricted = conditions_first_order(w, num_rows, steps, known_mask,
                                                                          restrictions.restricted, generator)
         x_ord = ordered_values(order, known, known_mask, stats)
-        weights = ImportanceWeights(restrictions, num_rows, w.device)
+        weights = ImportanceWeights(restrictions, layout, num_rows, w.device)
     cache = model.empty_cache(num_rows)
     position = torch.arange(num_columns, device=w.device)
     unwritten = torch.zeros(num_rows, dtype=torch.long, device=w.device)   # positions >= this: not in the cache
@@ -116,8 +116,8 @@ def sample_chunks(model, w: Tensor, layout: ColumnLayout, steps: int, temperatur
             x_ord[rows, targets[rows, slots]] = weights.draw(model.heads, h[rows, slots], rows, columns[rows, slots],
                                                              x, layout.mask_id, temperature, generator)
         else:
-            x_ord[rows, targets[rows, slots]] = model.heads.sample(h[rows, slots], columns[rows, slots],
-                                                                   temperature, generator)
+            x_ord[rows, targets[rows, slots]] = layout.draw(model.heads, h[rows, slots], columns[rows, slots],
+                                                            temperature, generator)
         unwritten = torch.where(has_chunk, first + 1, unwritten)
     if restrictions is not None and num_restricted == num_steps:   # nothing but restricted columns to draw
         rows = weights.resample(generator, stats)
@@ -203,8 +203,8 @@ def sample_contextual(model, w: Tensor, layout: ColumnLayout, steps: int, temper
         written = (targets == positions) & valid
         cache, h, _ = model.extend(cache, *order_tokens(order, x_ord, targets, positions), written)
         rows, slots = valid.nonzero(as_tuple=True)
-        x_ord[rows, targets[rows, slots]] = model.heads.sample(h[rows, slots], columns[rows, slots],
-                                                               temperature, generator)
+        x_ord[rows, targets[rows, slots]] = layout.draw(model.heads, h[rows, slots], columns[rows, slots],
+                                                        temperature, generator)
         state = append(torch.where(written, num_columns, targets), valid.sum(1))
     if stats.orders is not None:
         stats.orders.append(order.cpu())

@@ -121,11 +121,12 @@ def resample(log_weights: Tensor, generator: torch.Generator | None) -> tuple[Te
 class ImportanceWeights:
     """The importance weights of rows whose restricted columns (set and range conditions,
     rules: fastmdm.conditions.TokenRestrictions) are drawn from restricted conditionals. Each
-    such draw multiplies its row's weight by the probability its restriction let through;
+    such draw multiplies its row's weight by the probability its restriction let through, a
+    share of the conditional the layout's `draw` would use (without the never-drawn tokens);
     once every restricted column is drawn, `resample` draws the rows by weight."""
 
-    def __init__(self, restrictions, num_rows: int, device: torch.device):
-        self.restrictions = restrictions
+    def __init__(self, restrictions, layout: "ColumnLayout", num_rows: int, device: torch.device):
+        self.restrictions, self.layout = restrictions, layout
         self.log_weights = torch.zeros(num_rows, dtype=torch.float64, device=device)
 
     def draw(self, heads, h: Tensor, rows: Tensor, columns: Tensor, x: Tensor, mask_id: Tensor,
@@ -134,6 +135,10 @@ class ImportanceWeights:
         far x [N, L] (mask ids where not drawn), each from its restricted conditional."""
         table, index = self.restrictions.cells(x, rows, columns, mask_id)
         values, log_mass = heads.sample(h, columns, temperature, generator, log_weights=table, restriction=index)
+        if self.layout.never_drawn is not None:
+            _, allowed = heads.sample(h, columns, temperature, generator, log_weights=self.layout.never_drawn,
+                                      restriction=self.layout.never_drawn_row[columns])
+            log_mass = log_mass - allowed
         self.log_weights.index_add_(0, rows, log_mass.double())
         return values
 
@@ -161,23 +166,58 @@ def gumbel_max(segments: Tensor, temperature: float, generator: torch.Generator 
 
 
 class ColumnLayout(NamedTuple):
-    """Where each column's values sit in the ragged [V] axis, as samplers need it."""
+    """Where each column's values sit in the ragged [V] axis, as samplers need it, and which
+    values no draw may take.
+
+    Never-drawn tokens (a categorical column's rare token: `fastmdm.data.TableCodec.rare_tokens`)
+    are the one rule every sampler applies through the layout: `draw` gives their probability
+    to the column's other values in proportion (the model's conditional renormalised over
+    them), and `segments` and the speculative decoder's logits put them at -inf like padding
+    (`pad_invalid`). Cells under a set, range or rule restriction
+    (`fastmdm.conditions.TokenRestrictions`) draw by their own pattern, which allows the rare
+    token only for set values without a token of their own.
+    """
     mask_id: Tensor      # [L] int64, K_l
     pad_index: Tensor    # [L, Kmax] flat index of each column's values (padding repeats one)
-    pad_invalid: Tensor  # [L, Kmax] True at padding
+    pad_invalid: Tensor  # [L, Kmax] True at padding and at never-drawn tokens
     vocab: int           # V = sum_l K_l
+    never_drawn: Tensor | None = None   # [1, V] float32 log weights: -inf at never-drawn tokens, else 0
+    never_drawn_row: Tensor | None = None   # [L] int64: 0 for columns with a never-drawn token, else -1
 
     @classmethod
-    def of(cls, mask_id: Tensor, offsets: Tensor) -> "ColumnLayout":
+    def of(cls, mask_id: Tensor, offsets: Tensor, never_drawn: list[int] | Tensor | None = None) -> "ColumnLayout":
         vocab = int(offsets[-1])
         pad_index, valid = segment_layout(offsets.long(), vocab)
-        return cls(mask_id.to(torch.int64), pad_index, ~valid, vocab)
+        invalid = ~valid
+        weights = rows = None
+        never = torch.as_tensor(never_drawn if never_drawn is not None else [], dtype=torch.int64,
+                                device=offsets.device)
+        if never.numel():
+            forbidden = torch.zeros(vocab, dtype=torch.bool, device=offsets.device)
+            forbidden[never] = True
+            invalid = invalid | forbidden[pad_index]
+            weights = torch.zeros(1, vocab, device=offsets.device).masked_fill(forbidden, float("-inf"))
+            column = torch.searchsorted(offsets.long(), never, right=True) - 1
+            rows = torch.full((len(offsets) - 1,), -1, dtype=torch.int64, device=offsets.device)
+            rows[column] = 0
+        return cls(mask_id.to(torch.int64), pad_index, invalid, vocab, weights, rows)
 
     def segments(self, logits: Tensor, rows: Tensor, columns: Tensor) -> Tensor:
         """Logits [M, Kmax] of column columns[i] in row rows[i] of ragged logits [N, V];
-        padding at -inf."""
+        padding and never-drawn tokens at -inf."""
         return logits[rows[..., None], self.pad_index[columns]].masked_fill(self.pad_invalid[columns],
                                                                             float("-inf"))
+
+    def draw(self, heads, h: Tensor, columns: Tensor, temperature: float,
+             generator: torch.Generator | None) -> Tensor:
+        """Values [M] of cells with states h [M, d] in columns [M], each drawn by the fused heads
+        (`fastmdm.models.base.RaggedHeads.sample`) from its column's conditional without the
+        never-drawn tokens."""
+        if self.never_drawn is None:
+            return heads.sample(h, columns, temperature, generator)
+        values, _ = heads.sample(h, columns, temperature, generator, log_weights=self.never_drawn,
+                                 restriction=self.never_drawn_row[columns])
+        return values
 
 
 @dataclass

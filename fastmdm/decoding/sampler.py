@@ -87,7 +87,7 @@ def sample_tokens(denoiser: Callable[[Tensor], Tensor], w: Tensor | PowerSchedul
                   known: Tensor | None = None, known_mask: Tensor | None = None,
                   batch_size: int = 4096, generator: torch.Generator | None = None,
                   progress: bool = False, stats: DecodeStats | None = None,
-                  restrictions=None) -> Tensor:
+                  restrictions=None, never_drawn: list[int] | Tensor | None = None) -> Tensor:
     """Generate num_rows rows of token ids [num_rows, L] (int64, every value in 0..K_l-1).
 
     denoiser: a callable x_t [n, L] -> ragged logits [n, V], or a causal denoiser
@@ -109,6 +109,9 @@ def sample_tokens(denoiser: Callable[[Tensor], Tensor], w: Tensor | PowerSchedul
     sizes of restricted sampling).
     restrictions: set and range conditions (fastmdm.conditions.TokenRestrictions), drawn
     first and followed by importance resampling within each batch; the same for every row.
+    never_drawn: token ids of the flat [V] vocabulary that no draw takes (a categorical
+    column's rare token, `fastmdm.data.TableCodec.rare_tokens`): each is drawn from the
+    denoiser's conditional renormalised over the column's other values (see ColumnLayout).
     """
     w, steps = _validate(w, mask_id, offsets, num_rows, steps, temperature, batch_size)
     if speculative is not None:
@@ -123,7 +126,7 @@ def sample_tokens(denoiser: Callable[[Tensor], Tensor], w: Tensor | PowerSchedul
     if restrictions is not None and speculative is not None:
         raise ValueError("set and range conditions are drawn one column at a time: leave speculative unset")
     extra = {} if restrictions is None else {"restrictions": restrictions}
-    layout = ColumnLayout.of(mask_id, offsets)
+    layout = ColumnLayout.of(mask_id, offsets, never_drawn)
     bar = None
     if progress:
         from tqdm.auto import tqdm

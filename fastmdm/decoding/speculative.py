@@ -24,6 +24,7 @@ def cell_logits(model, layout: ColumnLayout, h: Tensor, columns: Tensor) -> Tens
     samplers draw through the heads' chunked Gumbel-max and never build these. Each cell is
     scored against its own column's head only, one matrix product per column present: the
     work is K_l * d per cell, and nothing as wide as the vocabulary V = sum_l K_l is built.
+    The layout's never-drawn tokens are at -inf, like padding.
     """
     flat_h, flat_columns = h.reshape(-1, h.shape[-1]), columns.reshape(-1)
     weight, bias = (t.to(h.dtype) for t in model.heads.weight_and_bias())
@@ -36,7 +37,7 @@ def cell_logits(model, layout: ColumnLayout, h: Tensor, columns: Tensor) -> Tens
         if cells.numel():
             start, stop = offsets[column], offsets[column + 1]
             logits[cells, :stop - start] = torch.addmm(bias[start:stop], flat_h[cells], weight[start:stop].T)
-    return logits.view(*columns.shape, width)
+    return logits.masked_fill_(layout.pad_invalid[flat_columns], float("-inf")).view(*columns.shape, width)
 
 
 def _probabilities(logits: Tensor, temperature: float) -> Tensor:
