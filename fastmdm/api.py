@@ -25,7 +25,7 @@ from .token_store import prepare_token_store
 from .train import Budget, EpochRecord, TrainConfig, Trainer, atomic_save, estimate_nelbo, row_nelbo
 
 #: The version of the files save() and checkpoints write; load() and resume read this one only.
-_FORMAT = "fastmdm-tabular-7"
+_FORMAT = "fastmdm-tabular-6"
 #: The architecture of a static-order model when none is named.
 DEFAULT_ARCHITECTURE = model_kind(None, "static").architecture
 #: TrainConfig fields that say how this process runs (a progress bar, bfloat16 on CUDA), not
