@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 __all__ = ["DEFAULT_MAX_CATEGORIES", "KEY_MIN_VALUES", "is_time_dtype", "to_plain", "from_plain", "exact_values",
-           "is_numeric_plain", "check_supported", "check_finite", "infer_categorical", "python_scalar", "examples"]
+           "is_numeric_plain", "nullable_dtype", "check_supported", "check_finite", "infer_categorical", "python_scalar", "examples"]
 
 # Integer-valued numeric columns with at most this many distinct values are categorical
 # (Adult's education-num): a bin per value is exact and costs no more tokens.
@@ -92,7 +92,18 @@ def from_plain(values: np.ndarray, missing: np.ndarray, dtype) -> pd.Series:
             series = pd.Series(counts.view(dtype))
     else:
         series = pd.Series(values).astype(dtype)
-    return series.mask(missing) if missing.any() else series
+    if not missing.any():
+        return series
+    return series.astype(nullable_dtype(dtype)).mask(missing)
+
+
+def nullable_dtype(dtype):
+    """`dtype`, or pandas' nullable counterpart for a NumPy integer or bool dtype, which cannot
+    hold a missing value: a column fitted without missing values that decodes some (a column
+    none of whose values is frequent enough to emit) comes back Int64 or boolean, never float64."""
+    if isinstance(dtype, np.dtype) and dtype.kind in "iub":
+        return "boolean" if dtype.kind == "b" else f"{'U' if dtype.kind == 'u' else ''}Int{dtype.itemsize * 8}"
+    return dtype
 
 
 def exact_values(plain: pd.Series) -> np.ndarray:
