@@ -245,8 +245,9 @@ def fit_codec(chunks: Iterable[pd.DataFrame], *, num_bins: int = DEFAULT_NUM_BIN
     columns decided by the exact pass, and the exact categories (up to category_cap, chosen
     by exact counts) and missing flags replace the reservoir's. So every category of the
     table has its token, or the "other" token beyond the cap (as does a category only seen
-    later, at encode time, in any codec), while numeric bins, the quantile sketch they decode
-    from and the unique-key check come from the reservoir. With at most reservoir_rows rows the
+    later, at encode time, in any codec), while numeric bins, their atoms (values k reservoir
+    rows hold, so at least k table rows: `fastmdm.data.privacy`), the quantile sketch they
+    decode from and the unique-key check come from the reservoir. With at most reservoir_rows rows the
     result equals TableCodec.fit on the whole table.
 
     Memory: the reservoir, one chunk, and the value counts of the categorical columns.
