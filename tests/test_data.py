@@ -205,6 +205,32 @@ def test_round_values_come_back_on_the_same_values():
     assert amount.token_positions() == sorted(amount.token_positions())
 
 
+def test_a_range_restricts_atoms_and_residual_numbers_alike():
+    """range_weights give each bin's share of rows that decode into a range, atoms counted
+    exactly, and decoding with the range draws atoms and residual numbers in the data's
+    proportions inside it; value_bounds hold every decoded number."""
+    rng = np.random.default_rng(6)
+    grid = np.round(np.arange(5, 25, 0.25), 2)
+    rate = np.where(rng.random(6000) < 0.6, rng.choice(grid, 6000), np.round(rng.uniform(5, 25, 6000), 4))
+    codec = TableCodec.fit(pd.DataFrame({"rate": rate}))
+    column = codec.column("rate")
+    tokens = codec.encode(pd.DataFrame({"rate": rate}))[:, 0].numpy()
+    mass = np.bincount(tokens, minlength=codec.cardinalities[0])
+    for low, high in ((10.1, 12.3), (11.0, 11.0), (None, 6.0), (24.9, None)):
+        weights = column.range_weights(low, high)
+        inside = (rate >= (low if low is not None else -np.inf)) & (rate <= (high if high is not None else np.inf))
+        assert abs((weights * mass).sum() - inside.sum()) < 0.01 * len(rate) + 1, (low, high)
+        drawn = rng.choice(len(mass), 20_000, p=weights * mass / (weights * mass).sum())
+        out = column.decode(drawn, np.zeros(len(drawn), dtype=bool), gen(), (low, high))
+        assert out.between(low if low is not None else -np.inf, high if high is not None else np.inf).all()
+        on_grid = np.isin(rate[inside], grid).mean()
+        assert abs(out.isin(grid).mean() - on_grid) < 0.03, (low, high)
+    low, high = column.value_bounds()
+    out = codec.decode(torch.from_numpy(np.repeat(np.arange(len(mass)), 200))[:, None], gen())["rate"].to_numpy()
+    bins = np.repeat(np.arange(len(mass)), 200)
+    assert (out >= low[bins]).all() and (out <= high[bins]).all()
+
+
 def test_a_value_fewer_than_k_rows_hold_is_never_stored_nor_emitted(tmp_path):
     """Round incomes recur; an outlier held by one row and a value held by k - 1 rows are
     written nowhere in the model file and never come back, whichever way the model decodes."""
