@@ -10,6 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fastmdm.data import DEFAULT_NUM_BINS, KEY_MIN_VALUES, OTHER_LABEL, TableCodec, infer_categorical
+from fastmdm.data.numeric import MAX_VALUE_TOKENS
+from fastmdm.data.privacy import MIN_ROWS_PER_VALUE
 from fastmdm.datasets import TARGETS, TASKS, load, load_csv
 from fastmdm.data.privacy import MIN_ROWS_PER_VALUE
 
@@ -176,6 +178,90 @@ def test_token_positions_place_bins_at_their_middle_quantile():
     assert ordered[0] == pytest.approx(0.45, abs=0.01) and np.all(np.diff(ordered) > 0) and ordered[-1] < 1
 
 
+def test_round_values_come_back_on_the_same_values():
+    """Values that at least k rows hold are atoms, decoded exactly and as often as the data
+    holds them: round amounts (a token per value), and a rate grid inside a column that is
+    otherwise continuous (binned, atoms drawn inside their bins)."""
+    rng = np.random.default_rng(4)
+    amounts = rng.choice(np.arange(1, 41) * 1000, 4000, p=np.arange(80, 40, -1) / 2420)
+    rates = np.where(rng.random(4000) < 0.6, rng.choice(np.round(np.arange(5, 25, 0.25), 2), 4000),
+                     np.round(rng.uniform(5, 25, 4000), 4))
+    df = pd.DataFrame({"amount": amounts, "rate": rates})
+    codec = TableCodec.fit(df)
+    amount, rate = codec.column("amount"), codec.column("rate")
+    assert codec.cardinalities[0] == 40 and codec.cardinalities[1] <= DEFAULT_NUM_BINS
+    out = codec.decode(codec.encode(df), gen())
+    assert set(out["amount"]) <= set(df["amount"]) and out["amount"].dtype == df["amount"].dtype
+    frequencies = out["amount"].value_counts(normalize=True).sort_index()
+    expected = df["amount"].value_counts(normalize=True).sort_index()
+    assert np.abs(frequencies - expected).max() < 0.01
+    grid = df["rate"].value_counts()
+    grid = set(grid[grid >= MIN_ROWS_PER_VALUE].index)
+    assert len(rate.atoms) == len(grid) and set(rate.atoms.tolist()) == grid
+    on_grid = out["rate"].isin(grid).mean()
+    assert abs(on_grid - df["rate"].isin(grid).mean()) < 0.03             # atoms at the data's rate
+    assert ks_statistic(out["rate"], df["rate"]) < 0.03
+    off_grid = out["rate"][~out["rate"].isin(grid)]
+    assert off_grid.nunique() > 500                                       # between atoms: continuous
+    assert np.array_equal(np.round(off_grid, 4), off_grid)                # at the observed precision
+    assert amount.token_positions() == sorted(amount.token_positions())
+
+
+def test_a_range_restricts_atoms_and_residual_numbers_alike():
+    """range_weights give each bin's share of rows that decode into a range, atoms counted
+    exactly, and decoding with the range draws atoms and residual numbers in the data's
+    proportions inside it; value_bounds hold every decoded number."""
+    rng = np.random.default_rng(6)
+    grid = np.round(np.arange(5, 25, 0.25), 2)
+    rate = np.where(rng.random(6000) < 0.6, rng.choice(grid, 6000), np.round(rng.uniform(5, 25, 6000), 4))
+    codec = TableCodec.fit(pd.DataFrame({"rate": rate}))
+    column = codec.column("rate")
+    tokens = codec.encode(pd.DataFrame({"rate": rate}))[:, 0].numpy()
+    mass = np.bincount(tokens, minlength=codec.cardinalities[0])
+    for low, high in ((10.1, 12.3), (11.0, 11.0), (None, 6.0), (24.9, None)):
+        weights = column.range_weights(low, high)
+        inside = (rate >= (low if low is not None else -np.inf)) & (rate <= (high if high is not None else np.inf))
+        assert abs((weights * mass).sum() - inside.sum()) < 0.01 * len(rate) + 1, (low, high)
+        drawn = rng.choice(len(mass), 20_000, p=weights * mass / (weights * mass).sum())
+        out = column.decode(drawn, np.zeros(len(drawn), dtype=bool), gen(), (low, high))
+        assert out.between(low if low is not None else -np.inf, high if high is not None else np.inf).all()
+        on_grid = np.isin(rate[inside], grid).mean()
+        assert abs(out.isin(grid).mean() - on_grid) < 0.03, (low, high)
+    low, high = column.value_bounds()
+    out = codec.decode(torch.from_numpy(np.repeat(np.arange(len(mass)), 200))[:, None], gen())["rate"].to_numpy()
+    bins = np.repeat(np.arange(len(mass)), 200)
+    assert (out >= low[bins]).all() and (out <= high[bins]).all()
+
+
+def test_a_value_fewer_than_k_rows_hold_is_never_stored_nor_emitted(tmp_path):
+    """Round incomes recur; an outlier held by one row and a value held by k - 1 rows are
+    written nowhere in the model file and never come back, whichever way the model decodes."""
+    from fastmdm import TabularMDM
+    rng = np.random.default_rng(5)
+    rare = [173_412, 55_555]
+    income = np.concatenate([np.repeat(np.arange(20, 61) * 1000, 15), [rare[0]], [rare[1]] * (MIN_ROWS_PER_VALUE - 1)])
+    share = np.concatenate([np.round(rng.choice([0.1, 0.2, 0.3], 614) + 0.001 * rng.integers(0, 3, 614), 3),
+                            [0.9876] * (MIN_ROWS_PER_VALUE - 1), [0.05, 0.7777]])
+    df = pd.DataFrame({"income": rng.permutation(income), "share": share[rng.permutation(len(share))],
+                       "group": rng.choice(["a", "b"], len(income))})
+    model = TabularMDM(model=dict(d_model=16, num_layers=1, num_heads=2, dim_feedforward=32), epochs=1,
+                       batch_size=128, progress=False).fit(df)
+    model.save(tmp_path / "model.pt")
+    blob = (tmp_path / "model.pt").read_bytes()
+    stored = np.asarray(model.codec.column("income").atoms, dtype=np.int64)
+    assert len(stored) == 41 and sum(v.tobytes() in blob for v in stored) == 41     # the scan finds atoms
+    secret = [*rare, 0.9876, 0.05, 0.7777]
+    assert values_in(blob, secret) == 0
+    assert sum(np.int64(v).tobytes() in blob for v in rare) == 0
+    tokens = model.codec.encode(df)
+    for seed in range(20):
+        decoded = model.codec.decode(tokens, gen(seed))
+        assert not decoded["income"].isin(rare).any() and not decoded["share"].isin(secret[2:]).any()
+    synth = model.sample(2000, seed=0)
+    assert not synth["income"].isin(rare).any() and not synth["share"].isin(secret[2:]).any()
+    assert synth["income"].isin(stored).mean() > 0.95
+
+
 def test_out_of_range_values_clip():
     codec = TableCodec.fit(pd.DataFrame({"x": np.linspace(0, 1, 101)}), num_bins=4)
     tokens = codec.encode(pd.DataFrame({"x": [-5.0, 0.0, 1.0, 9.0]}))[:, 0].tolist()
@@ -206,7 +292,8 @@ def test_adult_round_trip(adult, adult_codec):
     train, test = adult
     codec = adult_codec
     assert codec.cardinalities[codec.columns.index("education-num")] == 17  # categorical (16 + "other")
-    assert max(k for k, num in zip(codec.cardinalities, codec.is_numeric) if num) <= DEFAULT_NUM_BINS
+    assert max(k for k, num in zip(codec.cardinalities, codec.is_numeric) if num) <= MAX_VALUE_TOKENS
+    assert codec.cardinalities[codec.columns.index("fnlwgt")] <= DEFAULT_NUM_BINS   # binned, not a token per value
     tokens = codec.encode(test)
     out = codec.decode(tokens, gen())
     assert out.dtypes.equals(test.dtypes)
@@ -245,7 +332,7 @@ def test_state_dict_weights_only_round_trip(adult, adult_codec, tmp_path):
     assert torch.equal(codec.offsets, adult_codec.offsets)
 
 
-@pytest.mark.parametrize("version", [1, 2, 99])
+@pytest.mark.parametrize("version", [1, 3, 99])
 def test_state_dict_rejects_other_versions(small, version):
     state = TableCodec.fit(small).state_dict()
     state["version"] = version

@@ -29,11 +29,12 @@ def test_output_shape_and_buffers():
 
 def test_default_size_on_adult():
     """The model TabularMDM builds by default for Adult, on the codec fit() learns from its train
-    split, has about the size of the paper's ~86K-parameter models (94K)."""
+    split, has about the size of the paper's ~86K-parameter models (113K, 479 tokens: age,
+    capital gain and loss and hours have a token per value)."""
     train, _ = datasets.load("adult")
     codec = TableCodec.fit(train)
     model = build_denoiser(DEFAULT_ARCHITECTURE, codec.cardinalities, token_positions=codec.token_positions())
-    assert 90_000 <= model.num_parameters() <= 98_000, (model.num_parameters(), codec.cardinalities)
+    assert 108_000 <= model.num_parameters() <= 118_000, (model.num_parameters(), codec.cardinalities)
 
 
 def test_config_round_trip():

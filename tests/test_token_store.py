@@ -143,6 +143,11 @@ def test_small_reservoir_keeps_categories_and_missing_exact(table, files):
     streamed.encode(table)                                        # every value of the table encodes
     decoded = streamed.decode(streamed.encode(table), generator=torch.Generator().manual_seed(0))
     assert decoded.dtypes.equals(table.dtypes)
+    # dial's values recur, so they are atoms taken from the reservoir (a value k reservoir rows
+    # hold, so k table rows), decoded exactly; the 21st, in one row, is not one
+    atoms = streamed.column("dial").atoms.tolist()
+    assert set(atoms) <= set(range(20)) and len(atoms) >= 15
+    assert decoded["dial"].isin(atoms).mean() >= len(atoms) / 20 - 0.02
 
 
 def test_datetimes_and_capped_categories(tmp_path):

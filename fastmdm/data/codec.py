@@ -2,9 +2,10 @@
 
 Masked diffusion works on discrete tokens, so every column becomes a small vocabulary:
 categorical columns map each category to an id, numeric columns map each value to a
-quantile bin. Decoding a bin draws a new number inside the bin from the column's quantile
-sketch, at the column's observed precision; point masses (capital-gain = 0) come back
-exactly. The codec stores quantile levels, never training rows' values (see `NumericColumn`).
+bin. Decoding a bin gives back one of the column's atoms in it (a value at least
+`MIN_ROWS_PER_VALUE` rows hold: capital-gain = 0, round amounts), exactly, or draws a new
+number inside the bin from the column's quantile sketch, at the column's observed precision.
+The codec stores atoms and quantile levels, never a value fewer rows hold (see `NumericColumn`).
 A column that had missing values when fitted gets one extra token for "missing".
 
 Every categorical column has a rare ("other") token, after its categories: values it has no
@@ -260,7 +261,7 @@ class TableCodec:
         return {column.name: column.rare_share for column in self._columns if not column.is_numeric}
 
     def column(self, name) -> CategoricalColumn | NumericColumn:
-        """How the column `name` is coded: its categories, or its bins and quantile sketch."""
+        """How the column `name` is coded: its categories, or its bins, atoms and quantile sketch."""
         return self._columns[self.columns.index(name)]
 
     def redraw(self, column, tokens: torch.Tensor, low, high, generator: torch.Generator | None = None) -> pd.Series:
@@ -291,7 +292,8 @@ class TableCodec:
                 columns.append(CategoricalColumn(*common, list(c["categories"]), list(c["counts"]), c["rare_rows"],
                                             c["domain"], c["ordered"]))
             else:
-                columns.append(NumericColumn(*common, c["lefts"], c["sketch"], c["step"], c["decimals"]))
+                columns.append(NumericColumn(*common, c["lefts"], c["sketch"], c["atoms"], c["atom_counts"],
+                                             c["residual_rows"], c["step"], c["decimals"]))
         return cls(columns)
 
     def __repr__(self) -> str:

@@ -273,7 +273,8 @@ def fit_codec(chunks: Iterable[pd.DataFrame], *, num_bins: int = DEFAULT_NUM_BIN
     MIN_ROWS_PER_VALUE rows hold, up to category_cap, chosen by exact counts), rare-pool
     counts and missing flags replace the reservoir's. So every frequent category of the table
     has its token and the others share the rare token (as does a category only seen later,
-    at encode time, in any codec), while numeric bins, the quantile sketch they decode
+    at encode time, in any codec), while numeric bins, their atoms (values k reservoir rows
+    hold, so at least k table rows: `fastmdm.data.privacy`), the quantile sketch they decode
     from and the unique-key check come from the reservoir. With at most reservoir_rows rows the
     result equals TableCodec.fit on the whole table.
 
