@@ -8,8 +8,10 @@ The step is the default model's (causal, static order, default size), on Adult a
 default batch (1,024 rows, 2 sampled orders a row), as `TabularMDM().fit` runs it. Each
 version runs in its own child processes (benchmarks/checkouts.py), one per (version, thread
 count, round), interleaved round by round so that load on a shared machine hits both alike:
-- speed: the median wall time of `--steps` steps after 3 warm-up steps (training rows/s =
-  1,024 / step seconds), and the host reads of one step (`.item()`, `bool(tensor)`,
+- speed: the median wall and CPU time of `--steps` steps after 3 warm-up steps (training
+  rows/s = 1,024 / step seconds; on a loaded machine CPU time, summed over the threads, is
+  the steadier measure of work: it leaves out the time the process waits for a core), and
+  the host reads of one step (`.item()`, `bool(tensor)`,
   `nonzero`: each a synchronisation on a GPU), counted with a TorchDispatchMode;
 - profile (this checkout, once per thread count): the step's self CPU time by op
   (torch.profiler, 3 steps), its FLOPs (torch.utils.flop_counter for the matmuls, plus the
@@ -61,12 +63,14 @@ class HostReads(TorchDispatchMode):
 
 with HostReads() as reads:
     trainer._train_step(batch)
-times = []
+walls, cpus = [], []
 for _ in range(steps):
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     trainer._train_step(batch)
-    times.append(time.perf_counter() - start)
-print(json.dumps(dict(step_seconds=statistics.median(times), host_reads=reads.count)))
+    walls.append(time.perf_counter() - wall)
+    cpus.append(time.process_time() - cpu)
+print(json.dumps(dict(step_seconds=statistics.median(walls), cpu_seconds=statistics.median(cpus),
+                      host_reads=reads.count)))
 """
 
 PROFILE = SETUP + r"""
@@ -150,15 +154,18 @@ def report(records: list[dict], args) -> str:
         "",
         "## Training rows/s (median over rounds of each child's median step)",
         "",
-        "| threads | " + " | ".join(labels) + (" | ratio |" if len(labels) > 1 else ""),
-        "|---|" + "---|" * (len(labels) + (len(labels) > 1)),
+        "Per wall second, and per CPU second (summed over threads).",
+        "",
+        "| threads | measure | " + " | ".join(labels) + (" | ratio |" if len(labels) > 1 else ""),
+        "|---|---|" + "---|" * (len(labels) + (len(labels) > 1)),
     ]
     for threads in args.threads:
-        rates = [statistics.median(1024 / r["step_seconds"] for r in records if r["kind"] == "speed"
-                                   and r["version"] == label and r["threads"] == threads) for label in labels]
-        cells = " | ".join(f"{rate:,.0f}" for rate in rates)
-        ratio = f" | {rates[-1] / rates[0]:.2f}x |" if len(labels) > 1 else ""
-        lines.append(f"| {threads} | {cells}{ratio}")
+        for measure, key in (("wall", "step_seconds"), ("CPU", "cpu_seconds")):
+            rates = [statistics.median(1024 / r[key] for r in records if r["kind"] == "speed"
+                                       and r["version"] == label and r["threads"] == threads) for label in labels]
+            cells = " | ".join(f"{rate:,.0f}" for rate in rates)
+            ratio = f" | {rates[-1] / rates[0]:.2f}x |" if len(labels) > 1 else ""
+            lines.append(f"| {threads} | {measure} | {cells}{ratio}")
     lines += ["", "Host reads in one training step (each a synchronisation on a GPU): "
               + ", ".join(f"{label}: {next(r['host_reads'] for r in records if r['version'] == label)}"
                           for label in labels) + ".", ""]

@@ -30,8 +30,9 @@ def values_checked():
 
 
 def value_checks_enabled() -> bool:
-    """False inside `values_checked()`: a check that reads tensor values should then skip it."""
-    return _value_checks.get()
+    """False inside `values_checked()`, and while torch.compile traces (a value read on the
+    host would break the graph): a check that reads tensor values should then skip it."""
+    return not torch.compiler.is_compiling() and _value_checks.get()
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 INT_DTYPES = (torch.int64, torch.int32)
