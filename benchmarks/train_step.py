@@ -18,7 +18,8 @@ count, round), interleaved round by round so that load on a shared machine hits 
   attention's, which SDPA's CPU kernel does not report: 4 T^2 d a layer and sequence
   forward, twice that backward, counting the causal mask's zeros), and the rate of torch's
   matmul at the step's shapes (forward and backward products of every linear layer, same
-  FLOPs as in the step) on this machine.
+  FLOPs as in the step) on this machine, both per CPU second (summed over threads: what the
+  step gets of the cores, whatever else runs on them).
 """
 from __future__ import annotations
 
@@ -89,9 +90,9 @@ with profile(activities=[ProfilerActivity.CPU]) as prof:
 ops = sorted(((e.key, e.self_cpu_time_total / 3e3) for e in prof.key_averages()), key=lambda kv: -kv[1])
 times = []
 for _ in range(10):
-    start = time.perf_counter()
+    start = time.process_time()
     trainer._train_step(batch)
-    times.append(time.perf_counter() - start)
+    times.append(time.process_time() - start)
 step = statistics.median(times)
 # torch's matmul at the step's shapes: every linear layer's forward (x W^T), input gradient
 # (g W) and weight gradient (g^T x), for the N = sequences x tokens rows of the pass.
@@ -107,12 +108,12 @@ for m, k, p in shapes:
     a @ b
     runs = []
     for _ in range(5):
-        start = time.perf_counter()
+        start = time.process_time()
         a @ b
-        runs.append(time.perf_counter() - start)
+        runs.append(time.process_time() - start)
     seconds += statistics.median(runs)
     flops += 2 * m * k * p
-print(json.dumps(dict(step_seconds=step, matmul_flops=matmul_flops, attention_flops=attention_flops,
+print(json.dumps(dict(cpu_seconds=step, matmul_flops=matmul_flops, attention_flops=attention_flops,
                       matmul_rate=flops / seconds, ops=ops[:14],
                       total_ms=sum(ms for _, ms in ops))))
 """
@@ -132,10 +133,12 @@ def main() -> None:
             for label, source in pairs:
                 result = run_in(source, SPEED, [threads, args.steps], threads)
                 records.append(dict(kind="speed", version=label, threads=threads, round=round_, **result))
-                print(records[-1], flush=True)
+                print(json.dumps(records[-1]), flush=True)
         result = run_in(pairs[-1][1], PROFILE, [threads], threads)
         records.append(dict(kind="profile", version=pairs[-1][0], threads=threads, **result))
-        print({k: v for k, v in records[-1].items() if k != "ops"}, flush=True)
+        print(json.dumps(records[-1]), flush=True)
+        # After each thread count, so that a run cut short still leaves the counts it finished.
+        write_report(report(records, args), RESULTS, RUNS, [], append=True)
     write_report(report(records, args), RESULTS, RUNS, records)
 
 
@@ -147,7 +150,8 @@ def report(records: list[dict], args) -> str:
         f"Machine: {platform.machine()} CPU, 2 cores shared with other jobs, so read the ratios "
         f"(both versions ran interleaved, round by round); {datetime.date.today()}.",
         "Command: `python benchmarks/train_step.py" + (f" --baseline {args.baseline}" if args.baseline else "")
-        + f" --rounds {args.rounds} --steps {args.steps}` (records appended to `train_step_runs.jsonl`).",
+        + f" --threads {' '.join(map(str, args.threads))} --rounds {args.rounds} --steps {args.steps}` "
+        "(records appended to `train_step_runs.jsonl`).",
         "",
         "The default model (causal, static order, d_model 48, 3 layers) on Adult, a step of 1,024 rows "
         "with 2 sampled orders a row (forward, backward, AdamW, EMA).",
@@ -159,7 +163,7 @@ def report(records: list[dict], args) -> str:
         "| threads | measure | " + " | ".join(labels) + (" | ratio |" if len(labels) > 1 else ""),
         "|---|---|" + "---|" * (len(labels) + (len(labels) > 1)),
     ]
-    for threads in args.threads:
+    for threads in sorted({r["threads"] for r in records if r["kind"] == "speed"}):
         for measure, key in (("wall", "step_seconds"), ("CPU", "cpu_seconds")):
             rates = [statistics.median(1024 / r[key] for r in records if r["kind"] == "speed"
                                        and r["version"] == label and r["threads"] == threads) for label in labels]
@@ -171,14 +175,14 @@ def report(records: list[dict], args) -> str:
                           for label in labels) + ".", ""]
     for r in (r for r in records if r["kind"] == "profile"):
         flops = r["matmul_flops"] + r["attention_flops"]
-        rate = flops / r["step_seconds"]
+        rate = flops / r["cpu_seconds"]
         lines += [
             f"## Profile at {r['threads']} thread(s) ({r['version']})", "",
             f"- FLOPs a row (forward and backward, both orders): {flops / 1024 / 1e6:.1f} M "
             f"({r['matmul_flops'] / 1024 / 1e6:.1f} M in the linear layers, "
             f"{r['attention_flops'] / 1024 / 1e6:.1f} M in attention)",
-            f"- step {r['step_seconds'] * 1e3:.0f} ms = {1024 / r['step_seconds']:,.0f} rows/s = "
-            f"{rate / 1e9:.1f} GFLOP/s; torch's matmul at the step's shapes: "
+            f"- step {r['cpu_seconds'] * 1e3:.0f} CPU ms = {1024 / r['cpu_seconds']:,.0f} rows per CPU second = "
+            f"{rate / 1e9:.1f} GFLOP per CPU second; torch's matmul at the step's shapes: "
             f"{r['matmul_rate'] / 1e9:.1f} GFLOP/s, so the step runs at "
             f"**{rate / r['matmul_rate']:.0%} of the matmul rate**",
             "",

@@ -117,7 +117,8 @@ class TrainConfig:
     order_lr: float = 1e-3          # learning rate for a contextual model's policy and posterior
     weight_decay: float = 0.0
     estimator: str = "order"        # "order" (ours, low variance) or "tspace" (the paper's)
-    num_samples: int = 2            # masks per row (K); RLOO needs >= 2
+    num_samples: int = 2            # masks (orders) per row (K); RLOO's baseline for w: a row's
+    #                                 other samples, or with K = 1 the batch's other rows
     ema_decay: float = 0.995
     grad_clip: float = 1.0
     warmup_steps: int | None = None  # None: WARMUP_SHARE of the steps
