@@ -81,8 +81,7 @@ def causal_loss(denoiser: Callable[..., Tensor], x: Tensor, schedule: PowerSched
     rows, num_columns = x.shape
     x_rep = x.repeat_interleave(num_samples, dim=0)
     w = schedule.w.detach()
-    u = torch.rand(x_rep.shape, generator=generator, device=x.device if generator is None else generator.device)
-    u = u.to(device=x.device, dtype=w.dtype)
+    u = torch.rand(x_rep.shape, generator=generator).to(device=x.device, dtype=w.dtype)
     order, rank = order_from_keys(exponential_keys(w, u))
     everywhere = torch.ones(x_rep.shape, dtype=torch.bool, device=x.device)
     per_sample = denoiser(x_rep, order, targets=x_rep, weight=everywhere.to(w.dtype), mask=everywhere)

@@ -247,8 +247,9 @@ class Trainer:
         if self.world > 1:
             self.model = nn.parallel.DistributedDataParallel(
                 self.denoiser, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        # On the device: the step's random numbers are drawn where they are used.
-        self.generator = torch.Generator(self.device).manual_seed(config.seed * 1000 + self.rank)
+        # On the host: the losses draw their random numbers with it on the CPU and copy them to
+        # the device (a copy to the device, no synchronisation).
+        self.generator = torch.Generator().manual_seed(config.seed * 1000 + self.rank)
         # Floating EMA tensors and their live ones (views of the modules' storage), for one
         # foreach update a step; integer buffers are copied.
         pairs = [(e, p) for ema, live in ((self.ema, self.denoiser), (self.ema_schedule, self.schedule))
