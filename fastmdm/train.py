@@ -405,9 +405,8 @@ class Trainer:
 
     def _check_tokens(self, name: str, tokens: Tensor, chunk_rows: int = 65536) -> None:
         """Check a token table once, before training: the steps skip the value checks."""
-        denoiser = getattr(self.denoiser, "module", self.denoiser)
         for start in range(0, tokens.shape[0], chunk_rows):
-            denoiser.check_tokens(name, torch.as_tensor(tokens[start:start + chunk_rows]).long(), allow_mask=False)
+            self.denoiser.check_tokens(name, torch.as_tensor(tokens[start:start + chunk_rows]).long(), allow_mask=False)
 
     def _read_nelbo(self, total: Tensor) -> float:
         """The training NELBO summed over steps, read on the host (a synchronisation: at

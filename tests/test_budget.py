@@ -145,3 +145,13 @@ def test_resume_with_early_stopping_is_exact(tmp_path, monkeypatch):
     def curve(model):
         return [(r.step, r.train_nelbo, r.val_nelbo, r.w) for r in model.history]
     assert curve(resumed) == curve(straight) and resumed.training_steps == straight.training_steps < 300
+
+
+def test_a_diverged_loss_stops_training_with_an_error(monkeypatch):
+    """Steps check no values, so a NaN loss is caught where the NELBO is read, at the check."""
+    def diverged_step(trainer, batch):
+        trainer.step += 1
+        return torch.tensor(float("nan"))
+    monkeypatch.setattr(fastmdm.train.Trainer, "_train_step", diverged_step)
+    with pytest.raises(FloatingPointError, match="diverged.*lower the learning rate"):
+        small(steps=3, batch_size=8).fit(pairs(64, 0, seed=0), validation=None)
