@@ -14,6 +14,8 @@ TRITON_INTERPRET unset (the suite goes on after a failing step):
   install   wheels from --wheels (no index, no dependencies), then pip for the project
             dependencies still missing (offline this fails and names them), then
             fastmdm._C built in place when it does not import
+  headline  benchmarks/bench_e2e.py for the default model only (bf16, fused ops, 2 epochs):
+            Adult training rows/s and sampling rows/s in the first minutes, before the long steps
   tests     pytest natively: the Triton tests run on the GPU, not the interpreter
             (tests/conftest.py sets TRITON_INTERPRET only without CUDA); xdist when installed
   ops       benchmarks/bench_gpu.py: each fused op and the full loss step against the torch
@@ -42,7 +44,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-STEPS = ("install", "tests", "ops", "e2e")
+STEPS = ("install", "headline", "tests", "ops", "e2e")
 
 
 @dataclass
@@ -180,6 +182,9 @@ def main(argv=None) -> int:
         print("gpu_suite.py: torch sees no CUDA device; the suite measures nothing without one.", file=sys.stderr)
         return 1
 
+    if "headline" in steps:
+        headline = ["--epochs", "2", "--sample-rows", "8192", "--precisions", "bf16", "--backends", "auto"]
+        results.append(run_step("headline", [[sys.executable, "benchmarks/bench_e2e.py", *headline]], args.timeout))
     if "tests" in steps:
         pytest_args = shlex.split(args.pytest_args)
         if importlib.util.find_spec("xdist") is not None:

@@ -123,7 +123,7 @@ def _time_steps(trainer, tokens, rows: int, timed_steps: int) -> dict:
     Also the peak RSS after each step (to see it settle) and the file-backed RSS before and
     after the steps (memory-mapped store pages count there, and the OS may drop them).
     """
-    trainer.budget = trainer.config.budget(rows)
+    trainer.budget = trainer.config.budget(rows, tokens.shape[1])
     batch = trainer.budget.batch_size
     order = torch.randperm(rows, generator=torch.Generator().manual_seed(0))
     file_rss_before = rss_mb("RssFile")

@@ -1,9 +1,38 @@
-"""Input validation shared by every public function: clear errors instead of silent garbage."""
+"""Input validation shared by every public function: clear errors instead of silent garbage.
+
+Checks of shapes and dtypes are free. Checks of values (ranges, NaN, permutations, offsets)
+read a device value on the host: on a GPU each is a synchronisation that costs more than a
+training step's arithmetic. Inside `values_checked()` they are skipped: the training loop
+checks its token table once before the first step and runs every step inside it
+(fastmdm.train).
+"""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Iterable
 
 import torch
+
+_value_checks: contextvars.ContextVar[bool] = contextvars.ContextVar("fastmdm_value_checks", default=True)
+
+
+@contextlib.contextmanager
+def values_checked():
+    """Skip the value checks inside the block: the caller has checked the values where they
+    were made (the token table before training; the model's offsets when it was built; the
+    orders the objective draws are permutations by construction)."""
+    token = _value_checks.set(False)
+    try:
+        yield
+    finally:
+        _value_checks.reset(token)
+
+
+def value_checks_enabled() -> bool:
+    """False inside `values_checked()`, and while torch.compile traces (a value read on the
+    host would break the graph): a check that reads tensor values should then skip it."""
+    return not torch.compiler.is_compiling() and _value_checks.get()
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 INT_DTYPES = (torch.int64, torch.int32)
@@ -35,8 +64,8 @@ def check_same_device(**tensors: torch.Tensor) -> torch.device:
 
 
 def check_finite(name: str, value: torch.Tensor) -> None:
-    """Raise ValueError if `value` holds NaN or infinity."""
-    if not bool(torch.isfinite(value).all()):
+    """Raise ValueError if `value` holds NaN or infinity (a value check)."""
+    if value_checks_enabled() and not bool(torch.isfinite(value).all()):
         raise ValueError(f"{name} contains NaN or infinite values")
 
 
@@ -46,7 +75,7 @@ def check_positive_weights(w: torch.Tensor) -> None:
     if w.numel() == 0:
         raise ValueError("w must have at least one column")
     check_finite("w", w)
-    if not bool((w > 0).all()):
+    if value_checks_enabled() and not bool((w > 0).all()):
         raise ValueError("w must be strictly positive")
 
 
@@ -64,6 +93,8 @@ def check_offsets(offsets: torch.Tensor, num_columns: int, vocab: int) -> None:
     check_tensor("offsets", offsets, ndim=1, dtypes=(torch.int64,))
     if offsets.shape[0] != num_columns + 1:
         raise ValueError(f"offsets must have L+1 = {num_columns + 1} entries, got {offsets.shape[0]}")
+    if not value_checks_enabled():
+        return
     if int(offsets[0]) != 0 or int(offsets[-1]) != vocab:
         raise ValueError(f"offsets must start at 0 and end at the logits width {vocab}")
     if bool((offsets[1:] <= offsets[:-1]).any()):

@@ -166,11 +166,13 @@ def order_search_loss(denoiser: Callable[..., Tensor], x: Tensor, schedule: Powe
 
 def _with_rloo(per_sample: Tensor, score: Tensor, schedule: PowerSchedule, rows: int,
                num_samples: int) -> LossOutput:
-    """Mean loss plus, for a learnable schedule, the zero-valued RLOO surrogate for w."""
+    """Mean loss plus, for a learnable schedule, the zero-valued RLOO surrogate for w: each
+    sample's baseline is the mean of its row's other samples, or with one sample a row, of
+    the batch's other rows."""
     loss = per_sample.mean()
-    if schedule.learnable and num_samples >= 2:
-        loss = loss + _rloo_surrogate(per_sample.detach().view(rows, num_samples),
-                                      score.view(rows, num_samples, -1), schedule.w)
+    groups = (rows, num_samples) if num_samples >= 2 else (1, rows)
+    if schedule.learnable and groups[1] >= 2:
+        loss = loss + _rloo_surrogate(per_sample.detach().view(groups), score.view(*groups, -1), schedule.w)
     samples = per_sample.detach().view(rows, num_samples)
     return LossOutput(loss, samples.mean(1), samples)
 

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ._checks import values_checked
 from .kinds import model_loss
 from .objective import ESTIMATORS
 from .schedules import PowerSchedule
@@ -40,17 +41,29 @@ ORDER_SEARCH_SHARE = 0.4
 #: that an epoch is ~16 optimizer steps: small tables need steps more than rows per step.
 MAX_BATCH_SIZE = 1024
 MIN_BATCH_SIZE = 32
-#: Large tables (from ~15,000 rows) train for LARGE_TABLE_EPOCHS epochs of MAX_BATCH_SIZE
-#: rows by default, as before the budget followed the table. Smaller ones see at least
-#: MIN_ROWS_SEEN rows (steps x batch) in at most MAX_FLOOR_STEPS steps: 30 epochs of a
-#: table of a few thousand rows are a few dozen steps, too few to learn its dependencies,
-#: and early stopping keeps the extra epochs from overfitting it.
+#: The default budget is in compute: cells seen, rows seen (steps x batch) times columns, since
+#: every column is a token of every row's pass. Tables train for LARGE_TABLE_EPOCHS epochs,
+#: but for at most MAX_CELLS_SEEN cells: about 2.5 default Adult runs (30 epochs of 29,305
+#: rows x 15 columns are 13M cells), so that the budget stops growing with a table that holds
+#: more rows than the model can learn from (10M rows x 15 columns: 2,084 steps, not 293,000).
+#: Smaller tables see at least MIN_ROWS_SEEN rows or MIN_CELLS_SEEN cells, whichever takes
+#: fewer steps, in at most MAX_FLOOR_STEPS steps: 30 epochs of a table of a few thousand rows
+#: are a few dozen steps, too few to learn its dependencies, and early stopping keeps the
+#: extra epochs from overfitting it. MIN_CELLS_SEEN is MIN_ROWS_SEEN rows of 15 columns
+#: (Adult's width): a table wider than that reaches the floor in fewer rows, each of which
+#: brings more cells to learn from and costs more.
 LARGE_TABLE_EPOCHS = 30
+MAX_CELLS_SEEN = 32_000_000
 MIN_ROWS_SEEN = 256_000
+MIN_CELLS_SEEN = 3_840_000
 MAX_FLOOR_STEPS = 2000
 #: Learning-rate warm-up as a share of the steps, when `warmup_steps` is None.
 WARMUP_SHARE = 0.1
-#: Validation checks (and checkpoints) per budget, at whole epochs.
+#: Steps between readings of the training NELBO for the progress bar: each reading is a host
+#: synchronisation, which a step itself never makes.
+LOG_EVERY = 25
+#: Validation checks (and checkpoints) per budget, at whole epochs (within epochs when the
+#: cap on cells seen cuts a large table's default run short of LARGE_TABLE_EPOCHS epochs).
 CHECKS_PER_BUDGET = 30
 #: "Still falling" warning: over the last FALLING_WINDOW of the steps, the validation NELBO
 #: fell by more than FALLING_SHARE of its fall since the first check.
@@ -68,7 +81,7 @@ class Budget:
     steps: int
     steps_per_epoch: int
     warmup_steps: int
-    check_every: int          # steps between validation checks and checkpoints (whole epochs)
+    check_every: int          # steps between validation checks and checkpoints
 
     @property
     def epochs(self) -> int:
@@ -81,18 +94,21 @@ def default_batch_size(rows: int) -> int:
     return int(min(MAX_BATCH_SIZE, max(MIN_BATCH_SIZE, 2 ** round(math.log2(sixteenth)))))
 
 
-def default_steps(rows: int, batch_size: int) -> int:
-    """LARGE_TABLE_EPOCHS epochs, or at least MIN_ROWS_SEEN rows seen in at most
-    MAX_FLOOR_STEPS steps for a smaller table."""
+def default_steps(rows: int, columns: int, batch_size: int) -> int:
+    """LARGE_TABLE_EPOCHS epochs, at least the small-table floor (MIN_ROWS_SEEN rows or
+    MIN_CELLS_SEEN cells, at most MAX_FLOOR_STEPS steps) and at most MAX_CELLS_SEEN cells."""
     steps_per_epoch = max(1, rows // batch_size)
-    floor = min(MAX_FLOOR_STEPS, math.ceil(MIN_ROWS_SEEN / batch_size))
-    return max(LARGE_TABLE_EPOCHS * steps_per_epoch, floor)
+    cells_per_step = batch_size * columns
+    floor = min(MAX_FLOOR_STEPS, math.ceil(MIN_ROWS_SEEN / batch_size), math.ceil(MIN_CELLS_SEEN / cells_per_step))
+    cap = math.ceil(MAX_CELLS_SEEN / cells_per_step)
+    return min(max(LARGE_TABLE_EPOCHS * steps_per_epoch, floor), cap)
 
 
 @dataclass
 class TrainConfig:
     """Optimization settings. The budget fields left at None follow the table (see `budget`):
-    `fit(df)` with no settings trains a table of 1,000 rows as well as one of 30,000."""
+    `fit(df)` with no settings trains a table of 1,000 rows as well as one of 30,000, and one
+    of 10 million rows in hours."""
     steps: int | None = None        # optimizer steps (None: `epochs`, or default_steps)
     epochs: int | None = None       # passes over the table, when `steps` is None
     batch_size: int | None = None   # rows per step, all processes together (None: default_batch_size)
@@ -101,7 +117,8 @@ class TrainConfig:
     order_lr: float = 1e-3          # learning rate for a contextual model's policy and posterior
     weight_decay: float = 0.0
     estimator: str = "order"        # "order" (ours, low variance) or "tspace" (the paper's)
-    num_samples: int = 2            # masks per row (K); RLOO needs >= 2
+    num_samples: int = 2            # masks (orders) per row (K); RLOO's baseline for w: a row's
+    #                                 other samples, or with K = 1 the batch's other rows
     ema_decay: float = 0.995
     grad_clip: float = 1.0
     warmup_steps: int | None = None  # None: WARMUP_SHARE of the steps
@@ -129,8 +146,9 @@ class TrainConfig:
         if self.lr <= 0 or self.schedule_lr < 0 or self.order_lr < 0:
             raise ValueError("learning rates must be positive")
 
-    def budget(self, rows: int) -> Budget:
-        """The run's batch size, steps, warm-up and check interval for `rows` training rows."""
+    def budget(self, rows: int, columns: int) -> Budget:
+        """The run's batch size, steps, warm-up and check interval for `rows` training rows
+        of `columns` columns."""
         batch_size = self.batch_size or default_batch_size(rows)
         steps_per_epoch = max(1, rows // batch_size)
         if self.steps is not None:
@@ -138,10 +156,15 @@ class TrainConfig:
         elif self.epochs is not None:
             steps = self.epochs * steps_per_epoch
         else:
-            steps = default_steps(rows, batch_size)
+            steps = default_steps(rows, columns, batch_size)
         warmup = self.warmup_steps if self.warmup_steps is not None else max(1, round(WARMUP_SHARE * steps))
         epochs = math.ceil(steps / steps_per_epoch)
-        check_every = steps_per_epoch * max(1, round(epochs / CHECKS_PER_BUDGET))
+        if self.steps is None and self.epochs is None and steps < LARGE_TABLE_EPOCHS * steps_per_epoch:
+            # The cap on cells cut the default run short of its epochs (a large table): checks
+            # within epochs, so that early stopping and checkpoints still come often.
+            check_every = max(1, round(steps / CHECKS_PER_BUDGET))
+        else:
+            check_every = steps_per_epoch * max(1, round(epochs / CHECKS_PER_BUDGET))
         return Budget(batch_size, steps, steps_per_epoch, warmup, check_every)
 
     def order_search_epoch_count(self, epochs: int) -> int:
@@ -216,13 +239,24 @@ class Trainer:
             groups.append({"params": order_params, "lr": config.order_lr})
         if self.schedule.learnable:
             groups.append({"params": [self.schedule.log_w], "lr": config.schedule_lr, "weight_decay": 0.0})
-        self.optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+        # Fused: one kernel for every parameter, and the step counters stay tensors on the
+        # device (the unfused AdamW reads each as a Python number: a host sync per parameter).
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay, fused=True)
         self.base_lrs = [g["lr"] for g in groups]
         self.model = self.denoiser
         if self.world > 1:
             self.model = nn.parallel.DistributedDataParallel(
                 self.denoiser, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        # On the host: the losses draw their random numbers with it on the CPU and copy them to
+        # the device (a copy to the device, no synchronisation).
         self.generator = torch.Generator().manual_seed(config.seed * 1000 + self.rank)
+        # Floating EMA tensors and their live ones (views of the modules' storage), for one
+        # foreach update a step; integer buffers are copied.
+        pairs = [(e, p) for ema, live in ((self.ema, self.denoiser), (self.ema_schedule, self.schedule))
+                 for e, p in zip(ema.state_dict().values(), live.state_dict().values())]
+        self._ema_floats = ([e for e, p in pairs if e.dtype.is_floating_point],
+                            [p for e, p in pairs if e.dtype.is_floating_point])
+        self._ema_others = [(e, p) for e, p in pairs if not e.dtype.is_floating_point]
         self.epoch = 0
         self.step = 0
         self.history: list[EpochRecord] = []
@@ -272,18 +306,18 @@ class Trainer:
     def _update_ema(self) -> None:
         decay = min(self.config.ema_decay, (1 + self.step) / (10 + self.step))
         with torch.no_grad():
-            for ema, live in ((self.ema, self.denoiser), (self.ema_schedule, self.schedule)):
-                for e, p in zip(ema.state_dict().values(), live.state_dict().values()):
-                    if e.dtype.is_floating_point:
-                        e.lerp_(p, 1 - decay)
-                    else:
-                        e.copy_(p)
+            torch._foreach_lerp_(*self._ema_floats, 1 - decay)
+            for e, p in self._ema_others:
+                e.copy_(p)
 
-    def _train_step(self, batch: Tensor) -> float:
+    def _train_step(self, batch: Tensor) -> Tensor:
+        """One optimizer step on a batch of token rows; returns the batch's mean NELBO as a
+        device scalar, never read here: the step has no host synchronisation (the value
+        checks are skipped: `fit` checks the token table once), so a GPU never waits on the host."""
         self._set_lr()
         bf16 = self.device.type == "cuda" and self.config.bf16
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16)
-        with autocast:
+        with autocast, values_checked():
             out = model_loss(self.model, batch, self.schedule, self.mask_id, self.offsets,
                                  estimator=self.config.estimator, num_samples=self.config.num_samples,
                                  generator=self.generator,
@@ -297,7 +331,7 @@ class Trainer:
         self.optimizer.step()
         self.step += 1
         self._update_ema()
-        return out.nelbo.mean().item()
+        return out.nelbo.mean()
 
     def fit(self, train_tokens: Tensor, val_tokens: Tensor | None = None,
             checkpoint_path: str | os.PathLike | None = None,
@@ -314,7 +348,10 @@ class Trainer:
         rows = train_tokens.shape[0]
         if rows == 0:
             raise ValueError("no training rows")
-        budget = self.budget = config.budget(rows)
+        self._check_tokens("training tokens", train_tokens)
+        if val_tokens is not None:
+            self._check_tokens("validation tokens", val_tokens)
+        budget = self.budget = config.budget(rows, train_tokens.shape[1])
         per_rank = max(1, budget.batch_size // self.world)
         order_epoch = order = None
         bar = None
@@ -324,7 +361,7 @@ class Trainer:
         try:
             while self.step < budget.steps and not self.stopped_early:
                 start = time.perf_counter()
-                total, count = 0.0, 0
+                total, count = torch.zeros((), device=self.device), 0
                 self.denoiser.train()
                 while True:
                     self.epoch, position = divmod(self.step, budget.steps_per_epoch)
@@ -338,12 +375,14 @@ class Trainer:
                     count += 1
                     if bar is not None:
                         bar.update(1)
-                        bar.set_postfix(epoch=self.epoch + 1, nelbo=f"{total / count:.3f}")
+                        if self.step % LOG_EVERY == 0:
+                            bar.set_postfix(epoch=self.epoch + 1, nelbo=f"{self._read_nelbo(total) / count:.3f}")
                     if self.step % budget.check_every == 0 or self.step >= budget.steps:
                         break
                 self.epoch = math.ceil(self.step / budget.steps_per_epoch)
+                train_nelbo = self._read_nelbo(total) / count
                 val = self.validation_nelbo(val_tokens) if val_tokens is not None else None
-                record = EpochRecord(self.epoch, total / count, val, time.perf_counter() - start,
+                record = EpochRecord(self.epoch, train_nelbo, val, time.perf_counter() - start,
                                      self.ema_schedule.w.tolist(), self.step)
                 self.history.append(record)
                 self._track_best(record)
@@ -363,6 +402,23 @@ class Trainer:
         if val_tokens is not None and self.rank == 0:
             self._warn_if_unconverged(marginal_nelbo(train_tokens, self.mask_id))
         return self.history
+
+    def _check_tokens(self, name: str, tokens: Tensor, chunk_rows: int = 65536) -> None:
+        """Check a token table once, before training: the steps skip the value checks."""
+        for start in range(0, tokens.shape[0], chunk_rows):
+            self.denoiser.check_tokens(name, torch.as_tensor(tokens[start:start + chunk_rows]).long(), allow_mask=False)
+
+    def _read_nelbo(self, total: Tensor) -> float:
+        """The training NELBO summed over steps, read on the host (a synchronisation: at
+        most every LOG_EVERY steps). The steps check no values, so a loss that went NaN or
+        infinite is caught here."""
+        value = float(total)
+        if not math.isfinite(value):
+            raise FloatingPointError(
+                f"the training NELBO became {value} by step {self.step}: training diverged; "
+                f"lower the learning rate (lr={self.config.lr}) or clip gradients harder "
+                f"(grad_clip={self.config.grad_clip})")
+        return value
 
     def _track_best(self, record: EpochRecord) -> None:
         """Keep the EMA weights of the best validation check; stop after `patience` checks

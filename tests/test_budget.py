@@ -1,5 +1,6 @@
 """Training budgets that follow the table, early stopping on the validation NELBO, the
 convergence warnings, and the steps a model records."""
+import math
 import warnings
 
 import numpy as np
@@ -11,8 +12,8 @@ import fastmdm.train
 from fastmdm import TabularMDM
 from fastmdm.data import TableCodec
 from fastmdm.data.privacy import MIN_ROWS_PER_VALUE
-from fastmdm.train import (LARGE_TABLE_EPOCHS, MAX_FLOOR_STEPS, MIN_ROWS_SEEN, TrainConfig,
-                           marginal_nelbo)
+from fastmdm.train import (LARGE_TABLE_EPOCHS, MAX_CELLS_SEEN, MAX_FLOOR_STEPS, MIN_CELLS_SEEN, MIN_ROWS_SEEN,
+                           TrainConfig, marginal_nelbo)
 
 TINY_MODEL = dict(d_model=16, num_layers=1, num_heads=2, dim_feedforward=32)
 
@@ -35,26 +36,33 @@ def convergence_warnings(fit) -> list[str]:
     return [str(w.message) for w in caught if "converge" in str(w.message)]
 
 
-@pytest.mark.parametrize("rows, batch_size, steps", [
-    (40, 32, 2000), (270, 32, 2000), (1_350, 64, 2000), (4_500, 256, 1000), (9_000, 512, 510),
-    (15_400, 1024, 450), (29_300, 1024, 840), (300_000, 1024, 8760)])
-def test_default_budget_follows_the_table(rows, batch_size, steps):
-    """Small tables get small batches and at least the floor of rows seen (capped in steps);
-    from ~15,000 rows, 30 epochs of 1,024-row batches as before; warm-up and checks scale
-    with the steps."""
-    budget = TrainConfig().budget(rows)
+@pytest.mark.parametrize("rows, columns, batch_size, steps", [
+    (40, 15, 32, 2000), (270, 15, 32, 2000), (1_350, 15, 64, 2000), (4_500, 15, 256, 1000),
+    (9_000, 15, 512, 510), (15_400, 15, 1024, 450), (29_300, 15, 1024, 840),
+    (300_000, 15, 1024, 2084), (10_000_000, 15, 1024, 2084), (10_000_000, 100, 1024, 313),
+    (1_350, 74, 64, 811), (4_500, 2, 256, 1000)])
+def test_default_budget_follows_the_table(rows, columns, batch_size, steps):
+    """Small tables get small batches and at least the floor of rows or cells seen (capped in
+    steps); from ~15,000 rows, 30 epochs of 1,024-row batches, up to the cap on cells seen,
+    which the largest tables reach whatever their rows; warm-up and checks scale with the steps."""
+    budget = TrainConfig().budget(rows, columns)
     assert (budget.batch_size, budget.steps) == (batch_size, steps)
     assert budget.steps_per_epoch == max(1, rows // budget.batch_size)
-    assert budget.steps >= min(MAX_FLOOR_STEPS, MIN_ROWS_SEEN / budget.batch_size)
-    assert budget.steps >= LARGE_TABLE_EPOCHS * budget.steps_per_epoch
+    cells_per_step = budget.batch_size * columns
+    assert budget.steps <= math.ceil(MAX_CELLS_SEEN / cells_per_step)
+    floor = min(MAX_FLOOR_STEPS, MIN_ROWS_SEEN / budget.batch_size, MIN_CELLS_SEEN / cells_per_step)
+    assert budget.steps >= min(max(floor, LARGE_TABLE_EPOCHS * budget.steps_per_epoch),
+                               MAX_CELLS_SEEN / cells_per_step)
     assert budget.warmup_steps == round(0.1 * budget.steps)
-    assert budget.check_every % budget.steps_per_epoch == 0 and 20 <= budget.steps / budget.check_every <= 45
+    capped = budget.steps < LARGE_TABLE_EPOCHS * budget.steps_per_epoch
+    assert capped or budget.check_every % budget.steps_per_epoch == 0     # whole epochs unless capped
+    assert 20 <= budget.steps / budget.check_every <= 45
 
 
 def test_explicit_budgets_and_errors():
-    assert TrainConfig(epochs=3, batch_size=100).budget(1000).steps == 30
-    assert TrainConfig(steps=7).budget(1000).steps == 7
-    assert TrainConfig(steps=7, warmup_steps=2).budget(1000).warmup_steps == 2
+    assert TrainConfig(epochs=3, batch_size=100).budget(1000, 10).steps == 30
+    assert TrainConfig(steps=7).budget(1000, 10).steps == 7
+    assert TrainConfig(steps=7, warmup_steps=2).budget(1000, 10).warmup_steps == 2
     with pytest.raises(ValueError, match="steps or epochs"):
         TrainConfig(steps=10, epochs=2)
     for name in ("steps", "epochs", "batch_size", "patience"):
@@ -140,3 +148,13 @@ def test_resume_with_early_stopping_is_exact(tmp_path, monkeypatch):
     def curve(model):
         return [(r.step, r.train_nelbo, r.val_nelbo, r.w) for r in model.history]
     assert curve(resumed) == curve(straight) and resumed.training_steps == straight.training_steps < 300
+
+
+def test_a_diverged_loss_stops_training_with_an_error(monkeypatch):
+    """Steps check no values, so a NaN loss is caught where the NELBO is read, at the check."""
+    def diverged_step(trainer, batch):
+        trainer.step += 1
+        return torch.tensor(float("nan"))
+    monkeypatch.setattr(fastmdm.train.Trainer, "_train_step", diverged_step)
+    with pytest.raises(FloatingPointError, match="diverged.*lower the learning rate"):
+        small(steps=3, batch_size=8).fit(pairs(64, 0, seed=0), validation=None)

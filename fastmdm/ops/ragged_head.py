@@ -5,19 +5,19 @@ Column l's head is rows offsets[l]:offsets[l+1] of head_weight [V, d] and head_b
 logits of cell (n, l) are head_weight_l @ h[n, l] + head_bias_l. Only masked cells are
 evaluated, so the work is sum over masked cells of K_l * d instead of N * L * Kmax * d.
 
-Gradients are produced in the forward pass (Liger style: the kernels already hold each
-cell's softmax there) for a unit upstream gradient. Backward scales them when the upstream
-gradient is the same for every row (a mean or a sum of the rows, what training does), and
-otherwise runs the kernel again with the upstream gradient folded into the cell weights:
-exact either way. Measured against recomputing in backward always, see
-benchmarks/results/ragged_head.md.
+The forward pass computes the loss only; backward runs the kernel again with the upstream
+gradient folded into the cell weights, which gives the gradients (exact for any upstream
+gradient) without ever building logits. Forming them in the forward pass instead (the
+kernel holds each cell's softmax there) saves a logits pass, 9-23% of the head op, but only
+for an upstream gradient that is the same for every row, and telling that costs a host
+synchronisation per step (benchmarks/results/ragged_head.md, benchmarks/results/train_step.md).
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from .._checks import FLOAT_DTYPES, INT_DTYPES, check_offsets, check_same_device, check_tensor
+from .._checks import FLOAT_DTYPES, INT_DTYPES, check_offsets, check_same_device, check_tensor, value_checks_enabled
 from ._dispatch import select
 from .reference import compute_dtype_of
 
@@ -38,46 +38,24 @@ def _(h, head_weight, head_bias, offsets, targets, weight, mask, compute_grad):
     return (h.new_empty(h.shape[0], dtype=dtype), h.new_empty(targets.shape, dtype=dtype), *grads)
 
 
-@torch.library.custom_op("fastmdm::ragged_head_ce_backward", mutates_args=())
-def _ragged_head_ce_backward(grad_loss: Tensor, grad_h: Tensor, grad_head_weight: Tensor,
-                             grad_head_bias: Tensor, h: Tensor, head_weight: Tensor,
-                             head_bias: Tensor, offsets: Tensor, targets: Tensor, weight: Tensor,
-                             mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients for h, head_weight, head_bias given d out / d loss [N] (see module docstring)."""
-    grad_loss = grad_loss.to(compute_dtype_of(h.dtype))
-    if grad_h.numel() and bool((grad_loss == grad_loss[0]).all()):
-        scale = grad_loss[0]
-    else:
-        _, _, grad_h, grad_head_weight, grad_head_bias = _ragged_head_ce(
-            h, head_weight, head_bias, offsets, targets, weight * grad_loss[:, None].to(weight.dtype),
-            mask, True)
-        scale = 1
-    return ((grad_h * scale).to(h.dtype), (grad_head_weight * scale).to(head_weight.dtype),
-            (grad_head_bias * scale).to(head_bias.dtype))
-
-
-@_ragged_head_ce_backward.register_fake
-def _(grad_loss, grad_h, grad_head_weight, grad_head_bias, h, head_weight, head_bias, offsets,
-      targets, weight, mask):
-    return torch.empty_like(h), torch.empty_like(head_weight), torch.empty_like(head_bias)
-
-
 def _setup(ctx, inputs, output):
     h, head_weight, head_bias, offsets, targets, weight, mask, _ = inputs
-    _, ce, grad_h, grad_head_weight, grad_head_bias = output
-    ctx.mark_non_differentiable(grad_h, grad_head_weight, grad_head_bias)
-    ctx.save_for_backward(h, head_weight, head_bias, offsets, targets, weight, mask, ce,
-                          grad_h, grad_head_weight, grad_head_bias)
+    ctx.mark_non_differentiable(*output[2:])
+    ctx.save_for_backward(h, head_weight, head_bias, offsets, targets, weight, mask, output[1])
 
 
 def _backward(ctx, grad_loss, grad_ce, *unused):
-    h, head_weight, head_bias, offsets, targets, weight, mask, ce, *forward_grads = ctx.saved_tensors
+    h, head_weight, head_bias, offsets, targets, weight, mask, ce = ctx.saved_tensors
     if grad_loss is None:
         return (None,) * 8
     grad_h = grad_head_weight = grad_head_bias = None
     if any(ctx.needs_input_grad[:3]):
-        grad_h, grad_head_weight, grad_head_bias = _ragged_head_ce_backward(
-            grad_loss, *forward_grads, h, head_weight, head_bias, offsets, targets, weight, mask)
+        # The upstream gradient folded into the cell weights: exact for any upstream gradient,
+        # with no test of whether it is the same for every row (a host synchronisation).
+        _, _, grad_h, grad_head_weight, grad_head_bias = _ragged_head_ce(
+            h, head_weight, head_bias, offsets, targets, weight * grad_loss[:, None].to(weight.dtype), mask, True)
+        grad_h, grad_head_weight, grad_head_bias = (
+            grad_h.to(h.dtype), grad_head_weight.to(head_weight.dtype), grad_head_bias.to(head_bias.dtype))
     grad_weight = (ce * grad_loss[:, None].to(ce.dtype)).to(weight.dtype)
     return grad_h, grad_head_weight, grad_head_bias, None, None, grad_weight, None, None
 
@@ -110,9 +88,11 @@ def ragged_head_ce(h: Tensor, head_weight: Tensor, head_bias: Tensor, offsets: T
     targets [N, L] int, weight [N, L] float, mask [N, L] bool. Differentiable in h,
     head_weight, head_bias and weight (d loss / d weight = CE on masked cells). Equals
     `weighted_ce(logits, targets, weight, mask, offsets)` of the logits [N, V] the heads
-    would produce, which it never builds. `validate=False` skips the value checks (targets
-    in range, offsets well formed), which cost a device sync on GPU.
+    would produce, which it never builds. `validate=False` (or `fastmdm._checks.values_checked`)
+    skips the value checks (targets in range, offsets well formed), which cost a device sync
+    on GPU.
     """
+    validate = validate and value_checks_enabled()
     check_tensor("h", h, ndim=3, dtypes=FLOAT_DTYPES)
     check_tensor("targets", targets, ndim=2, dtypes=INT_DTYPES)
     check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES)
@@ -133,10 +113,7 @@ def ragged_head_ce(h: Tensor, head_weight: Tensor, head_bias: Tensor, offsets: T
         sizes = offsets[1:] - offsets[:-1]
         if bool(((targets < 0) | (targets >= sizes[None, :])).any()):
             raise ValueError("targets out of range: column l takes values in [0, offsets[l+1]-offsets[l])")
-    compute_grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (h, head_weight, head_bias))
-    loss, _, _, _, _ = _ragged_head_ce(h, head_weight, head_bias, offsets, targets.long(), weight,
-                                       mask, compute_grad)
+    loss, _, _, _, _ = _ragged_head_ce(h, head_weight, head_bias, offsets, targets.long(), weight, mask, False)
     return loss
 
 
