@@ -445,7 +445,7 @@ class TabularMDM:
         if column.is_numeric:
             raise ValueError(f"target {target!r} is numeric: use predict(df, target={target!r}) for its median, "
                              "or quantiles=[...] for intervals")
-        return prediction.class_probabilities(column, probs).set_axis(df.index)
+        return prediction.class_probabilities(column, probs, self.rare_marker).set_axis(df.index)
 
     def predict(self, df: pd.DataFrame, *, target: str, quantiles: list[float] | None = None,
                 orders: int = prediction.DEFAULT_ORDERS, seed: int = 0,
@@ -461,7 +461,7 @@ class TabularMDM:
         levels = prediction.check_quantiles(quantiles if quantiles is not None else 0.5)
         probs = self._target_probabilities(df, target, orders, seed, batch_size)
         if not column.is_numeric:
-            classes = prediction.class_probabilities(column, probs)
+            classes = prediction.class_probabilities(column, probs, self.rare_marker)
             best = classes.to_numpy().argmax(1)
             labels = pd.Series(classes.columns.to_numpy(dtype=object)[best], index=df.index, name=target)
             return labels.mask(labels == prediction.MISSING_LABEL)

@@ -273,6 +273,7 @@ def c2st(real: pd.DataFrame, synth: pd.DataFrame, metadata: dict | None = None, 
     from sdmetrics.single_table import LogisticDetection
 
     synth = _replace_unseen_categories(real, synth)
+    real, synth = _within_float32(real, synth)
     with _global_numpy_seed(seed), warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # sdmetrics' lbfgs stops at 100 iterations
         return float(LogisticDetection.compute(real, synth, metadata or _sdmetrics_metadata(real)))
@@ -304,6 +305,24 @@ def c2st_xgb(real: pd.DataFrame, synth: pd.DataFrame, *, seed: int = 0, n_jobs: 
     return float(2 - 2 * max(0.5, roc_auc_score(y, p_synth)))
 
 
+def _order_keeping_log(x: np.ndarray) -> np.ndarray:
+    """sign(x) * log1p(|x|): numbers beyond float32's range (~3.4e38) brought within it, in
+    the same order, so a detector splits or scales them alike."""
+    return np.sign(x) * np.log1p(np.abs(x))
+
+
+def _within_float32(real: pd.DataFrame, synth: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Both frames with each numeric column that holds a number beyond float32's range, in
+    either, passed through `_order_keeping_log` (sdmetrics' scalers overflow on them and drop
+    the column)."""
+    beyond = [c for c in real.columns if _is_numerical(real[c]) and max(
+        np.nanmax(np.abs(_as_float(frame[[c]])), initial=0) for frame in (real, synth)) > np.finfo(np.float32).max]
+    if not beyond:
+        return real, synth
+    tame = lambda frame: frame.assign(**{c: _order_keeping_log(_as_float(frame[[c]])[:, 0]) for c in beyond})  # noqa: E731
+    return tame(real), tame(synth)
+
+
 def _features(
     frame: pd.DataFrame, encoder: OneHotEncoder, numerical: list[str], categorical: list[str]
 ) -> np.ndarray:
@@ -312,7 +331,7 @@ def _features(
     holding one goes in as sign(x) * log1p(|x|), which keeps the order, so trees split it alike."""
     numbers = _as_float(frame[numerical])
     beyond = np.nanmax(np.abs(numbers), axis=0, initial=0) > np.finfo(np.float32).max
-    numbers[:, beyond] = np.sign(numbers[:, beyond]) * np.log1p(np.abs(numbers[:, beyond]))
+    numbers[:, beyond] = _order_keeping_log(numbers[:, beyond])
     blocks = [numbers]
     if categorical:
         blocks.append(encoder.transform(frame[categorical].astype(str)))

@@ -90,26 +90,26 @@ def target_probabilities(denoiser, w: Tensor, tokens: Tensor, known: Tensor, tar
     return torch.softmax(logits, 1).view(rows, repeats, -1).mean(1)
 
 
-def class_probabilities(column, probs: np.ndarray) -> pd.DataFrame:
+def class_probabilities(column, probs: np.ndarray, rare_marker: bool) -> pd.DataFrame:
     """A categorical target's token probabilities [N, tokens] as a frame with a column per
-    class, named by the class. The "other" token: in a capped column it stands for the rare
-    values and is the column OTHER_LABEL; in an uncapped column no training row held it, and
-    its (small) mass is shared among the categories by their training counts, as decoding
-    shares its draws. The missing token, where the column had missing values, is the column
-    MISSING_LABEL."""
-    categories = probs[:, :len(column.categories)]
-    other = probs[:, len(column.categories)]
-    columns, parts = list(column.categories), [categories]
-    if column.capped:
-        columns.append(OTHER_LABEL)
-        parts.append(other[:, None])
-    else:
-        counts = np.asarray(column.counts, dtype=np.float64)
-        parts[0] = categories + other[:, None] * counts / counts.sum()
+    class, named by the class. The rare token is what sampling makes of it: with the marker
+    (or in a column with no frequent category, which has nothing else) the class OTHER_LABEL;
+    otherwise it is never drawn, so the other classes are renormalised without it, the
+    conditional `impute` draws from. The missing token, where the column had missing values,
+    is the class MISSING_LABEL."""
+    frequent = len(column.categories)
+    rare = probs[:, frequent]
+    columns, parts = list(column.categories), [probs[:, :frequent]]
     if column.has_missing:
         columns.append(MISSING_LABEL)
         parts.append(probs[:, column.num_values][:, None])
-    return pd.DataFrame(np.concatenate(parts, 1), columns=pd.Index(columns, dtype=object))
+    if rare_marker or not frequent:
+        columns.insert(frequent, OTHER_LABEL)
+        parts.insert(1, rare[:, None])
+        shares = np.concatenate(parts, 1)
+    else:
+        shares = np.concatenate(parts, 1) / np.maximum(1.0 - rare, 1e-300)[:, None]
+    return pd.DataFrame(shares, columns=pd.Index(columns, dtype=object))
 
 
 def numeric_quantiles(column: NumericColumn, probs: np.ndarray, levels: Sequence[float]) -> np.ndarray:
@@ -121,8 +121,10 @@ def numeric_quantiles(column: NumericColumn, probs: np.ndarray, levels: Sequence
     bins = bins / bins.sum(1, keepdims=True)
     cumulative = np.cumsum(bins, 1)
     low, high = (bound[:column.num_values] for bound in column.value_bounds())
-    grid = np.linspace(0.0, 1.0, len(column.sketch))
     sketch = column.sketch.numpy()
+    if len(sketch) < 2:   # every value an atom: no residual distribution to spread a bin by
+        sketch = np.array([low.min(), high.max()])
+    grid = np.linspace(0.0, 1.0, len(sketch))
     u_low, u_high = np.interp(low, sketch, grid), np.interp(high, sketch, grid)
     out = np.empty((len(probs), len(levels)))
     for j, level in enumerate(levels):

@@ -13,7 +13,6 @@ from fastmdm.data import DEFAULT_NUM_BINS, KEY_MIN_VALUES, OTHER_LABEL, TableCod
 from fastmdm.data.numeric import MAX_VALUE_TOKENS
 from fastmdm.data.privacy import MIN_ROWS_PER_VALUE
 from fastmdm.datasets import TARGETS, TASKS, load, load_csv
-from fastmdm.data.privacy import MIN_ROWS_PER_VALUE
 
 
 def ks_statistic(a, b) -> float:
@@ -386,7 +385,7 @@ def test_decode_errors(small):
 # ------------------------------------------------------------------------------ property tests
 @st.composite
 def frames(draw):
-    n = draw(st.integers(1, 40))
+    n = draw(st.integers(MIN_ROWS_PER_VALUE, 40))   # fewer rows are refused at fit
     cols = {}
     for i in range(draw(st.integers(1, 4))):
         kind = draw(st.sampled_from(["int", "float", "str", "float_nan", "datetime_tz", "nullable_int"]))

@@ -31,6 +31,7 @@ import torch
 from .._checks import INT_DTYPES, check_tensor
 from .categorical import DEFAULT_CATEGORY_CAP, CategoricalColumn
 from .numeric import DEFAULT_NUM_BINS, NumericColumn
+from .privacy import MIN_ROWS_PER_VALUE
 from .types import (DEFAULT_MAX_CATEGORIES, check_finite, check_supported, examples, from_plain,
                     infer_categorical, is_numeric_plain, is_time_dtype, to_plain)
 
@@ -88,7 +89,8 @@ class TableCodec:
         - infinities are refused (`check_finite`: replace them with NaN or a finite cap);
         - an object column mixing text with numbers or bools is text (`to_plain`);
         - a constant column is kept: one category, or one bin that decodes to its value;
-        - one row is enough to fit; one column too.
+        - a table needs MIN_ROWS_PER_VALUE rows (with fewer, no value could be stored or
+          generated: `fastmdm.data.privacy`); one column is enough.
         """
         if not isinstance(df, pd.DataFrame):
             raise TypeError(f"df must be a pandas DataFrame, got {type(df).__name__}")
@@ -96,6 +98,11 @@ class TableCodec:
             raise ValueError("cannot fit a codec on a table with no columns")
         if len(df) == 0:
             raise ValueError("cannot fit a codec on a table with no rows")
+        if len(df) < MIN_ROWS_PER_VALUE:
+            raise ValueError(f"the table has {len(df)} row(s), fewer than MIN_ROWS_PER_VALUE = {MIN_ROWS_PER_VALUE}: "
+                             f"every value would be held by fewer than {MIN_ROWS_PER_VALUE} rows, and fastmdm stores "
+                             "or generates only values that many rows hold (fastmdm.data.privacy); give it at least "
+                             f"{MIN_ROWS_PER_VALUE} rows")
         if df.columns.duplicated().any():
             raise ValueError(f"duplicate column names: {examples(df.columns[df.columns.duplicated()])}")
         if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 2:
