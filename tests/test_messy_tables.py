@@ -122,7 +122,7 @@ def assert_same_dtypes(frame: pd.DataFrame, df: pd.DataFrame, what: str) -> None
     """The dtypes that went in; a NumPy integer or bool column that comes back with missing
     cells (none of its values frequent enough to emit) in pandas' nullable counterpart, and a
     category dtype without the declared categories that 1 to k - 1 rows hold (the dtype would
-    name them)."""
+    name them), but with those a caller gave back to it as known cells."""
     assert list(frame.columns) == list(df.columns), what
     expected = {name: nullable_dtype(dtype) if frame[name].isna().any() else dtype
                 for name, dtype in df.dtypes.items()}
@@ -130,7 +130,8 @@ def assert_same_dtypes(frame: pd.DataFrame, df: pd.DataFrame, what: str) -> None
         if isinstance(dtype, pd.CategoricalDtype):   # declared categories fewer than k rows hold are not kept
             counts = df[name].value_counts()
             kept = [c for c in dtype.categories if not 0 < counts.get(c, 0) < MIN_ROWS_PER_VALUE]
-            expected[name] = pd.CategoricalDtype(kept, ordered=dtype.ordered)
+            given_back = [c for c in frame[name].cat.categories[len(kept):] if c in set(frame[name].dropna())]
+            expected[name] = pd.CategoricalDtype(kept + given_back, ordered=dtype.ordered)
     got = {name: dtype for name, dtype in frame.dtypes.items()}
     assert got == expected, f"{what}: {got} != {expected}"
 

@@ -104,7 +104,8 @@ TINY = dict(model=dict(d_model=16, num_layers=1, num_heads=2, dim_feedforward=32
 @pytest.mark.parametrize("source", ["frame", "file"])
 def test_no_rare_value_is_stored_or_generated(source, tmp_path):
     """A value fewer than MIN_ROWS_PER_VALUE training rows hold is not in the model file (as
-    text, in any dtype's list of categories) nor in any sampled, imputed or conditioned row;
+    text, in any dtype's list of categories) nor in any sampled, imputed or conditioned row
+    (but for the known cells a caller gives, which come back as given);
     the scan finds every frequent title, so it would find a stored rare one. Fitting from a
     file (exact counts, fastmdm.data.files.fit_codec) keeps the same rule."""
     df = long_tailed()
@@ -120,12 +121,13 @@ def test_no_rare_value_is_stored_or_generated(source, tmp_path):
     assert list(model.codec.column("member").pandas_dtype.categories) == ["basic", "gold", "unused"]
     assert model.codec.rare_shares()["title"] == pytest.approx(380 / len(df))
     assert_no_rare_value(model.sample(3000, seed=1))
-    holes = df.iloc[:500].assign(title=None, kids=np.nan, flag=None)
+    holes = df.iloc[:500].assign(title=None, kids=np.nan, flag=None, member=None)
     filled = model.impute(holes, seed=2)
     assert_no_rare_value(filled) and filled["title"].notna().all()
     assert_no_rare_value(model.sample(500, conditions={"kids": [0, 1], "member": "gold"}, seed=3))
     kept = model.impute(df.iloc[:10].assign(x=np.nan), seed=4)     # given cells come back as given
     assert kept["title"].equals(df["title"].iloc[:10])
+    assert kept["member"].astype(object).equals(df["member"].iloc[:10].astype(object))   # a rare one too
 
 
 def test_the_marker_setting_writes_other_where_the_model_drew_the_rare_token(tmp_path):

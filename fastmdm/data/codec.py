@@ -203,7 +203,9 @@ class TableCodec:
         fitted dtype (text parsed as encoding does). A token is a numeric bin or the shared
         rare token, and decoding draws a number inside the bin or does not write the rare
         value, so the tokens alone would not return a conditioned or imputed row's known
-        values."""
+        values. A category dtype that lacks a given value (one fewer than MIN_ROWS_PER_VALUE
+        training rows held, which the fitted dtype does not name) gets it appended to its
+        categories in this frame: the caller's own value comes back, nothing of the model's."""
         self._check_frame(given)
         if len(given) != len(decoded):
             raise ValueError(f"given has {len(given)} rows but decoded has {len(decoded)}")
@@ -217,8 +219,12 @@ class TableCodec:
                 continue
             values = plain.to_numpy(dtype=object)
             values[~known] = values[known][0]   # placeholders: those cells keep the decoded value
-            restored = from_plain(values, np.zeros(len(values), dtype=bool), column.pandas_dtype)
-            drawn = decoded[column.name].reset_index(drop=True)
+            dtype = column.pandas_dtype
+            if isinstance(dtype, pd.CategoricalDtype):
+                extra = [v for v in dict.fromkeys(values[known]) if v not in set(dtype.categories)]
+                dtype = pd.CategoricalDtype([*dtype.categories, *extra], ordered=dtype.ordered) if extra else dtype
+            restored = from_plain(values, np.zeros(len(values), dtype=bool), dtype)
+            drawn = decoded[column.name].reset_index(drop=True).astype(dtype)
             out[column.name] = restored.where(known, drawn).set_axis(decoded.index)
         return out
 
