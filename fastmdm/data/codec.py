@@ -219,12 +219,18 @@ class TableCodec:
                 continue
             values = plain.to_numpy(dtype=object)
             values[~known] = values[known][0]   # placeholders: those cells keep the decoded value
-            dtype = column.pandas_dtype
+            dtype, drawn = column.pandas_dtype, decoded[column.name].reset_index(drop=True)
             if isinstance(dtype, pd.CategoricalDtype):
                 extra = [v for v in dict.fromkeys(values[known]) if v not in set(dtype.categories)]
-                dtype = pd.CategoricalDtype([*dtype.categories, *extra], ordered=dtype.ordered) if extra else dtype
+                if extra:
+                    dtype = pd.CategoricalDtype([*dtype.categories, *extra], ordered=dtype.ordered)
+                    drawn = drawn.astype(dtype)
             restored = from_plain(values, np.zeros(len(values), dtype=bool), dtype)
-            drawn = decoded[column.name].reset_index(drop=True).astype(dtype)
+            if known.all():
+                out[column.name] = restored.set_axis(decoded.index)
+                continue
+            if drawn[~known].isna().any():   # a column none of whose values may be generated stays missing
+                restored = restored.astype(drawn.dtype)
             out[column.name] = restored.where(known, drawn).set_axis(decoded.index)
         return out
 
