@@ -324,7 +324,9 @@ class TableWriter:
     The file is written under a temporary name and renamed when closed without error, so a
     file at `path` is always complete. `example`: a frame with the table's columns and
     dtypes and no missing values, which fixes the Parquet schema (a batch whose text column
-    happens to be all missing would otherwise infer a null type).
+    happens to be all missing would otherwise infer a null type). A column the example cannot
+    type (a column none of whose values a model may generate is all missing) takes its type
+    from the first batch written.
     """
 
     def __init__(self, path: str | os.PathLike, example: pd.DataFrame):
@@ -334,16 +336,29 @@ class TableWriter:
         self._tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         if self.format == "Parquet":
             import pyarrow as pa
-            import pyarrow.parquet as pq
             self._schema = pa.Schema.from_pandas(example, preserve_index=False)
-            self._writer = pq.ParquetWriter(self._tmp, self._schema)
+            self._writer = None
+            if not any(pa.types.is_null(field.type) for field in self._schema):
+                self._open_parquet()
         else:
             self._writer = open(self._tmp, "w", newline="")
             example.iloc[:0].to_csv(self._writer, index=False)
 
+    def _open_parquet(self, first: pd.DataFrame | None = None) -> None:
+        """The Parquet writer, its untyped columns typed by `first` (a batch) when given."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        if first is not None:
+            inferred = pa.Schema.from_pandas(first, preserve_index=False)
+            self._schema = pa.schema([inferred.field(field.name) if pa.types.is_null(field.type) else field
+                                      for field in self._schema], metadata=self._schema.metadata)
+        self._writer = pq.ParquetWriter(self._tmp, self._schema)
+
     def write(self, frame: pd.DataFrame) -> None:
         if self.format == "Parquet":
             import pyarrow as pa
+            if self._writer is None:
+                self._open_parquet(frame)
             self._writer.write_table(pa.Table.from_pandas(frame, schema=self._schema, preserve_index=False))
         else:
             frame.to_csv(self._writer, header=False, index=False)
@@ -353,6 +368,8 @@ class TableWriter:
         return self
 
     def __exit__(self, error_type, error, traceback) -> None:
+        if self._writer is None:   # nothing written: the example's schema as it is
+            self._open_parquet()
         self._writer.close()
         if error_type is None:
             os.replace(self._tmp, self.path)
