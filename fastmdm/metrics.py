@@ -38,8 +38,8 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict, train_te
 from sklearn.neighbors import NearestNeighbors
 from sklearn.preprocessing import MinMaxScaler, OneHotEncoder
 
-from .data import infer_categorical, is_time_dtype, to_plain
-from .data.types import check_finite
+from .data import infer_categorical, to_plain
+from .data.types import check_finite, times_as_numbers
 from .data.privacy import MIN_ROWS_PER_VALUE
 
 __all__ = [
@@ -101,18 +101,6 @@ def _sdmetrics_metadata(real: pd.DataFrame) -> dict:
     }
 
 
-def _times_as_numbers(frame: pd.DataFrame) -> pd.DataFrame:
-    """Datetime and timedelta columns as float counts of their unit (tz-aware ones in UTC, NaN for
-    missing), as the codec sees them; every metric treats them as numerical columns."""
-    times = [c for c in frame.columns if is_time_dtype(frame[c].dtype)]
-    if not times:
-        return frame
-    frame = frame.copy()
-    for c in times:
-        frame[c] = to_plain(c, frame[c], frame[c].dtype).astype("float64")
-    return frame
-
-
 def _comparable(real: pd.DataFrame, *others: pd.DataFrame | None) -> list[pd.DataFrame | None]:
     """``real`` and ``others`` (in real's column order; None passes through) as the metrics
     compare them, whatever dtypes a table came in with (``_validate`` has checked them): column
@@ -125,14 +113,14 @@ def _comparable(real: pd.DataFrame, *others: pd.DataFrame | None) -> list[pd.Dat
     names = [str(c) for c in real.columns]
     if len(set(names)) < len(names):
         raise ValueError(f"column names that print alike cannot be told apart: {list(real.columns)}; rename them")
-    real = _times_as_numbers(real)
+    real = times_as_numbers(real)
     numerical = [_is_numerical(real[c]) for c in real.columns]
     out = []
     for frame in (real, *others):
         if frame is None:
             out.append(None)
             continue
-        frame = _times_as_numbers(frame[list(real.columns)])
+        frame = times_as_numbers(frame[list(real.columns)])
         columns = {}
         for name, c, is_number in zip(names, real.columns, numerical):
             column = frame[c].astype(object)
@@ -290,7 +278,7 @@ def c2st_xgb(real: pd.DataFrame, synth: pd.DataFrame, *, seed: int = 0, n_jobs: 
     """
     from xgboost import XGBClassifier
 
-    real, synth = _times_as_numbers(real), _times_as_numbers(synth[list(real.columns)])
+    real, synth = times_as_numbers(real), times_as_numbers(synth[list(real.columns)])
     n = min(len(real), len(synth), max_rows)
     both = pd.concat([real.sample(n=n, random_state=seed), synth.sample(n=n, random_state=seed + 1)],
                      ignore_index=True)
@@ -398,7 +386,7 @@ def mle(
             raise ValueError(f"target column {target!r} of {name} has fewer than 2 non-missing values")
     synth, test = synth[synth[target].notna()], test[test[target].notna()]  # a missing label is no label
     task = infer_task(test[target], task)
-    synth, test = _times_as_numbers(synth), _times_as_numbers(test)
+    synth, test = times_as_numbers(synth), times_as_numbers(test)
     features = [c for c in synth.columns if c != target]
     numerical = [c for c in features if _is_numerical(synth[c])]
     categorical = [c for c in features if c not in numerical]
@@ -448,7 +436,7 @@ def _privacy_embedding(train: pd.DataFrame, *others: pd.DataFrame) -> list[np.nd
     rows (missing ones at the training mean, plus a 0/1 missing column), categories one-hot
     (compared as text, missing as its own value); so one differing category counts as much as
     a number moved across its whole range. Fitted on ``train``, applied to every frame."""
-    train, others = _times_as_numbers(train), [_times_as_numbers(o[list(train.columns)]) for o in others]
+    train, others = times_as_numbers(train), [times_as_numbers(o[list(train.columns)]) for o in others]
     numerical = [c for c in train.columns if _is_numerical(train[c])]
     categorical = [c for c in train.columns if c not in numerical]
     blocks: list[list[np.ndarray]] = [[] for _ in range(1 + len(others))]
@@ -470,7 +458,7 @@ def _privacy_embedding(train: pd.DataFrame, *others: pd.DataFrame) -> list[np.nd
 def _row_keys(frame: pd.DataFrame) -> pd.Index:
     """One hashable key per row, equal for equal rows whatever the dtypes (numbers as float64,
     the rest as text, missing as missing)."""
-    frame = _times_as_numbers(frame)
+    frame = times_as_numbers(frame)
     plain = {c: (_as_float(frame[[c]])[:, 0] if _is_numerical(frame[c])
                  else frame[c].astype(object).where(frame[c].notna(), None).to_numpy(dtype=object).astype(str))
              for c in frame.columns}
@@ -530,7 +518,7 @@ def _validate(real: pd.DataFrame, other: pd.DataFrame, label: str = "synth") -> 
     extra = [c for c in other.columns if c not in real.columns]
     if missing or extra:
         raise ValueError(f"{label} columns differ from real: missing {missing}, extra {extra}")
-    real, other = _times_as_numbers(real), _times_as_numbers(other)
+    real, other = times_as_numbers(real), times_as_numbers(other)
     # A column of numbers in `other` where real has text is compared as text (a CSV reads a
     # text column whose sampled values all look like numbers as numbers); the reverse cannot be.
     mismatched = [

@@ -27,7 +27,7 @@ from typing import Callable, Mapping
 import numpy as np
 import pandas as pd
 
-from .data.types import is_numeric_plain, is_time_dtype, to_plain
+from .data.types import is_numeric_plain, times_as_numbers
 
 MAX_COLUMN_FIGURES = 50
 MAX_PAIR_COLUMNS = 100
@@ -94,7 +94,7 @@ def column_scores(real: pd.DataFrame, synth: pd.DataFrame) -> pd.DataFrame:
     TV complement for categories; 1 = same distribution, missing values left out) and the
     missing shares, sorted worst first."""
     from sdmetrics.single_column import KSComplement, TVComplement
-    real_plain, synth_plain = _times_as_numbers(real), _times_as_numbers(synth)
+    real_plain, synth_plain = times_as_numbers(real), times_as_numbers(synth)
     records = []
     for name in real.columns:
         numeric = is_numeric_plain(real_plain[name].dtype)
@@ -110,15 +110,6 @@ def column_scores(real: pd.DataFrame, synth: pd.DataFrame) -> pd.DataFrame:
         records.append({"column": name, "kind": kind, "shape score": float(score),
                         "real missing": float(r.isna().mean()), "synthetic missing": float(s.isna().mean())})
     return pd.DataFrame(records).sort_values("shape score", kind="stable").reset_index(drop=True)
-
-
-def _times_as_numbers(frame: pd.DataFrame) -> pd.DataFrame:
-    """Datetime and timedelta columns as float counts of their unit, as the codec and the
-    metrics see them."""
-    frame = frame.copy()
-    for column in [c for c in frame.columns if is_time_dtype(frame[c].dtype)]:
-        frame[column] = to_plain(column, frame[column], frame[column].dtype).astype("float64")
-    return frame
 
 
 # --------------------------------------------------------------------------- figures
@@ -153,7 +144,7 @@ def _histograms(ax, real: pd.Series, synth: pd.Series, kind: str) -> None:
     """Overlaid densities on shared bins spanning the real values' 0.5-99.5% range (times as
     dates on the axis), missing shares in the legend."""
     if kind == "time":
-        as_number = lambda s: _times_as_numbers(s.to_frame())[s.name].astype("float64")   # noqa: E731
+        as_number = lambda s: times_as_numbers(s.to_frame())[s.name].astype("float64")   # noqa: E731
     else:
         as_number = lambda s: pd.to_numeric(s, errors="coerce").astype("float64")          # noqa: E731
     r, s = as_number(real).dropna().to_numpy(), as_number(synth).dropna().to_numpy()
@@ -239,7 +230,7 @@ def association_matrices(real: pd.DataFrame, synth: pd.DataFrame) -> tuple[pd.Da
     """(real, synthetic, measure name) per pair of columns: Pearson correlation for two numbers
     (times as numbers), Cramér's V of the contingency table otherwise (numbers cut into real
     quantile bins), the measures Trend compares."""
-    real, synth = _times_as_numbers(real), _times_as_numbers(synth)
+    real, synth = times_as_numbers(real), times_as_numbers(synth)
     columns = list(real.columns)
     numeric = [is_numeric_plain(real[c].dtype) for c in columns]
     codes = [_association_codes(real[c], synth[c]) for c in columns]

@@ -51,3 +51,13 @@ def outputs_per_thread_count(compute, counts=(1, 2)):
     finally:
         _C.set_num_threads(before)
     return outputs
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests: tiny models on tiny tables gain nothing from a
+    second thread but contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

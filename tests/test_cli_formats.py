@@ -4,7 +4,6 @@ row sampling, and the train -> sample -> evaluate -> impute loop the README show
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from scipy.stats import chisquare
 
 from fastmdm.api import TabularMDM
@@ -40,13 +39,7 @@ def output_name(root, name: str, fmt: str) -> str:
     return str(root / f"{name}.csv") if fmt == "csv" else str(root / f"{name}.parquet")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The default-size model on tiny tables: a second thread only adds contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

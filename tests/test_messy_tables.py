@@ -22,7 +22,6 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -219,12 +218,7 @@ def check_cli(df: pd.DataFrame, tmp_path, suffix: str) -> None:
     assert read_table(synth)[1] == SAMPLE_ROWS
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.filterwarnings("ignore:training did not converge")   # two steps never do

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 __all__ = ["DEFAULT_MAX_CATEGORIES", "KEY_MIN_VALUES", "is_time_dtype", "to_plain", "from_plain", "exact_values",
-           "is_numeric_plain", "nullable_dtype", "check_supported", "check_finite", "infer_categorical", "python_scalar", "examples"]
+           "is_numeric_plain", "nullable_dtype", "times_as_numbers", "check_supported", "check_finite", "infer_categorical", "python_scalar", "examples"]
 
 # Integer-valued numeric columns with at most this many distinct values are categorical
 # (Adult's education-num): a bin per value is exact and costs no more tokens.
@@ -104,6 +104,18 @@ def nullable_dtype(dtype):
     if isinstance(dtype, np.dtype) and dtype.kind in "iub":
         return "boolean" if dtype.kind == "b" else f"{'U' if dtype.kind == 'u' else ''}Int{dtype.itemsize * 8}"
     return dtype
+
+
+def times_as_numbers(frame: pd.DataFrame) -> pd.DataFrame:
+    """Datetime and timedelta columns as float counts of their unit (tz-aware ones in UTC, NaN for
+    missing), as the codec sees them: how the metrics and the report compare times."""
+    times = [c for c in frame.columns if is_time_dtype(frame[c].dtype)]
+    if not times:
+        return frame
+    frame = frame.copy()
+    for c in times:
+        frame[c] = to_plain(c, frame[c], frame[c].dtype).astype("float64")
+    return frame
 
 
 def exact_values(plain: pd.Series) -> np.ndarray:
